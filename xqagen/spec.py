@@ -108,6 +108,13 @@ register_tile(TileConfig("deep", kv_tile=64, stages=5, warps=4, max_rows=64))
 register_tile(TileConfig("small", kv_tile=32, stages=4, warps=4, max_rows=64))
 
 
+def default_tile(head_dim: int, kv_dtype: str) -> TileConfig:
+    """The shipped tile for a head size: `decode` while a 3-stage pipeline of 64-token K/V tiles
+    fits comfortably in shared memory, `small` (32-token tiles) for 16-bit head_dim 256."""
+    kv_bytes = 1 if kv_dtype == "e4m3" else 2
+    return get_tile("small" if head_dim * kv_bytes > 256 else "decode")
+
+
 @dataclass(frozen=True)
 class KernelSpec:
     """One kernel variant.  Construct with keyword arguments; invalid values raise SpecError."""
@@ -122,7 +129,7 @@ class KernelSpec:
     q_seq_len: int = 1
     features: frozenset = field(default_factory=frozenset)
     path: str = "generic"
-    tile: TileConfig = field(default_factory=lambda: get_tile("decode"))
+    tile: TileConfig | str | None = None  # None: default_tile(head_dim, kv_dtype)
 
     def __post_init__(self) -> None:
         owner = "KernelSpec"
@@ -137,7 +144,9 @@ class KernelSpec:
         _check_choice(owner, "page_size", self.page_size, PAGE_SIZES)
         _check_choice(owner, "kv_layout", self.kv_layout, KV_LAYOUTS)
         _check_int_range(owner, "q_seq_len", self.q_seq_len, 1, MAX_Q_SEQ_LEN)
-        if isinstance(self.tile, str):
+        if self.tile is None:
+            object.__setattr__(self, "tile", default_tile(self.head_dim, self.kv_dtype))
+        elif isinstance(self.tile, str):
             object.__setattr__(self, "tile", get_tile(self.tile))
         if not isinstance(self.tile, TileConfig):
             raise SpecError(f"KernelSpec.tile = {self.tile!r} is invalid; expected a TileConfig or a registered name")
@@ -189,7 +198,7 @@ class KernelSpec:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "KernelSpec":
         d = dict(d)
-        tile = d.pop("tile", "decode")
+        tile = d.pop("tile", None)
         if isinstance(tile, Mapping):
             tile = TileConfig(**tile)
         unknown = set(d) - {f.name for f in dataclasses.fields(cls)}

@@ -1,0 +1,54 @@
+"""The kernel-parameter struct, declared once: the emitters render it as C++ and the runtime packs
+it with ctypes from the same list, so the two cannot drift apart."""
+
+from __future__ import annotations
+
+import ctypes
+
+from xqagen.spec import KernelSpec
+
+# (field, C++ type, ctypes type).  Pointer element types that depend on the spec are written as
+# {q}, {kv}, {out} and filled in per variant.  Order: 8-byte fields first, so the C++ and ctypes
+# layouts need no padding rules beyond natural alignment.
+PARAMS: tuple[tuple[str, str, type], ...] = (
+    ("q", "{q} const*", ctypes.c_void_p),
+    ("k", "{kv} const*", ctypes.c_void_p),
+    ("v", "{kv} const*", ctypes.c_void_p),
+    ("page_table", "int const*", ctypes.c_void_p),
+    ("seq_lens", "int const*", ctypes.c_void_p),
+    ("out", "{out}*", ctypes.c_void_p),
+    ("sinks", "float const*", ctypes.c_void_p),
+    ("mask", "uint32_t const*", ctypes.c_void_p),
+    ("q_scale_ptr", "float const*", ctypes.c_void_p),
+    ("kv_scale_ptr", "float const*", ctypes.c_void_p),
+    ("workspace", "float*", ctypes.c_void_p),
+    ("semaphores", "int*", ctypes.c_void_p),
+    ("q_stride_batch", "int64_t", ctypes.c_int64),
+    ("q_stride_token", "int64_t", ctypes.c_int64),
+    ("q_stride_head", "int64_t", ctypes.c_int64),
+    ("kv_stride_page", "int64_t", ctypes.c_int64),
+    ("kv_stride_token", "int64_t", ctypes.c_int64),
+    ("kv_stride_head", "int64_t", ctypes.c_int64),
+    ("out_stride_batch", "int64_t", ctypes.c_int64),
+    ("out_stride_token", "int64_t", ctypes.c_int64),
+    ("out_stride_head", "int64_t", ctypes.c_int64),
+    ("page_table_stride", "int64_t", ctypes.c_int64),
+    ("q_scale", "float", ctypes.c_float),
+    ("kv_scale", "float", ctypes.c_float),
+    ("rcp_out_scale", "float", ctypes.c_float),
+    ("seq_lens_stride", "int", ctypes.c_int32),
+    ("mask_words_per_row", "int", ctypes.c_int32),
+    ("window", "int", ctypes.c_int32),
+    ("num_splits", "int", ctypes.c_int32),
+    ("num_kv_heads", "int", ctypes.c_int32),
+)
+
+_ELEM = {"q": "QElem", "kv": "KVElem", "out": "OutElem"}
+
+
+def c_declarations(spec: KernelSpec, params=PARAMS) -> list[tuple[str, str]]:
+    return [(name, ctype.format(**_ELEM)) for name, ctype, _ in params]
+
+
+class KernelParams(ctypes.Structure):
+    _fields_ = [(name, ct) for name, _, ct in PARAMS]

@@ -1,0 +1,238 @@
+"""The xqagen command line: generate, build (with a stand-in compiler, and once for real), list, bench."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+import xqagen
+from xqagen.cli import main
+from xqagen.recipes import load_recipe, shipped_recipes, shipped_recipes_dir
+from xqagen.spec import KernelSpec
+
+TWO_VARIANTS = "variants: [{q_dtype: bf16, kv_dtype: bf16, page_size: [16, 64]}]"
+
+
+# ---- generate ----
+
+def test_generate_writes_sources_and_manifest(write_recipe, read_tree, tmp_path, capsys):
+    recipe_path = write_recipe(TWO_VARIANTS, name="two")
+    out = tmp_path / "out"
+    assert main(["generate", str(recipe_path), "--out", str(out)]) == 0
+    assert f"two: 2 variants in {out / 'two'}" in capsys.readouterr().out
+
+    recipe = load_recipe(recipe_path)
+    files = read_tree(out / "two")
+    assert sorted(files) == sorted([f"{spec.name}.cu" for spec in recipe.variants] + ["manifest.json"])
+    manifest_bytes = files["manifest.json"]
+    assert manifest_bytes.endswith(b"}\n")
+    manifest = json.loads(manifest_bytes)
+    assert manifest["recipe"] == "two"
+    assert manifest["model"] == {"name": "test/model", "num_q_heads": 32, "num_kv_heads": 8, "head_dim": 128}
+    assert [entry["name"] for entry in manifest["variants"]] == [spec.name for spec in recipe.variants]
+    for entry, spec in zip(manifest["variants"], recipe.variants, strict=True):
+        assert KernelSpec.from_dict(entry["spec"]) == spec
+        assert entry["content_hash"] == spec.content_hash
+        assert entry["source_sha256"] == hashlib.sha256(files[entry["file"]]).hexdigest()
+        assert entry["arches"] and entry["threads"] > 0 and entry["kernel_name"]
+
+
+def test_generate_is_deterministic_and_skips_unchanged_files(write_recipe, read_tree, tmp_path, capsys):
+    recipe_path = write_recipe(TWO_VARIANTS)
+    for out in ("a", "b"):
+        assert main(["generate", str(recipe_path), "--out", str(tmp_path / out)]) == 0
+    assert read_tree(tmp_path / "a") == read_tree(tmp_path / "b")
+    capsys.readouterr()
+    assert main(["generate", str(recipe_path), "--out", str(tmp_path / "a")]) == 0
+    assert capsys.readouterr().out.endswith("already up to date\n")
+
+
+def test_generate_removes_stale_sources_only(write_recipe, tmp_path, capsys):
+    out = tmp_path / "out"
+    main(["generate", str(write_recipe(TWO_VARIANTS)), "--out", str(out)])
+    notes = out / "test" / "notes.txt"
+    notes.write_text("not generated")
+    page64 = next((out / "test").glob("*_p64_*.cu"))
+
+    recipe_path = write_recipe("variants: [{q_dtype: bf16, kv_dtype: bf16, page_size: 16}]")
+    assert main(["generate", str(recipe_path), "--out", str(out)]) == 0
+    assert f"removed {page64}" in capsys.readouterr().out
+    assert not page64.exists()
+    assert notes.exists()
+    assert len(list((out / "test").glob("*.cu"))) == 1
+
+
+def test_generate_all_prunes_folders_of_removed_recipes(tmp_path):
+    out = tmp_path / "out"
+    old = out / "renamed-recipe"
+    old.mkdir(parents=True)
+    (old / "manifest.json").write_text("{}\n")
+    (old / "xqa_old.cu").write_text("// old\n")
+    unrelated = out / "notes"
+    unrelated.mkdir()
+    assert main(["generate", "--all", "--out", str(out)]) == 0
+    assert not old.exists()
+    assert unrelated.is_dir()
+    assert {path.parent.name for path in out.glob("*/manifest.json")} == {path.stem for path in shipped_recipes()}
+
+
+def test_check_reports_stale_missing_and_extra_files_and_writes_nothing(write_recipe, tmp_path, capsys):
+    recipe_path = str(write_recipe(TWO_VARIANTS))
+    out = tmp_path / "out"
+    assert main(["generate", recipe_path, "--out", str(out), "--check"]) == 1
+    assert not out.exists()
+    main(["generate", recipe_path, "--out", str(out)])
+    assert main(["generate", recipe_path, "--out", str(out), "--check"]) == 0
+
+    edited, deleted = sorted((out / "test").glob("*.cu"))
+    edited.write_text(edited.read_text() + "// hand edit\n")
+    deleted.unlink()
+    extra = out / "test" / "xqa_gone.cu"
+    extra.write_text("// from an older recipe\n")
+    capsys.readouterr()
+    assert main(["generate", recipe_path, "--out", str(out), "--check"]) == 1
+    report = capsys.readouterr().err
+    assert "out of date" in report
+    assert re.search(rf"stale\s+{re.escape(str(edited))}", report)
+    assert re.search(rf"missing\s+{re.escape(str(deleted))}", report)
+    assert re.search(rf"extra\s+{re.escape(str(extra))}", report)
+    assert edited.read_text().endswith("// hand edit\n") and not deleted.exists() and extra.exists()
+
+
+# ---- list ----
+
+def test_list_shows_recipes_and_variants(capsys):
+    assert main(["list", "llama3-70b-specdec"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("llama3-70b-specdec: meta-llama/Meta-Llama-3-70B, 64 q / 8 kv heads (group 8), "
+                          "head_dim 128; 4 variants\n")
+    assert re.search(r"^  path +q +kv +out +page +layout +q_len +features +tile +name$", out, re.M)
+    assert re.search(r"^  generic +bf16 +e4m3 +bf16 +64 +NHD +8 +- +decode +xqa_generic_\S+_s8_", out, re.M)
+    for spec in load_recipe(shipped_recipes_dir() / "llama3-70b-specdec.yaml").variants:
+        assert spec.name in out
+
+    assert main(["list"]) == 0
+    everything = capsys.readouterr().out
+    for path in shipped_recipes():
+        assert re.search(rf"^{re.escape(path.stem)}: ", everything, re.M)
+
+
+# ---- usage ----
+
+@pytest.mark.parametrize("argv", [["generate"], ["build"], ["generate", "--all", "llama3-8b"], ["frobnicate"],
+                                  ["build", "--all", "--arch", "80"], ["build", "--all", "--jobs", "0"]])
+def test_usage_errors_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as caught:
+        main(argv)
+    assert caught.value.code == 2
+    assert "usage: xqagen" in capsys.readouterr().err
+
+
+def test_unknown_recipe_is_an_error(capsys):
+    assert main(["generate", "no-such-model"]) == 2
+    assert "xqagen: error: no recipe 'no-such-model'" in capsys.readouterr().err
+
+
+def test_bench_passes_its_arguments_through(monkeypatch):
+    received = []
+    bench = types.ModuleType("xqagen.bench")
+    bench.main = lambda argv: received.append(argv) or 3
+    monkeypatch.setitem(sys.modules, "xqagen.bench", bench)
+    assert main(["bench", "--batch", "64", "llama3-8b", "--help"]) == 3
+    assert received == [["--batch", "64", "llama3-8b", "--help"]]
+
+
+# ---- build ----
+
+@pytest.fixture
+def fake_compiler(monkeypatch):
+    """Replaces xqagen.compiler: records calls, fails for kernel names in `.failing`, caches by (name, arch)."""
+    module = types.ModuleType("xqagen.compiler")
+
+    class CompileError(RuntimeError):
+        pass
+
+    def compile_kernel(source, kernel_name, arch, *, options=(), cache_dir=None):
+        module.calls.append((kernel_name, arch, cache_dir))
+        if kernel_name in module.failing:
+            raise CompileError(f'{kernel_name}.cu(7): error: identifier "oops" is undefined')
+        cache_hit = (kernel_name, arch) in module.built
+        module.built.add((kernel_name, arch))
+        spills = module.spills.get(kernel_name, 0)
+        resources = types.SimpleNamespace(registers=96, spill_stores=spills, spill_loads=spills, stack_bytes=0,
+                                          shared_bytes=0)
+        return types.SimpleNamespace(cubin=b"", kernel_name=kernel_name, arch=arch, resources=resources, log="",
+                                     cache_hit=cache_hit, path=Path("/cache") / arch / f"{kernel_name}.cubin",
+                                     compile_seconds=1.5)
+
+    module.CompileError = CompileError
+    module.compile_kernel = compile_kernel
+    module.calls, module.built, module.failing, module.spills = [], set(), set(), {}
+    monkeypatch.setitem(sys.modules, "xqagen.compiler", module)
+    monkeypatch.setattr(xqagen, "compiler", module, raising=False)
+    return module
+
+
+def test_build_shows_progress_then_summary(write_recipe, fake_compiler, capsys):
+    recipe_path = str(write_recipe(TWO_VARIANTS))
+    assert main(["build", recipe_path]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    progress = r"\[(\d)/4\] xqa_generic_\S+ sm_(80|90): {}, 96 regs, 0 spills"
+    assert all(re.fullmatch(progress.format(r"1\.5 s"), line) for line in lines[:4]), lines
+    assert sorted(int(re.match(r"\[(\d)", line).group(1)) for line in lines[:4]) == [1, 2, 3, 4]
+    assert re.fullmatch(r"4 cubins in \d+\.\d s: 4 compiled, 0 cached, 0 failed", lines[4])
+    assert lines[5] == "cubins under /cache"
+    assert sorted(arch for _, arch, _ in fake_compiler.calls) == ["sm_80", "sm_80", "sm_90", "sm_90"]
+
+    assert main(["build", recipe_path]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert all(re.fullmatch(progress.format("cached"), line) for line in lines[:4]), lines
+    assert "0 compiled, 4 cached, 0 failed" in lines[4]
+
+
+def test_build_arch_jobs_and_cache_dir_options(write_recipe, fake_compiler, tmp_path, capsys):
+    first = write_recipe(TWO_VARIANTS, name="first")
+    second = write_recipe("variants: [{q_dtype: bf16, kv_dtype: bf16, page_size: [64, 128]}]", name="second")
+    cache = tmp_path / "cache"
+    assert main(["build", str(first), str(second), "--arch", "sm_90a", "-j", "1", "--cache-dir", str(cache)]) == 0
+    # the page-64 variant is in both recipes and is built once
+    assert len(fake_compiler.calls) == 3
+    assert {(arch, cache_dir) for _, arch, cache_dir in fake_compiler.calls} == {("sm_90a", cache)}
+    assert "[3/3]" in capsys.readouterr().out
+
+
+def test_build_reports_spills(write_recipe, fake_compiler, capsys):
+    recipe = load_recipe(write_recipe(TWO_VARIANTS))
+    fake_compiler.spills[recipe.variants[0].name] = 24
+    assert main(["build", str(recipe.source_path), "--arch", "sm_80"]) == 0
+    expected = f"{recipe.variants[0].name} sm_80: 1.5 s, 96 regs, spills 24 B stored / 24 B loaded"
+    assert expected in capsys.readouterr().out
+
+
+def test_build_fails_on_compile_error(write_recipe, fake_compiler, capsys):
+    recipe = load_recipe(write_recipe(TWO_VARIANTS))
+    broken = recipe.variants[1].name
+    fake_compiler.failing.add(broken)
+    assert main(["build", str(recipe.source_path)]) == 1
+    captured = capsys.readouterr()
+    assert re.search(rf"^\[\d/4\] {broken} sm_80: FAILED$", captured.out, re.M)
+    assert "2 compiled, 0 cached, 2 failed" in captured.out
+    assert f'{broken} sm_90: {broken}.cu(7): error: identifier "oops" is undefined' in captured.err
+    assert len(fake_compiler.calls) == 4, "one failure does not stop the other compiles"
+
+
+@pytest.mark.slow
+def test_build_compiles_for_real_then_hits_the_cache(write_recipe, cache_dir, capsys):
+    pytest.importorskip("xqagen.compiler")
+    recipe_path = str(write_recipe("variants: [{q_dtype: bf16, kv_dtype: e4m3, page_size: 64}]"))
+    argv = ["build", recipe_path, "--arch", "sm_80", "--cache-dir", str(cache_dir)]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert re.search(r"^\[1/1\] \S+ sm_80: \d+\.\d s, \d+ regs, ", capsys.readouterr().out, re.M)
+    assert main(argv) == 0
+    assert re.search(r"^\[1/1\] \S+ sm_80: cached, ", capsys.readouterr().out, re.M)

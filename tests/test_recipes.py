@@ -1,0 +1,199 @@
+"""Recipe loading: shipped recipes, variant expansion, recipe tiles and error messages."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from xqagen.recipes import RecipeError, find_recipe, load_recipe, shipped_recipes, shipped_recipes_dir
+from xqagen.spec import KernelSpec, get_tile
+
+SHIPPED = {"llama3-8b": 8, "llama3-70b-fp8": 4, "llama3.2-1b": 4, "llama3-70b-specdec": 4, "gpt-oss": 4}
+
+
+@pytest.mark.parametrize("path", shipped_recipes(), ids=lambda path: path.stem)
+def test_shipped_recipe_loads(path):
+    recipe = load_recipe(path)
+    assert recipe.name == path.stem
+    assert recipe.description
+    assert recipe.variants
+    assert len({spec.name for spec in recipe.variants}) == len(recipe.variants)
+    for spec in recipe.variants:
+        assert spec.head_dim == recipe.model.head_dim
+        assert spec.group * recipe.model.num_kv_heads == recipe.model.num_q_heads
+
+
+def test_shipped_recipes_and_variant_counts():
+    counts = {path.stem: len(load_recipe(path).variants) for path in shipped_recipes()}
+    assert counts == SHIPPED
+    assert sum(counts.values()) <= 40, "every shipped variant is compiled in CI"
+
+
+def test_shipped_recipe_contents():
+    fp8 = load_recipe(find_recipe("llama3-70b-fp8"))
+    assert {(s.kv_dtype, s.out_dtype) for s in fp8.variants} == {("e4m3", "bf16"), ("e4m3", "e4m3")}
+    specdec = load_recipe(find_recipe("llama3-70b-specdec"))
+    assert {(s.kv_dtype, s.q_seq_len) for s in specdec.variants} == {
+        (kv, n) for kv in ("bf16", "e4m3") for n in (4, 8)}
+    gpt_oss = load_recipe(find_recipe("gpt-oss"))
+    assert all(s.sinks and s.head_dim == 64 for s in gpt_oss.variants)
+    assert {s.sliding_window for s in gpt_oss.variants} == {True, False}
+
+
+def test_find_recipe_by_name_or_path(write_recipe):
+    assert find_recipe("llama3-8b") == shipped_recipes_dir() / "llama3-8b.yaml"
+    path = write_recipe("variants: [{q_dtype: bf16, kv_dtype: bf16, page_size: 64}]")
+    assert find_recipe(str(path)) == path
+    with pytest.raises(RecipeError, match=r"no recipe 'llama9'.*llama3-8b"):
+        find_recipe("llama9")
+
+
+def test_list_values_expand_as_cartesian_product(write_recipe):
+    recipe = load_recipe(write_recipe("""
+        variants:
+          - q_dtype: bf16
+            kv_dtype: [bf16, e4m3]
+            page_size: [16, 32, 64]
+            q_seq_len: [1, 2]
+        """))
+    assert len(recipe.variants) == 12
+    assert {(s.kv_dtype, s.page_size, s.q_seq_len) for s in recipe.variants} == {
+        (kv, page, n) for kv in ("bf16", "e4m3") for page in (16, 32, 64) for n in (1, 2)}
+    assert all(s.group == 4 and s.head_dim == 128 for s in recipe.variants)
+    assert recipe.variants[0] == KernelSpec(q_dtype="bf16", kv_dtype="bf16", head_dim=128, group=4, page_size=16)
+
+
+def test_features_list_is_one_set_and_list_of_lists_expands(write_recipe):
+    recipe = load_recipe(write_recipe("""
+        variants:
+          - {q_dtype: bf16, kv_dtype: bf16, page_size: 64, features: [sinks, sliding_window]}
+          - {q_dtype: bf16, kv_dtype: bf16, page_size: 64, features: [[], [sinks]]}
+        """))
+    assert [set(s.features) for s in recipe.variants] == [{"sinks", "sliding_window"}, set(), {"sinks"}]
+
+
+def test_defaults_apply_to_every_entry_and_entries_override_them(write_recipe):
+    recipe = load_recipe(write_recipe("""
+        defaults: {page_size: [16, 64], kv_layout: HND}
+        variants:
+          - {q_dtype: bf16, kv_dtype: bf16}
+          - {q_dtype: fp16, kv_dtype: fp16, kv_layout: NHD}
+        """))
+    assert [(s.q_dtype, s.page_size, s.kv_layout) for s in recipe.variants] == [
+        ("bf16", 16, "HND"), ("bf16", 64, "HND"), ("fp16", 16, "NHD"), ("fp16", 64, "NHD")]
+
+
+def test_duplicate_specs_are_kept_once_in_first_order(write_recipe):
+    recipe = load_recipe(write_recipe("""
+        variants:
+          - {q_dtype: bf16, kv_dtype: bf16, page_size: [16, 64]}
+          - {q_dtype: bf16, kv_dtype: bf16, page_size: [64, 32], out_dtype: bf16}
+        """))
+    assert [s.page_size for s in recipe.variants] == [16, 64, 32]
+
+
+def test_recipe_tiles_register_and_are_used(write_recipe):
+    recipe = load_recipe(write_recipe("""
+        tiles:
+          recipe_test_deep8: {kv_tile: 128, stages: 4, warps: 8, max_rows: 128}
+        variants:
+          - {q_dtype: bf16, kv_dtype: bf16, page_size: 64, tile: [decode, recipe_test_deep8]}
+        """))
+    tile = get_tile("recipe_test_deep8")
+    assert (tile.kv_tile, tile.stages, tile.warps, tile.max_rows) == (128, 4, 8, 128)
+    assert [s.tile for s in recipe.variants] == [get_tile("decode"), tile]
+    assert "_recipe_test_deep8_" in recipe.variants[1].name
+
+
+def test_redefining_a_registered_tile_is_an_error(write_recipe):
+    path = write_recipe("""
+        tiles:
+          decode: {kv_tile: 32}
+        variants: [{q_dtype: bf16, kv_dtype: bf16, page_size: 64}]
+        """)
+    with pytest.raises(RecipeError, match=rf"{re.escape(str(path))}: tiles\.decode: .*already registered"):
+        load_recipe(path)
+
+
+def test_invalid_tile_field_names_the_tile(write_recipe):
+    path = write_recipe("""
+        tiles:
+          recipe_test_bad: {kv_tile: 128, warps: 6}
+        variants: [{q_dtype: bf16, kv_dtype: bf16, page_size: 64}]
+        """)
+    with pytest.raises(RecipeError, match=r"tiles\.recipe_test_bad: TileConfig\('recipe_test_bad'\)\.warps = 6"):
+        load_recipe(path)
+
+
+def test_invalid_field_names_file_variant_field_and_allowed_values(write_recipe):
+    path = write_recipe("""
+        variants:
+          - {q_dtype: bf16, kv_dtype: bf16, page_size: 64}
+          - {q_dtype: bf16, kv_dtype: bf16, page_size: [64, 24]}
+        """)
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(path)
+    message = str(caught.value)
+    assert message.startswith(f"{path}: variants[1] ")
+    assert "page_size=24" in message
+    assert "KernelSpec.page_size = 24 is invalid; allowed values: 16, 32, 64, 128" in message
+
+
+def test_invalid_combination_names_the_combination(write_recipe):
+    path = write_recipe("variants: [{q_dtype: [fp16, bf16], kv_dtype: bf16, page_size: 64}]")
+    with pytest.raises(RecipeError, match=r"variants\[0\] \(q_dtype=fp16, kv_dtype=bf16, page_size=64\): "
+                                          r"KernelSpec\.kv_dtype = 'bf16' is invalid with q_dtype = 'fp16'"):
+        load_recipe(path)
+
+
+def test_heads_must_divide(write_recipe):
+    model = {"name": "bad", "num_q_heads": 30, "num_kv_heads": 8, "head_dim": 128}
+    path = write_recipe("variants: [{q_dtype: bf16, kv_dtype: bf16, page_size: 64}]", model=model)
+    expected = rf"{re.escape(str(path))}: model: num_q_heads = 30 is not a multiple of num_kv_heads = 8"
+    with pytest.raises(RecipeError, match=expected):
+        load_recipe(path)
+
+
+@pytest.mark.parametrize("model, expected", [
+    (None, r"model: required mapping"),
+    ({"name": "m", "num_q_heads": 32, "num_kv_heads": 8}, r"model: missing head_dim"),
+    ({"name": "m", "num_q_heads": 32, "num_kv_heads": 0, "head_dim": 128}, r"model\.num_kv_heads = 0 is invalid"),
+    ({"name": "m", "num_q_heads": 32, "num_kv_heads": 8, "head_dim": 96},
+     r"variants\[0\] .*KernelSpec\.head_dim = 96 is invalid; allowed values: 64, 128, 256"),
+    ({"name": "m", "num_q_heads": 64, "num_kv_heads": 1, "head_dim": 128},
+     r"KernelSpec\.group = 64 is invalid; expected an integer in \[1, 32\]"),
+])
+def test_model_errors(write_recipe, model, expected):
+    path = write_recipe("variants: [{q_dtype: bf16, kv_dtype: bf16, page_size: 64}]", model=model)
+    with pytest.raises(RecipeError, match=expected):
+        load_recipe(path)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("variants: [{q_dtype: bf16, kv_dtype: bf16, pagesize: 64}]",
+     r"variants\[0\]: unknown key 'pagesize' \(did you mean 'page_size'\?\); allowed: path, q_dtype"),
+    ("variant: [{q_dtype: bf16}]", r"recipe: unknown key 'variant' \(did you mean 'variants'\?\)"),
+    ("defaults: {layout: NHD}\nvariants: [{q_dtype: bf16}]", r"defaults: unknown key 'layout'"),
+    ("variants: [{q_dtype: bf16, kv_dtype: bf16, page_size: 64, head_dim: 64}]",
+     r"variants\[0\]: 'head_dim' is set by the recipe's model section"),
+])
+def test_unknown_keys(write_recipe, text, expected):
+    with pytest.raises(RecipeError, match=expected):
+        load_recipe(write_recipe(text))
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("variants: []", r"'variants' must be a non-empty list"),
+    ("variants: [{q_dtype: bf16, kv_dtype: bf16, page_size: []}]", r"variants\[0\]\.page_size: an empty list"),
+    ("variants: [{q_dtype: bf16, kv_dtype: bf16, page_size: 64, features: [[sinks], 3]}]",
+     r"variants\[0\]\.features = \[\['sinks'\], 3\] is invalid"),
+    ("variants: [{q_dtype: bf16, kv_dtype: bf16, page_size: 64, tile: nope}]",
+     r"unknown tile configuration 'nope'"),
+    ("variants: [q_dtype]", r"variants\[0\]: expected a mapping"),
+    ("variants: [{q_dtype: bf16", r"cannot read recipe"),
+])
+def test_malformed_recipes(write_recipe, text, expected):
+    path = write_recipe(text)
+    with pytest.raises(RecipeError, match=rf"^{re.escape(str(path))}: .*{expected}"):
+        load_recipe(path)

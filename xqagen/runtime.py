@@ -1,0 +1,187 @@
+"""Launch handles: load a variant's cubin once per device and launch it on torch's current stream.
+
+The launch path does no host synchronisation and no allocation: it packs one parameter struct
+(``xqagen.emitters.params``) and calls ``cuLaunchKernel``, so launches can be captured in CUDA
+graphs.  Tensor validation happens one level up, in :mod:`xqagen.api`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from cuda.bindings import driver
+
+from .compiler import compile_kernel
+from .emitters import EmittedKernel, emit
+from .emitters.generic import GenericPlan
+from .emitters.params import KernelParams
+from .spec import KernelSpec
+
+# Split-KV heuristic constants: a split is worth it only if it keeps at least this many KV tiles,
+# and each CTA costs about this many tiles of fixed work (prologue, merges, epilogue).
+MIN_TILES_PER_SPLIT = 4
+CTA_OVERHEAD_TILES = 2
+MAX_SPLITS = 128
+
+
+class LaunchError(RuntimeError):
+    """A CUDA driver call failed while loading or launching a kernel."""
+
+
+def _check(result):
+    err, *values = result if isinstance(result, tuple) else (result,)
+    if err != driver.CUresult.CUDA_SUCCESS:
+        _, name = driver.cuGetErrorName(err)
+        raise LaunchError(f"CUDA driver error {name.decode() if name else err}")
+    return values[0] if len(values) == 1 else values
+
+
+def device_arch(device: torch.device) -> str:
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"sm_{major}{minor}"
+
+
+@dataclass
+class _Loaded:
+    library: driver.CUlibrary
+    function: driver.CUfunction
+    blocks_per_sm: int
+    sm_count: int
+
+
+class Workspace:
+    """Split-KV scratch (fp32 partials) and semaphores for one device, allocated once.
+
+    The semaphores start at zero and every launch leaves them at zero (the last CTA of each
+    output tile resets its own), so a workspace can be reused by any number of launches and graph
+    replays, one stream at a time.  A launch that would need more scratch than the workspace holds
+    uses fewer splits rather than allocating.
+    """
+
+    def __init__(self, device: torch.device | str | int, scratch_bytes: int = 64 << 20,
+                 num_semaphores: int = 1 << 16):
+        device = torch.device(device)
+        self.device = device
+        self.scratch = torch.empty(scratch_bytes // 4, dtype=torch.float32, device=device)
+        self.semaphores = torch.zeros(num_semaphores, dtype=torch.int32, device=device)
+
+    @classmethod
+    def from_buffers(cls, scratch: torch.Tensor, semaphores: torch.Tensor) -> "Workspace":
+        """Wrap caller-owned buffers (FlashInfer passes a uint8 workspace and uint32 semaphores)."""
+        ws = cls.__new__(cls)
+        ws.device = scratch.device
+        ws.scratch = scratch.view(torch.uint8)[: scratch.numel() * scratch.element_size() // 4 * 4].view(torch.float32)
+        ws.semaphores = semaphores.view(torch.int32)
+        return ws
+
+
+_default_workspaces: dict[torch.device, Workspace] = {}
+
+
+def default_workspace(device: torch.device) -> Workspace:
+    ws = _default_workspaces.get(device)
+    if ws is None:
+        ws = _default_workspaces[device] = Workspace(device)
+    return ws
+
+
+class DecodeKernel:
+    """Launch handle of one KernelSpec: compiles (through the cubin cache) and loads lazily per device."""
+
+    def __init__(self, spec: KernelSpec, *, cache_dir: Path | None = None):
+        self.spec = spec
+        self.emitted: EmittedKernel = emit(spec)
+        self.plan = GenericPlan.of(spec)
+        self._cache_dir = cache_dir
+        self._loaded: dict[int, _Loaded] = {}
+        self._lock = threading.Lock()
+
+    # ---- loading ----
+    def load(self, device: torch.device) -> _Loaded:
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        loaded = self._loaded.get(index)
+        if loaded is not None:
+            return loaded
+        with self._lock:
+            if index not in self._loaded:
+                self._loaded[index] = self._load(index)
+        return self._loaded[index]
+
+    def _load(self, index: int) -> _Loaded:
+        device = torch.device("cuda", index)
+        compiled = compile_kernel(self.emitted.source, self.emitted.kernel_name, device_arch(device),
+                                  cache_dir=self._cache_dir)
+        _check(driver.cuInit(0))
+        library = _check(driver.cuLibraryLoadData(compiled.cubin, None, None, 0, None, None, 0))
+        kernel = _check(driver.cuLibraryGetKernel(library, self.emitted.kernel_name.encode()))
+        cu_device = _check(driver.cuDeviceGet(index))
+        _check(driver.cuKernelSetAttribute(
+            driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            self.emitted.smem_bytes, kernel, cu_device))
+        with torch.cuda.device(index):
+            torch.cuda.current_stream()  # makes the device's primary context current on this thread
+            function = _check(driver.cuKernelGetFunction(kernel))
+            blocks = _check(driver.cuOccupancyMaxActiveBlocksPerMultiprocessor(
+                function, self.emitted.threads, self.emitted.smem_bytes))
+        sm_count = torch.cuda.get_device_properties(index).multi_processor_count
+        return _Loaded(library, function, max(1, blocks), sm_count)
+
+    # ---- split-KV ----
+    def choose_splits(self, batch: int, num_kv_heads: int, max_seq_len: int, device: torch.device,
+                      workspace: Workspace | None = None) -> int:
+        """Splits that minimise (waves x per-CTA tiles) for this grid on this device."""
+        loaded = self.load(device)
+        base = batch * num_kv_heads * self.plan.row_tiles
+        slots = loaded.sm_count * loaded.blocks_per_sm
+        tiles = max(1, math.ceil(max_seq_len / self.spec.tile.kv_tile))
+        limit = min(MAX_SPLITS, max(1, tiles // MIN_TILES_PER_SPLIT), self.max_splits(batch, num_kv_heads, workspace))
+        best, best_cost = 1, math.inf
+        for splits in range(1, limit + 1):
+            waves = math.ceil(base * splits / slots)
+            cost = waves * (math.ceil(tiles / splits) + CTA_OVERHEAD_TILES)
+            if cost < best_cost:
+                best, best_cost = splits, cost
+        return best
+
+    def max_splits(self, batch: int, num_kv_heads: int, workspace: Workspace | None) -> int:
+        """Most splits the workspace can hold for this grid (1 without a workspace)."""
+        if workspace is None:
+            return 1
+        partials = batch * num_kv_heads * self.plan.row_tiles
+        if partials > workspace.semaphores.numel():
+            return 1
+        per_split = partials * self.plan.rows_cta * (self.spec.head_dim + 2)
+        return max(1, min(MAX_SPLITS, workspace.scratch.numel() // per_split))
+
+    # ---- launch ----
+    def launch(self, params: KernelParams, *, batch: int, num_kv_heads: int, num_splits: int,
+               device: torch.device, stream: torch.cuda.Stream | None = None) -> None:
+        """Launch with packed parameters; arguments must already be validated (see xqagen.api)."""
+        loaded = self.load(device)
+        stream = torch.cuda.current_stream(device) if stream is None else stream
+        param_ptrs = (ctypes.c_void_p * 1)(ctypes.addressof(params))
+        _check(driver.cuLaunchKernel(
+            loaded.function,
+            num_splits, num_kv_heads * self.plan.row_tiles, batch,
+            self.emitted.threads, 1, 1,
+            self.emitted.smem_bytes, stream.cuda_stream,
+            ctypes.addressof(param_ptrs), 0))
+
+
+_handles: dict[tuple[KernelSpec, Path | None], DecodeKernel] = {}
+_handles_lock = threading.Lock()
+
+
+def get_kernel(spec: KernelSpec, *, cache_dir: Path | None = None) -> DecodeKernel:
+    """The process-wide handle of a spec (emitted and compiled once)."""
+    key = (spec, cache_dir)
+    handle = _handles.get(key)
+    if handle is None:
+        with _handles_lock:
+            handle = _handles.setdefault(key, DecodeKernel(spec, cache_dir=cache_dir))
+    return handle
