@@ -152,14 +152,17 @@ def test_bench_passes_its_arguments_through(monkeypatch):
 
 @pytest.fixture
 def fake_compiler(monkeypatch):
-    """Replaces xqagen.compiler: records calls, fails for kernel names in `.failing`, caches by (name, arch)."""
+    """Replaces xqagen.compiler in this process (so builds run with -j 1): records calls, fails for kernel
+    names in `.failing`, and reports a cache hit for a (name, arch) it built before."""
     module = types.ModuleType("xqagen.compiler")
 
     class CompileError(RuntimeError):
         pass
 
-    def compile_kernel(source, kernel_name, arch, *, options=(), cache_dir=None):
+    def compile_kernel(source, kernel_name, arch, *, options=(), cache_dir=None, use_pch=False):
         module.calls.append((kernel_name, arch, cache_dir))
+        if not arch.startswith(("sm_80", "sm_90")):
+            raise ValueError(f"invalid arch {arch!r}")
         if kernel_name in module.failing:
             raise CompileError(f'{kernel_name}.cu(7): error: identifier "oops" is undefined')
         cache_hit = (kernel_name, arch) in module.built
@@ -181,7 +184,7 @@ def fake_compiler(monkeypatch):
 
 def test_build_shows_progress_then_summary(write_recipe, fake_compiler, capsys):
     recipe_path = str(write_recipe(TWO_VARIANTS))
-    assert main(["build", recipe_path]) == 0
+    assert main(["build", recipe_path, "-j", "1"]) == 0
     lines = capsys.readouterr().out.splitlines()
     progress = r"\[(\d)/4\] xqa_generic_\S+ sm_(80|90): {}, 96 regs, 0 spills"
     assert all(re.fullmatch(progress.format(r"1\.5 s"), line) for line in lines[:4]), lines
@@ -190,7 +193,7 @@ def test_build_shows_progress_then_summary(write_recipe, fake_compiler, capsys):
     assert lines[5] == "cubins under /cache"
     assert sorted(arch for _, arch, _ in fake_compiler.calls) == ["sm_80", "sm_80", "sm_90", "sm_90"]
 
-    assert main(["build", recipe_path]) == 0
+    assert main(["build", recipe_path, "-j", "1"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert all(re.fullmatch(progress.format("cached"), line) for line in lines[:4]), lines
     assert "0 compiled, 4 cached, 0 failed" in lines[4]
@@ -210,7 +213,7 @@ def test_build_arch_jobs_and_cache_dir_options(write_recipe, fake_compiler, tmp_
 def test_build_reports_spills(write_recipe, fake_compiler, capsys):
     recipe = load_recipe(write_recipe(TWO_VARIANTS))
     fake_compiler.spills[recipe.variants[0].name] = 24
-    assert main(["build", str(recipe.source_path), "--arch", "sm_80"]) == 0
+    assert main(["build", str(recipe.source_path), "--arch", "sm_80", "-j", "1"]) == 0
     expected = f"{recipe.variants[0].name} sm_80: 1.5 s, 96 regs, spills 24 B stored / 24 B loaded"
     assert expected in capsys.readouterr().out
 
@@ -219,7 +222,7 @@ def test_build_fails_on_compile_error(write_recipe, fake_compiler, capsys):
     recipe = load_recipe(write_recipe(TWO_VARIANTS))
     broken = recipe.variants[1].name
     fake_compiler.failing.add(broken)
-    assert main(["build", str(recipe.source_path)]) == 1
+    assert main(["build", str(recipe.source_path), "-j", "1"]) == 1
     captured = capsys.readouterr()
     assert re.search(rf"^\[\d/4\] {broken} sm_80: FAILED$", captured.out, re.M)
     assert "2 compiled, 0 cached, 2 failed" in captured.out
@@ -227,12 +230,21 @@ def test_build_fails_on_compile_error(write_recipe, fake_compiler, capsys):
     assert len(fake_compiler.calls) == 4, "one failure does not stop the other compiles"
 
 
+def test_build_reports_an_unsupported_arch_as_a_failure(write_recipe, fake_compiler, capsys):
+    assert main(["build", str(write_recipe(TWO_VARIANTS)), "--arch", "sm_70", "-j", "1"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out.count(": FAILED\n") == 2
+    assert "sm_70: invalid arch 'sm_70'" in captured.err
+
+
 @pytest.mark.slow
-def test_build_compiles_for_real_then_hits_the_cache(write_recipe, cache_dir, capsys):
+def test_build_compiles_for_real_in_worker_processes_then_hits_the_cache(write_recipe, cache_dir, capsys):
     pytest.importorskip("xqagen.compiler")
-    recipe_path = str(write_recipe("variants: [{q_dtype: bf16, kv_dtype: e4m3, page_size: 64}]"))
-    argv = ["build", recipe_path, "--arch", "sm_80", "--cache-dir", str(cache_dir)]
+    recipe_path = str(write_recipe("variants: [{q_dtype: bf16, kv_dtype: e4m3, page_size: [16, 64]}]"))
+    argv = ["build", recipe_path, "--arch", "sm_80", "--jobs", "2", "--cache-dir", str(cache_dir)]
     assert main(argv) == 0, capsys.readouterr().err
-    assert re.search(r"^\[1/1\] \S+ sm_80: \d+\.\d s, \d+ regs, ", capsys.readouterr().out, re.M)
+    out = capsys.readouterr().out
+    assert len(re.findall(r"^\[[12]/2\] \S+ sm_80: \d+\.\d s, \d+ regs, 0 spills$", out, re.M)) == 2, out
+    assert f"cubins under {cache_dir}" in out
     assert main(argv) == 0
-    assert re.search(r"^\[1/1\] \S+ sm_80: cached, ", capsys.readouterr().out, re.M)
+    assert "0 compiled, 2 cached, 0 failed" in capsys.readouterr().out

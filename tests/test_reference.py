@@ -119,8 +119,8 @@ def make_inputs(case: Case, seed: int = 0) -> tuple[tuple, dict]:
         k_cache, v_cache = torch.stack([k_cache, v_cache], dim=1).unbind(1)
         assert not k_cache.is_contiguous()
     num_q_heads = case.num_kv_heads * case.group
-    q_shape = (batch, 1, num_q_heads, case.head_dim) if case.q_seq_len == 1 else \
-        (batch, 1, case.q_seq_len, num_q_heads, case.head_dim)
+    q_tokens = () if case.q_seq_len == 1 else (case.q_seq_len,)  # 4-d q for single-token decode
+    q_shape = (batch, 1, *q_tokens, num_q_heads, case.head_dim)
     q = torch.randn(q_shape, generator=generator).to(case.q_dtype)
     seq_lens = torch.tensor(case.seq_lens, dtype=torch.int32)
     kwargs = dict(num_kv_heads=case.num_kv_heads, kv_layout=case.kv_layout, q_scale=0.7,
@@ -215,8 +215,8 @@ def test_rows_with_nothing_visible_are_zero():
         assert torch.equal(out[0, 0, 1], torch.zeros(4, 32, dtype=torch.float64))
         assert out[0, 0, 0].abs().min() > 0 and out[0, 0, 2].abs().min() > 0
     # With history, a window that leaves only new tokens the mask hides empties the row too.
-    assert visible_positions(10, 3, mask=pack_mask(torch.eye(3, dtype=torch.bool)[None]), sliding_window=2) \
-        == [[], [8], [9]]
+    only_self = pack_mask(torch.eye(3, dtype=torch.bool)[None])
+    assert visible_positions(10, 3, mask=only_self, sliding_window=2) == [[], [8], [9]]
 
 
 def test_sink_adds_to_the_denominator_only():
@@ -268,7 +268,8 @@ def test_flat_sinks_and_column_seq_lens():
     args, kwargs = make_inputs(CASES["sinks"])
     q, k_cache, v_cache, page_table, seq_lens = args
     base = xqa_reference(*args, **kwargs)
-    flat = xqa_reference(q, k_cache, v_cache, page_table, seq_lens[:, None], **{**kwargs, "sinks": kwargs["sinks"].flatten()})
+    kwargs_flat = {**kwargs, "sinks": kwargs["sinks"].flatten()}
+    flat = xqa_reference(q, k_cache, v_cache, page_table, seq_lens[:, None], **kwargs_flat)
     assert torch.equal(flat, base)
 
 
@@ -377,8 +378,7 @@ INVALID = {
 @pytest.mark.parametrize("name", INVALID)
 def test_argument_validation(name):
     edit, error, message = INVALID[name]
-    args, kwargs = make_inputs(Case((50, 80), q_seq_len=3, mask="causal", group=5, kv_dtype=None,
-                                    sliding_window=8, sinks=True))
+    args, kwargs = make_inputs(Case((50, 80), q_seq_len=3, mask="causal", group=5, sliding_window=8, sinks=True))
     args, kwargs = edit(args, kwargs)
     with pytest.raises(error, match=message):
         xqa_reference(*args, **kwargs)

@@ -120,7 +120,8 @@ class DecodeCall:
 
 def prepare_decode(q, k_cache, v_cache, page_table, seq_lens, *, out=None, out_dtype=None, kv_layout="NHD",
                    q_scale=1.0, kv_scale=1.0, rcp_out_scale=1.0, sinks=None, sliding_window=0, mask=None,
-                   num_splits=None, workspace=None, tile=None, validate=True, cache_dir=None) -> DecodeCall:
+                   num_splits=None, workspace=None, tile=None, validate=True, cache_dir=None,
+                   sm_count=None) -> DecodeCall:
     """Validate the arguments of :func:`xqa_decode` and pick its kernel, without launching."""
     _check_tensor("q", q, device=None, dtypes=(torch.float16, torch.bfloat16), ndims=(4, 5))
     device = q.device
@@ -238,7 +239,7 @@ def prepare_decode(q, k_cache, v_cache, page_table, seq_lens, *, out=None, out_d
     kernel = get_kernel(spec, cache_dir=cache_dir)
     splits = num_splits
     if splits is None:
-        splits = kernel.choose_splits(batch, num_kv_heads, max_seq_len, device, workspace)
+        splits = kernel.choose_splits(batch, num_kv_heads, max_seq_len, device, workspace, sm_count=sm_count)
     elif splits > kernel.max_splits(batch, num_kv_heads, workspace):
         _fail("num_splits", f"at most {kernel.max_splits(batch, num_kv_heads, workspace)} "
               "for this workspace and grid", splits)

@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import re
 import sys
 import textwrap
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from xqagen.emitters import EmittedKernel, emit
 from xqagen.recipes import Recipe, RecipeError, find_recipe, load_recipe, shipped_recipes, sync_generated
 from xqagen.spec import KernelSpec
+
+if TYPE_CHECKING:
+    from xqagen.compiler import CompiledKernel
 
 DEFAULT_OUT = Path("generated")
 ARCH_PATTERN = re.compile(r"sm_\d+[af]?")
@@ -60,7 +64,8 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--arch", type=_arch_list, metavar="ARCHES",
                        help="comma-separated targets such as sm_80,sm_90a (default: each variant's own)")
     build.add_argument("--jobs", "-j", type=_positive_int, default=os.cpu_count() or 1, metavar="N",
-                       help="parallel compiles (default: %(default)s)")
+                       help="parallel compiles in worker processes; 1 compiles in this process "
+                            "(default: %(default)s)")
     build.add_argument("--cache-dir", type=Path, metavar="DIR", help="cubin cache (default: the compiler's)")
     build.set_defaults(run=_build)
 
@@ -132,21 +137,22 @@ class _CompileJob:
 
 def _build(args: argparse.Namespace) -> int:
     jobs = _compile_jobs(_selected_recipes(args), args.arch)
-    from xqagen import compiler  # imported here so that generate and list work without NVRTC
-
+    workers = min(args.jobs, len(jobs))
     start = time.perf_counter()
-    compiled: list[Any] = []
-    failures: list[tuple[_CompileJob, Exception]] = []
-    pool = ThreadPoolExecutor(max_workers=args.jobs)
+    compiled: list[CompiledKernel] = []
+    failures: list[tuple[_CompileJob, _BuildFailed]] = []
+    # NVRTC runs one compile at a time per process, so parallel builds take worker processes;
+    # -j 1 compiles in this process.
+    pool: Executor = (ThreadPoolExecutor(max_workers=1) if workers == 1 else
+                      ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")))
     try:
-        futures = {pool.submit(compiler.compile_kernel, job.kernel.source, job.kernel.kernel_name, job.arch,
-                               cache_dir=args.cache_dir): job
+        futures = {pool.submit(_compile, job.kernel.source, job.kernel.kernel_name, job.arch, args.cache_dir): job
                    for job in jobs}
         for done, future in enumerate(as_completed(futures), start=1):
             job = futures[future]
             try:
                 result = future.result()
-            except compiler.CompileError as err:
+            except _BuildFailed as err:
                 failures.append((job, err))
                 print(f"[{done}/{len(jobs)}] {job.label}: FAILED", flush=True)
                 continue
@@ -166,6 +172,21 @@ def _build(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+class _BuildFailed(Exception):
+    """A failed compile's message.  CompileError itself takes keyword arguments, which pickle drops,
+    so it cannot travel back from a worker process."""
+
+
+def _compile(source: str, kernel_name: str, arch: str, cache_dir: Path | None) -> CompiledKernel:
+    from xqagen import compiler  # imported here so that generate and list work without NVRTC
+
+    try:
+        # A worker builds several kernels: precompiled CuTe headers make all but its first much faster.
+        return compiler.compile_kernel(source, kernel_name, arch, cache_dir=cache_dir, use_pch=True)
+    except (compiler.CompileError, ValueError) as err:  # ValueError: an arch this NVRTC does not support
+        raise _BuildFailed(str(err)) from None
+
+
 def _compile_jobs(recipes: Sequence[Recipe], arches: tuple[str, ...] | None) -> list[_CompileJob]:
     """One job per (variant, arch); a variant shared by several recipes is built once."""
     specs: dict[KernelSpec, None] = dict.fromkeys(spec for recipe in recipes for spec in recipe.variants)
@@ -176,7 +197,7 @@ def _compile_jobs(recipes: Sequence[Recipe], arches: tuple[str, ...] | None) -> 
     return jobs
 
 
-def _describe(result: Any) -> str:
+def _describe(result: CompiledKernel) -> str:
     """`6.1 s, 96 regs, 0 spills` for a compiled kernel (`cached, ...` for a cache hit)."""
     timing = "cached" if result.cache_hit else f"{result.compile_seconds:.1f} s"
     res = result.resources

@@ -75,8 +75,9 @@ class Workspace:
         """Wrap caller-owned buffers (FlashInfer passes a uint8 workspace and uint32 semaphores)."""
         ws = cls.__new__(cls)
         ws.device = scratch.device
-        ws.scratch = scratch.view(torch.uint8)[: scratch.numel() * scratch.element_size() // 4 * 4].view(torch.float32)
-        ws.semaphores = semaphores.view(torch.int32)
+        raw = scratch.reshape(-1).view(torch.uint8)
+        ws.scratch = raw[: raw.numel() // 4 * 4].view(torch.float32)
+        ws.semaphores = semaphores.reshape(-1).view(torch.int32)
         return ws
 
 
@@ -133,11 +134,12 @@ class DecodeKernel:
 
     # ---- split-KV ----
     def choose_splits(self, batch: int, num_kv_heads: int, max_seq_len: int, device: torch.device,
-                      workspace: Workspace | None = None) -> int:
-        """Splits that minimise (waves x per-CTA tiles) for this grid on this device."""
+                      workspace: Workspace | None = None, *, sm_count: int | None = None) -> int:
+        """Splits that minimise (waves x per-CTA tiles) for this grid on this device (or on
+        ``sm_count`` multiprocessors, when a caller shares the GPU)."""
         loaded = self.load(device)
         base = batch * num_kv_heads * self.plan.row_tiles
-        slots = loaded.sm_count * loaded.blocks_per_sm
+        slots = (sm_count or loaded.sm_count) * loaded.blocks_per_sm
         tiles = max(1, math.ceil(max_seq_len / self.spec.tile.kv_tile))
         limit = min(MAX_SPLITS, max(1, tiles // MIN_TILES_PER_SPLIT), self.max_splits(batch, num_kv_heads, workspace))
         best, best_cost = 1, math.inf

@@ -100,19 +100,17 @@ def tiles() -> dict[str, TileConfig]:
     return dict(_TILES)
 
 
-# Shipped configurations.  `decode` keeps four CTAs of 128 threads resident per SM on H100 so that a
-# batch x kv_heads grid of ~4 x SM count runs in a single wave; `wide` trades residency for a
-# deeper pipeline when the grid is small and split-KV is off.
+# Shipped configurations (see default_tile); `deep` trades residency for a longer pipeline.
 register_tile(TileConfig("decode", kv_tile=64, stages=3, warps=4, max_rows=64))
 register_tile(TileConfig("deep", kv_tile=64, stages=5, warps=4, max_rows=64))
-register_tile(TileConfig("small", kv_tile=32, stages=4, warps=4, max_rows=64))
+register_tile(TileConfig("wide_head", kv_tile=64, stages=2, warps=4, max_rows=64))
 
 
 def default_tile(head_dim: int, kv_dtype: str) -> TileConfig:
-    """The shipped tile for a head size: `decode` while a 3-stage pipeline of 64-token K/V tiles
-    fits comfortably in shared memory, `small` (32-token tiles) for 16-bit head_dim 256."""
+    """The shipped tile for a head size: `decode` (3 stages of 64 tokens) while K/V rows are at most
+    256 bytes, `wide_head` (2 stages) for 16-bit head_dim 256, whose 64-token stage is 64 KiB."""
     kv_bytes = 1 if kv_dtype == "e4m3" else 2
-    return get_tile("small" if head_dim * kv_bytes > 256 else "decode")
+    return get_tile("wide_head" if head_dim * kv_bytes > 256 else "decode")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,486 @@
+"""Compile generated CuTe kernels to CUBINs with NVRTC, behind an on-disk cache.
+
+:func:`compile_kernel` turns one generated translation unit into a CUBIN for one GPU
+architecture and reports the kernel's resource usage as ptxas prints it (``-v``).  It asks for
+CUBIN rather than PTX because a CUBIN from a newer NVRTC still loads on an older driver, where
+newer PTX would not JIT.  The program is named ``<kernel_name>.cu``, so diagnostics point into
+the generated source; a failure raises :class:`CompileError`, which quotes the generated lines
+the log refers to.
+
+NVRTC is driven through ``cuda.bindings.nvrtc``; ``cuda.core.ProgramOptions`` formats the typed
+options.  ``cuda.core.Program`` is not used because it cannot pass the caller's extra raw flags
+and it reports a failed compile's log only inside its exception text.
+
+Cache
+-----
+Entries live in ``cache_dir`` (default: :func:`default_cache_dir`), one file per entry named
+``<key>.entry``.  The key is the SHA-256 of a JSON document holding :data:`CACHE_FORMAT_VERSION`,
+the NVRTC version, the versions of the NVRTC, CUDA runtime, CCCL and CUTLASS packages, the
+architecture, the kernel name, every NVRTC option (include paths included, in order) and the
+source.  An entry file is::
+
+    magic         8 bytes   b"XQAGCUB1"
+    header_size   4 bytes   little-endian unsigned
+    header        header_size bytes of UTF-8 JSON: kernel_name, arch, cubin_size,
+                            cubin_sha256, resources (the ResourceUsage fields), log
+    cubin         cubin_size bytes
+
+A hit is checked against all of it (magic, sizes, checksum, header fields); an entry that fails
+a check is deleted and rebuilt, never returned.  Entries are written to a temporary file in the
+cache directory, flushed to disk and renamed over the entry, so a reader sees a whole entry or
+none; processes that build the same key at once each rename a complete, identical file.
+
+Concurrency
+-----------
+Every function here may be called from several threads.  NVRTC itself runs one compile at a time
+per process (two threads take as long as two compiles in a row), so compile in several
+processes to use several cores.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import logging
+import os
+import re
+import shutil
+import struct
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from cuda.bindings import nvrtc
+from cuda.core import ProgramOptions
+from cuda.pathfinder import find_nvidia_binary_utility, find_nvidia_header_directory
+
+__all__ = [
+    "CACHE_FORMAT_VERSION",
+    "CompileError",
+    "CompiledKernel",
+    "ResourceUsage",
+    "ToolNotFoundError",
+    "compile_kernel",
+    "default_cache_dir",
+    "disassemble",
+    "include_dirs",
+    "nvrtc_version",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Part of every cache key: bump it when the entry format or the meaning of an entry changes.
+CACHE_FORMAT_VERSION = 1
+
+_ENTRY_MAGIC = b"XQAGCUB1"
+_HEADER_SIZE = struct.Struct("<I")
+# Packages whose contents shape the CUBIN without showing up in the option list.
+_TOOLCHAIN_PACKAGES = ("nvidia-cuda-nvrtc", "nvidia-cuda-runtime", "nvidia-cuda-cccl", "nvidia-cutlass")
+# Automatic precompiled headers: NVRTC warns when a PCH made for other options (629) or another
+# include prefix (630) does not fit and makes a new one; expected with several arches per process.
+_PCH_OPTIONS: dict[str, Any] = {"pch": True, "pch_messages": False, "diag_suppress": [629, 630]}
+# Making a PCH of CuTe's headers takes about 470 MB of NVRTC's PCH heap (the default is 256 MB).
+# The heap is reserved address space; pages are touched only as PCHs fill it.
+_PCH_HEAP_BYTES = 1 << 30
+_pch_heap_lock = threading.Lock()
+_ARCH_RE = re.compile(r"sm_(?P<number>\d+)(?P<suffix>[af]?)")
+_KERNEL_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_MAX_QUOTED_LINES = 10  # generated lines quoted in a CompileError; the full log is always there
+
+
+class ToolNotFoundError(RuntimeError):
+    """A CUDA toolchain component (header package or binary utility) is not installed."""
+
+
+class CompileError(RuntimeError):
+    """NVRTC could not build the kernel.
+
+    The message holds the kernel name, the architecture, NVRTC's log and the generated source
+    lines that the log's errors and instantiation traces refer to.
+    """
+
+    def __init__(self, message: str, *, kernel_name: str, arch: str, log: str):
+        super().__init__(message)
+        self.kernel_name = kernel_name
+        self.arch = arch
+        self.log = log
+
+
+@dataclass(frozen=True)
+class ResourceUsage:
+    """What ptxas reports for one entry function."""
+
+    registers: int
+    spill_stores: int  # bytes
+    spill_loads: int  # bytes
+    stack_bytes: int  # the function's stack frame
+    shared_bytes: int  # static __shared__ memory; dynamic shared memory is a launch parameter
+
+
+@dataclass(frozen=True)
+class CompiledKernel:
+    cubin: bytes
+    kernel_name: str
+    arch: str
+    resources: ResourceUsage
+    log: str  # NVRTC's log, ptxas's resource report included
+    cache_hit: bool
+    path: Path | None  # the cache entry; None when it could not be written
+    compile_seconds: float  # time this call took: the compile, or the cache load on a hit
+
+
+# ---- toolchain discovery ----
+
+def include_dirs() -> list[str]:
+    """Include directories for CuTe kernels: CUTLASS, CCCL, the folder holding ``cccl/`` (CuTe
+    writes ``<cccl/cuda/std/...>``) and the CUDA runtime headers."""
+    return list(_include_dirs())
+
+
+@functools.cache
+def _include_dirs() -> tuple[str, ...]:
+    cutlass_spec = importlib.util.find_spec("cutlass_library")
+    cutlass = (Path(cutlass_spec.submodule_search_locations[0]) / "source" / "include"
+               if cutlass_spec and cutlass_spec.submodule_search_locations else None)
+    if cutlass is None or not (cutlass / "cute" / "tensor.hpp").is_file():
+        raise ToolNotFoundError("CUTLASS/CuTe headers not found: pip install nvidia-cutlass")
+    cccl = _header_dir("cccl", "nvidia-cuda-cccl")
+    cudart = _header_dir("cudart", "nvidia-cuda-runtime")
+    return tuple(dict.fromkeys([str(cutlass), cccl, os.path.dirname(cccl), cudart]))
+
+
+def _header_dir(libname: str, package: str) -> str:
+    found = find_nvidia_header_directory(libname)
+    if found is None:
+        raise ToolNotFoundError(f"{libname} headers not found: pip install {package}")
+    return found
+
+
+@functools.cache
+def nvrtc_version() -> tuple[int, int]:
+    """(major, minor) of the NVRTC library in use."""
+    major, minor = _check(nvrtc.nvrtcVersion())
+    return major, minor
+
+
+@functools.cache
+def _supported_arch_numbers() -> tuple[int, ...]:
+    return tuple(_check(nvrtc.nvrtcGetSupportedArchs()))
+
+
+@functools.cache
+def _package_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {}
+    for package in _TOOLCHAIN_PACKAGES:
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None  # e.g. headers from a CUDA toolkit: their paths are in the key
+    return versions
+
+
+def default_cache_dir() -> Path:
+    """``$XQAGEN_CACHE_DIR``, else ``xqagen`` under ``$XDG_CACHE_HOME`` (default ``~/.cache``)."""
+    if configured := os.environ.get("XQAGEN_CACHE_DIR"):
+        return Path(configured).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "xqagen"
+
+
+def _check(result: tuple) -> Any:
+    """The value(s) of a cuda.bindings NVRTC call, which returns (status, *values)."""
+    status, *values = result
+    if status != nvrtc.nvrtcResult.NVRTC_SUCCESS:
+        raise RuntimeError(f"NVRTC call failed: {nvrtc.nvrtcGetErrorString(status)[1].decode()}")
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+# ---- compiling ----
+
+def compile_kernel(source: str, kernel_name: str, arch: str, *, options: Sequence[str] = (),
+                   cache_dir: Path | None = None, use_pch: bool = False) -> CompiledKernel:
+    """Compile ``source`` to a CUBIN for ``arch`` (``sm_80``, ``sm_90a``, ...), or load it from the cache.
+
+    ``kernel_name`` is the ``extern "C"`` entry function; its resource usage is reported.
+    ``options`` are extra NVRTC flags, passed verbatim after the built-in ones (C++17,
+    ``-default-device``, line info, the include paths, ``ptxas -v``).
+
+    ``use_pch`` lets NVRTC precompile the headers that the source includes before its first
+    declaration and reuse them for later compiles, in this process, with the same include lines
+    and options.  Making the PCH costs a few seconds once; each later compile of a CuTe kernel
+    then takes about 1 s instead of 4-5 s.  Use it when one process builds several kernels; it
+    assumes the headers do not change while the process runs.  The CUBIN is the same either way.
+
+    Raises :class:`CompileError` when NVRTC fails or ``kernel_name`` is not an entry function,
+    ``ValueError`` for a malformed ``arch`` or ``kernel_name``.
+    """
+    start = time.perf_counter()
+    _validate(kernel_name, arch, options)
+    nvrtc_options = _nvrtc_options(arch, options)
+    entry_path = (cache_dir if cache_dir is not None else default_cache_dir()) / (
+        _cache_key(source, kernel_name, arch, nvrtc_options) + ".entry")
+
+    cached = _read_entry(entry_path, kernel_name, arch)
+    if cached is not None:
+        cubin, resources, log = cached
+        return CompiledKernel(cubin, kernel_name, arch, resources, log, cache_hit=True, path=entry_path,
+                              compile_seconds=time.perf_counter() - start)
+
+    if use_pch:
+        _reserve_pch_heap()
+        nvrtc_options = _nvrtc_options(arch, options, use_pch=True)
+    cubin, log = _run_nvrtc(source, kernel_name, arch, nvrtc_options)
+    try:
+        resources = _parse_resources(log, kernel_name)
+    except LookupError as err:
+        raise CompileError(f"kernel {kernel_name!r} ({arch}): {err}; declare the kernel extern \"C\"",
+                           kernel_name=kernel_name, arch=arch, log=log) from None
+    stored = _write_entry(entry_path, _encode_entry(cubin, kernel_name, arch, resources, log))
+    return CompiledKernel(cubin, kernel_name, arch, resources, log, cache_hit=False,
+                          path=entry_path if stored else None, compile_seconds=time.perf_counter() - start)
+
+
+def _validate(kernel_name: str, arch: str, options: Sequence[str]) -> None:
+    if not _KERNEL_NAME_RE.fullmatch(kernel_name):
+        raise ValueError(f"kernel_name {kernel_name!r} is not a C identifier")
+    if isinstance(options, str) or not all(isinstance(option, str) for option in options):
+        raise TypeError(f"options must be a sequence of strings, got {options!r}")
+    match = _ARCH_RE.fullmatch(arch)
+    supported = _supported_arch_numbers()
+    if match:
+        number, suffix = int(match["number"]), match["suffix"]
+        # Arch-specific targets ("a") start with sm_90, family targets ("f") with sm_100.
+        if number in supported and number >= {"": 0, "a": 90, "f": 100}[suffix]:
+            return
+    major, minor = nvrtc_version()
+    raise ValueError(f"invalid arch {arch!r}: expected sm_<N>, sm_<N>a (N >= 90) or sm_<N>f (N >= 100) "
+                     f"with N one of {', '.join(map(str, supported))} (NVRTC {major}.{minor})")
+
+
+def _nvrtc_options(arch: str, extra: Sequence[str], *, use_pch: bool = False) -> list[str]:
+    program_options = ProgramOptions(
+        arch=arch,
+        std="c++17",
+        device_as_default_execution_space=True,  # CUTLASS has functions with no __device__ annotation
+        lineinfo=True,
+        ptxas_options=["-v"],  # puts the resource usage into the log
+        include_path=list(_include_dirs()),
+        **(_PCH_OPTIONS if use_pch else {}),
+    )
+    return [option.decode() for option in program_options.as_bytes("nvrtc", "cubin")] + [
+        option.strip() for option in extra if option.strip()]
+
+
+def _cache_key(source: str, kernel_name: str, arch: str, nvrtc_options: list[str]) -> str:
+    # Option order is kept: include paths and macro definitions can depend on it.
+    document = {
+        "format": CACHE_FORMAT_VERSION,
+        "nvrtc": nvrtc_version(),
+        "packages": _package_versions(),
+        "arch": arch,
+        "kernel_name": kernel_name,
+        "options": nvrtc_options,
+        "source": source,
+    }
+    return hashlib.sha256(json.dumps(document, sort_keys=True).encode()).hexdigest()
+
+
+def _reserve_pch_heap() -> None:
+    # Resizing the heap would invalidate the PCHs already in it, so it only ever grows, once.
+    with _pch_heap_lock:
+        if _check(nvrtc.nvrtcGetPCHHeapSize()) < _PCH_HEAP_BYTES:
+            _check(nvrtc.nvrtcSetPCHHeapSize(_PCH_HEAP_BYTES))
+
+
+def _run_nvrtc(source: str, kernel_name: str, arch: str, options: list[str]) -> tuple[bytes, str]:
+    """(CUBIN, log) of one NVRTC compile; raises CompileError when it fails."""
+    program_name = f"{kernel_name}.cu"
+    encoded = [option.encode() for option in options]
+    program = _check(nvrtc.nvrtcCreateProgram(source.encode(), program_name.encode(), 0, [], []))
+    try:
+        (status,) = nvrtc.nvrtcCompileProgram(program, len(encoded), encoded)
+        log_buffer = bytearray(_check(nvrtc.nvrtcGetProgramLogSize(program)))
+        _check(nvrtc.nvrtcGetProgramLog(program, log_buffer))
+        # Logs can hold bytes that are not UTF-8 (from headers, or paths in other encodings).
+        log = log_buffer.rstrip(b"\0").decode("utf-8", errors="replace")
+        if status != nvrtc.nvrtcResult.NVRTC_SUCCESS:
+            raise CompileError(_describe_failure(source, program_name, kernel_name, arch, log),
+                               kernel_name=kernel_name, arch=arch, log=log)
+        cubin = bytearray(_check(nvrtc.nvrtcGetCUBINSize(program)))
+        _check(nvrtc.nvrtcGetCUBIN(program, cubin))
+        return bytes(cubin), log
+    finally:
+        _check(nvrtc.nvrtcDestroyProgram(program))
+
+
+def _describe_failure(source: str, program_name: str, kernel_name: str, arch: str, log: str) -> str:
+    name = re.escape(program_name)
+    # "<kernel>.cu(12): error: ..." and, in template instantiation traces, "... at line 12 of <kernel>.cu".
+    references = re.finditer(rf"^{name}\((\d+)\): (?:catastrophic )?error|\bat line (\d+) of {name}\b", log, re.M)
+    line_numbers = list(dict.fromkeys(int(match[1] or match[2]) for match in references))
+    message = f"NVRTC could not compile kernel {kernel_name!r} for {arch}.\n\nNVRTC log:\n{log.rstrip()}\n"
+    if line_numbers:
+        source_lines = source.splitlines()
+        quoted = [f"{program_name}, line {number}:\n{_quote_lines(source_lines, number)}"
+                  for number in line_numbers[:_MAX_QUOTED_LINES]]
+        omitted = len(line_numbers) - len(quoted)
+        if omitted:
+            quoted.append(f"... and {omitted} more referenced lines")
+        message += "\nGenerated source at the lines the log refers to:\n" + "\n\n".join(quoted)
+    return message
+
+
+def _quote_lines(lines: list[str], number: int, context: int = 3) -> str:
+    """Lines number-context .. number+context, numbered, with ``>`` marking line ``number``."""
+    first, last = max(1, number - context), min(len(lines), number + context)
+    width = len(str(last))
+    return "\n".join(f"{'>' if current == number else ' '} {current:>{width}} | {lines[current - 1]}"
+                     for current in range(first, last + 1))
+
+
+_ENTRY_RE = re.compile(r"Compiling entry function '([^']+)'")
+_PROPERTIES_RE = re.compile(r"Function properties for (\S+)")
+_FRAME_RE = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_USED_RE = re.compile(r"Used (\d+) registers")
+_SMEM_RE = re.compile(r"(\d+) bytes smem")
+
+
+def _parse_resources(log: str, kernel_name: str) -> ResourceUsage:
+    """The ptxas -v report of entry function ``kernel_name``; the log may cover several functions.
+
+    ptxas writes, per entry function: "Compiling entry function 'k'", "Function properties for k",
+    the stack frame / spill line, then "Used N registers, ..., M bytes smem, ...".  Callees that
+    are not inlined get their own "Function properties" block.
+    """
+    entry: str | None = None
+    properties_of: str | None = None
+    frames: dict[str, tuple[int, int, int]] = {}
+    usage: dict[str, tuple[int, int]] = {}
+    for line in log.splitlines():
+        if match := _ENTRY_RE.search(line):
+            entry = match[1]
+        elif match := _PROPERTIES_RE.search(line):
+            properties_of = match[1]
+        elif (match := _FRAME_RE.search(line)) and properties_of is not None:
+            frames[properties_of] = (int(match[1]), int(match[2]), int(match[3]))
+        elif (match := _USED_RE.search(line)) and entry is not None:
+            smem = _SMEM_RE.search(line)
+            usage[entry] = (int(match[1]), int(smem[1]) if smem else 0)
+    if kernel_name not in usage or kernel_name not in frames:
+        raise LookupError(f"no ptxas report for entry function {kernel_name!r} "
+                          f"(entry functions: {', '.join(usage) or 'none'})")
+    stack, spill_stores, spill_loads = frames[kernel_name]
+    registers, shared = usage[kernel_name]
+    return ResourceUsage(registers, spill_stores, spill_loads, stack, shared)
+
+
+# ---- cache entries ----
+
+class _CorruptEntry(Exception):
+    pass
+
+
+def _encode_entry(cubin: bytes, kernel_name: str, arch: str, resources: ResourceUsage, log: str) -> bytes:
+    header = json.dumps({
+        "kernel_name": kernel_name,
+        "arch": arch,
+        "cubin_size": len(cubin),
+        "cubin_sha256": hashlib.sha256(cubin).hexdigest(),
+        "resources": asdict(resources),
+        "log": log,
+    }).encode()
+    return _ENTRY_MAGIC + _HEADER_SIZE.pack(len(header)) + header + cubin
+
+
+def _decode_entry(data: bytes, kernel_name: str, arch: str) -> tuple[bytes, ResourceUsage, str]:
+    prefix = len(_ENTRY_MAGIC) + _HEADER_SIZE.size
+    if len(data) < prefix or not data.startswith(_ENTRY_MAGIC):
+        raise _CorruptEntry("bad magic")
+    (header_size,) = _HEADER_SIZE.unpack_from(data, len(_ENTRY_MAGIC))
+    try:
+        header = json.loads(data[prefix:prefix + header_size])
+        cubin_size, cubin_sha256, log = header["cubin_size"], header["cubin_sha256"], header["log"]
+        resources = ResourceUsage(**{field.name: int(header["resources"][field.name])
+                                     for field in fields(ResourceUsage)})
+        identity = (header["kernel_name"], header["arch"])
+    except (ValueError, TypeError, KeyError) as err:
+        raise _CorruptEntry(f"unreadable header ({err!r})") from None
+    if identity != (kernel_name, arch) or not isinstance(log, str):
+        raise _CorruptEntry("header does not describe this kernel")
+    cubin = data[prefix + header_size:]
+    if len(cubin) != cubin_size:
+        raise _CorruptEntry(f"{len(cubin)} cubin bytes, header says {cubin_size}")
+    if hashlib.sha256(cubin).hexdigest() != cubin_sha256:
+        raise _CorruptEntry("cubin checksum mismatch")
+    return cubin, resources, log
+
+
+def _read_entry(path: Path, kernel_name: str, arch: str) -> tuple[bytes, ResourceUsage, str] | None:
+    """The entry's (cubin, resources, log), or None on a miss; a corrupt entry is deleted."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        logger.warning("cannot read cache entry %s (%s); compiling", path, err)
+        return None
+    try:
+        return _decode_entry(data, kernel_name, arch)
+    except _CorruptEntry as err:
+        logger.warning("discarding corrupt cache entry %s: %s", path, err)
+        path.unlink(missing_ok=True)
+        return None
+
+
+def _write_entry(path: Path, data: bytes) -> bool:
+    """Atomically store ``data`` at ``path``; False (with a warning) when the cache is not writable."""
+    temp_name: str | None = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with os.fdopen(fd, "wb") as temp:
+            temp.write(data)
+            temp.flush()
+            os.fsync(temp.fileno())  # the data must be on disk before the rename makes it visible
+        os.replace(temp_name, path)
+        return True
+    except OSError as err:
+        logger.warning("cannot write cache entry %s (%s); the cubin is not cached", path, err)
+        if temp_name is not None:
+            Path(temp_name).unlink(missing_ok=True)
+        return False
+
+
+# ---- SASS ----
+
+def disassemble(cubin: bytes) -> str:
+    """The SASS of ``cubin``, as ``cuobjdump -sass`` prints it."""
+    cuobjdump = _find_tool("cuobjdump", "nvidia-cuda-cuobjdump")
+    nvdisasm = _find_tool("nvdisasm", "nvidia-cuda-nvdisasm")
+    # cuobjdump runs nvdisasm, which it looks up on PATH.
+    env = {**os.environ, "PATH": os.pathsep.join([os.path.dirname(nvdisasm), os.environ.get("PATH", "")])}
+    with tempfile.TemporaryDirectory(prefix="xqagen-sass-") as temp_dir:
+        cubin_path = os.path.join(temp_dir, "kernel.cubin")
+        with open(cubin_path, "wb") as file:
+            file.write(cubin)
+        result = subprocess.run([cuobjdump, "-sass", cubin_path], capture_output=True, env=env, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"cuobjdump -sass failed (exit {result.returncode}): "
+                           f"{result.stderr.decode(errors='replace').strip()}")
+    return result.stdout.decode(errors="replace")
+
+
+def _find_tool(name: str, package: str) -> str:
+    path = find_nvidia_binary_utility(name) or shutil.which(name)
+    if path is None:
+        raise ToolNotFoundError(f"{name} not found: pip install {package}")
+    return path

@@ -1,0 +1,144 @@
+"""Drop-in replacements for FlashInfer 0.6.0's XQA entry points.
+
+``from xqagen.flashinfer_compat import xqa`` replaces ``from flashinfer.xqa import xqa``, and
+``xqa_batch_decode_with_kv_cache`` replaces ``flashinfer.decode.xqa_batch_decode_with_kv_cache``:
+same signatures, same argument conventions (uint32 ``seq_lens``, uint16 masks, caller-owned
+workspace and semaphores), same results.  Differences, all of them relaxations:
+
+* any sm_80+ GPU (FlashInfer's XQA needs sm_90+), and sinks combine with speculative decoding;
+* ``sm_count`` only informs the split-KV heuristic; ``enable_pdl`` is accepted and ignored;
+* every argument is validated before the launch (FlashInfer asserts on a few).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .api import prepare_decode
+from .runtime import Workspace
+
+# FlashInfer's batch API reserves the first 8 MiB of its workspace for semaphores.
+SEMAPHORE_BYTES = 8 << 20
+
+
+def xqa(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    page_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    output: torch.Tensor,
+    workspace_buffer: torch.Tensor,
+    semaphores: torch.Tensor,
+    num_kv_heads: int,
+    page_size: int,
+    sinks: torch.Tensor | None = None,
+    q_scale: float | torch.Tensor = 1.0,
+    kv_scale: float | torch.Tensor = 1.0,
+    sliding_win_size: int = 0,
+    kv_layout: str = "NHD",
+    sm_count: int | None = None,
+    enable_pdl: bool | None = None,
+    rcp_out_scale: float = 1.0,
+    q_seq_len: int = 1,
+    mask: torch.Tensor | None = None,
+) -> None:
+    """``flashinfer.xqa.xqa``: writes attention of ``q`` over the paged cache into ``output``.
+
+    ``semaphores`` (uint32) must be zero before the first call; every call leaves them zero.
+    """
+    del enable_pdl  # programmatic dependent launch is not used
+    if not isinstance(q, torch.Tensor):
+        raise TypeError(f"q: expected a torch.Tensor, got {type(q).__name__}")
+    inferred = q.shape[2] if q.dim() == 5 else 1
+    if q_seq_len != inferred:
+        raise ValueError(f"q_seq_len: expected {inferred} (q has shape {tuple(q.shape)}), got {q_seq_len}")
+    cache_dims = (1, 2) if kv_layout == "NHD" else (2, 1)  # (page_size, num_kv_heads) dimensions
+    if isinstance(k_cache, torch.Tensor) and k_cache.dim() == 4:
+        if k_cache.shape[cache_dims[0]] != page_size:
+            raise ValueError(f"page_size: expected {k_cache.shape[cache_dims[0]]} (k_cache's {kv_layout} "
+                             f"shape {tuple(k_cache.shape)}), got {page_size}")
+        if k_cache.shape[cache_dims[1]] != num_kv_heads:
+            raise ValueError(f"num_kv_heads: expected {k_cache.shape[cache_dims[1]]} (k_cache's {kv_layout} "
+                             f"shape {tuple(k_cache.shape)}), got {num_kv_heads}")
+    workspace = _workspace(workspace_buffer, semaphores)
+    prepare_decode(q, k_cache, v_cache, page_table, seq_lens, out=output, kv_layout=kv_layout, q_scale=q_scale,
+                   kv_scale=kv_scale, rcp_out_scale=rcp_out_scale, sinks=sinks, sliding_window=sliding_win_size,
+                   mask=mask, workspace=workspace, sm_count=sm_count).launch()
+
+
+def xqa_batch_decode_with_kv_cache(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+    workspace_buffer: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    max_seq_len: int,
+    bmm1_scale: float | torch.Tensor = 1.0,
+    bmm2_scale: float | torch.Tensor = 1.0,
+    window_left: int = -1,
+    out: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
+    kv_layout: str = "NHD",
+    enable_pdl: bool | None = None,
+    q_len_per_req: int | None = 1,
+    o_scale: float | None = 1.0,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``flashinfer.decode.xqa_batch_decode_with_kv_cache``.
+
+    ``query`` is ``[batch * q_len_per_req, num_q_heads, head_dim]``; ``kv_cache`` a ``(k, v)`` pair or
+    one ``[num_pages, 1 or 2, ...]`` tensor; ``workspace_buffer`` must be zero before its first use
+    (its first 8 MiB hold the split-KV semaphores).  The scales map onto the kernel's as
+    ``kv_scale = bmm2_scale * o_scale``, ``q_scale = bmm1_scale / kv_scale * sqrt(head_dim)``,
+    ``rcp_out_scale = 1 / o_scale``.
+    """
+    del enable_pdl, max_seq_len  # the page table's width bounds the sequences
+    if isinstance(kv_cache, tuple):
+        k_cache, v_cache = kv_cache
+    else:
+        if not isinstance(kv_cache, torch.Tensor) or kv_cache.dim() != 5 or kv_cache.shape[1] not in (1, 2):
+            raise ValueError("kv_cache: expected a (k_cache, v_cache) pair or a [num_pages, 1 or 2, ...] tensor, "
+                             f"got {getattr(kv_cache, 'shape', type(kv_cache).__name__)}")
+        k_cache, v_cache = (kv_cache[:, 0], kv_cache[:, 0]) if kv_cache.shape[1] == 1 else kv_cache.unbind(dim=1)
+    if not isinstance(query, torch.Tensor) or query.dim() != 3:
+        raise ValueError(f"query: expected [num_tokens, num_q_heads, head_dim], got "
+                         f"{getattr(query, 'shape', type(query).__name__)}")
+    q_len = q_len_per_req or 1
+    if query.shape[0] % q_len:
+        raise ValueError(f"query: {query.shape[0]} tokens are not a multiple of q_len_per_req = {q_len}")
+    batch = query.shape[0] // q_len
+    head_dim = query.shape[-1]
+    q = query.view(batch, 1, query.shape[1], head_dim) if q_len == 1 else \
+        query.view(batch, 1, q_len, query.shape[1], head_dim)
+    if out is None:
+        out = torch.empty_like(query)
+    if out.shape != query.shape:
+        raise ValueError(f"out: expected shape {tuple(query.shape)}, got {tuple(out.shape)}")
+    o_scale = 1.0 if o_scale is None else o_scale
+    kv_scale = bmm2_scale * o_scale
+    q_scale = bmm1_scale / kv_scale * math.sqrt(head_dim)
+    if isinstance(kv_scale, torch.Tensor):
+        kv_scale = kv_scale.to(torch.float32).reshape(1)
+    if isinstance(q_scale, torch.Tensor):
+        q_scale = q_scale.to(torch.float32).reshape(1)
+    if not isinstance(workspace_buffer, torch.Tensor) or workspace_buffer.numel() * \
+            workspace_buffer.element_size() <= SEMAPHORE_BYTES:
+        raise ValueError(f"workspace_buffer: expected a tensor of more than {SEMAPHORE_BYTES} bytes")
+    raw = workspace_buffer.view(torch.uint8)
+    workspace = _workspace(raw[SEMAPHORE_BYTES:], raw[:SEMAPHORE_BYTES])
+    sinks_2d = sinks.reshape(k_cache.shape[2 if kv_layout == "NHD" else 1], -1) if sinks is not None else None
+    prepare_decode(q, k_cache, v_cache, block_tables, seq_lens, out=out.view(q.shape), kv_layout=kv_layout,
+                   q_scale=q_scale, kv_scale=kv_scale, rcp_out_scale=1.0 / o_scale, sinks=sinks_2d,
+                   sliding_window=window_left + 1 if window_left >= 0 else 0, mask=mask,
+                   workspace=workspace).launch()
+    return out
+
+
+def _workspace(scratch: torch.Tensor, semaphores: torch.Tensor) -> Workspace:
+    for name, t in (("workspace_buffer", scratch), ("semaphores", semaphores)):
+        if not isinstance(t, torch.Tensor) or not t.is_cuda or not t.is_contiguous():
+            raise ValueError(f"{name}: expected a contiguous CUDA tensor")
+    return Workspace.from_buffers(scratch, semaphores)
