@@ -21,6 +21,7 @@ MAX_SMEM_PER_CTA = 227 * 1024
 SMEM_PER_SM = 228 * 1024
 SMEM_RESERVED_PER_CTA = 1024
 MAX_BLOCKS_PER_SM = 4
+MAX_SPLITS = 128
 
 CTYPES = {"fp16": "cute::half_t", "bf16": "cute::bfloat16_t", "e4m3": "cute::float_e4m3_t"}
 ELEM_BYTES = {"fp16": 2, "bf16": 2, "e4m3": 1}
@@ -51,6 +52,7 @@ class GenericPlan:
     q_swizzle: tuple[int, int, int]
     smem_bytes: int
     min_blocks_per_sm: int
+    max_splits: int
     rsqrt_head_dim: str
 
     @classmethod
@@ -70,8 +72,11 @@ class GenericPlan:
         kv_stage = tile.kv_tile * spec.head_dim * kv_bytes
         pipe = 2 * tile.stages * kv_stage
         merge = warps_n * rows_cta * (spec.head_dim + 4) * 4 + 2 * warps_n * rows_cta * 4
+        union = _round_up(max(pipe, merge), 128)
+        # The split-KV merge keeps (weight, sum) per split and row in the same union.
+        max_splits = min(MAX_SPLITS, (union - 8 * rows_cta) // (8 * rows_cta))
         q_bytes = rows_cta * spec.head_dim * 2
-        smem = _round_up(_round_up(max(pipe, merge), 128) + q_bytes + 4, 128)
+        smem = _round_up(union + q_bytes + 4, 128)
         if smem > MAX_SMEM_PER_CTA:
             raise SpecError(f"tile {tile.name!r} needs {smem} bytes of shared memory for head_dim "
                             f"{spec.head_dim} ({spec.kv_dtype} KV); the limit is {MAX_SMEM_PER_CTA}: use fewer "
@@ -82,7 +87,7 @@ class GenericPlan:
             rows_cta=rows_cta, row_tiles=-(-spec.rows // rows_cta), warps_m=warps_m, warps_n=warps_n,
             threads=32 * tile.warps,
             kv_swizzle=_swizzle(spec.head_dim, kv_bytes), q_swizzle=_swizzle(spec.head_dim, 2),
-            smem_bytes=smem, min_blocks_per_sm=blocks,
+            smem_bytes=smem, min_blocks_per_sm=blocks, max_splits=max_splits,
             rsqrt_head_dim=repr(1.0 / math.sqrt(spec.head_dim)),
         )
 

@@ -93,7 +93,7 @@ _PCH_HEAP_BYTES = 1 << 30
 _pch_heap_lock = threading.Lock()
 _ARCH_RE = re.compile(r"sm_(?P<number>\d+)(?P<suffix>[af]?)")
 _KERNEL_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_MAX_QUOTED_LINES = 10  # generated lines quoted in a CompileError; the full log is always there
+_MAX_QUOTED_LINES = 10  # referenced lines a CompileError quotes; the full log is always there
 
 
 class ToolNotFoundError(RuntimeError):
@@ -127,6 +127,8 @@ class ResourceUsage:
 
 @dataclass(frozen=True)
 class CompiledKernel:
+    """A CUBIN with what ptxas reported about it."""
+
     cubin: bytes
     kernel_name: str
     arch: str
@@ -211,22 +213,25 @@ def compile_kernel(source: str, kernel_name: str, arch: str, *, options: Sequenc
     """Compile ``source`` to a CUBIN for ``arch`` (``sm_80``, ``sm_90a``, ...), or load it from the cache.
 
     ``kernel_name`` is the ``extern "C"`` entry function; its resource usage is reported.
-    ``options`` are extra NVRTC flags, passed verbatim after the built-in ones (C++17,
-    ``-default-device``, line info, the include paths, ``ptxas -v``).
+    ``options`` are extra NVRTC flags, passed after the built-in ones (C++17, ``-default-device``,
+    line info, the include paths, ``ptxas -v``); surrounding blanks are dropped.  The cache key
+    covers the toolchain's headers by package version, not headers that ``options`` add.
 
     ``use_pch`` lets NVRTC precompile the headers that the source includes before its first
     declaration and reuse them for later compiles, in this process, with the same include lines
-    and options.  Making the PCH costs a few seconds once; each later compile of a CuTe kernel
-    then takes about 1 s instead of 4-5 s.  Use it when one process builds several kernels; it
-    assumes the headers do not change while the process runs.  The CUBIN is the same either way.
+    and options.  Making the PCH costs 1-2 s more than a plain compile; each later compile of a
+    CuTe kernel then takes about 1 s instead of 4 s.  Use it when one process builds several
+    kernels per architecture.  It assumes the headers do not change while the process runs, and
+    each PCH takes about 450 MB in a temporary folder until the process exits.  The CUBIN is the
+    same either way.
 
     Raises :class:`CompileError` when NVRTC fails or ``kernel_name`` is not an entry function,
     ``ValueError`` for a malformed ``arch`` or ``kernel_name``.
     """
     start = time.perf_counter()
     _validate(kernel_name, arch, options)
-    nvrtc_options = _nvrtc_options(arch, options)
-    entry_path = (cache_dir if cache_dir is not None else default_cache_dir()) / (
+    nvrtc_options = _nvrtc_options(arch, options)  # without the PCH flags, which change no CUBIN
+    entry_path = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / (
         _cache_key(source, kernel_name, arch, nvrtc_options) + ".entry")
 
     cached = _read_entry(entry_path, kernel_name, arch)
@@ -448,6 +453,7 @@ def _write_entry(path: Path, data: bytes) -> bool:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as temp:
+            os.fchmod(temp.fileno(), 0o644)  # mkstemp makes the file private; entries are no secret
             temp.write(data)
             temp.flush()
             os.fsync(temp.fileno())  # the data must be on disk before the rename makes it visible

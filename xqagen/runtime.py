@@ -22,11 +22,13 @@ from .emitters.generic import GenericPlan
 from .emitters.params import KernelParams
 from .spec import KernelSpec
 
-# Split-KV heuristic constants: a split is worth it only if it keeps at least this many KV tiles,
-# and each CTA costs about this many tiles of fixed work (prologue, merges, epilogue).
+# Split-KV cost model, in units of one KV tile load: each CTA costs CTA_OVERHEAD_TILES of fixed
+# work (pipeline fill, epilogue), and the merging CTA reads every split's fp32 partial from L2,
+# about L2_SPEEDUP times faster than a tile streams from DRAM.  A split keeps at least
+# MIN_TILES_PER_SPLIT tiles.
 MIN_TILES_PER_SPLIT = 4
 CTA_OVERHEAD_TILES = 2
-MAX_SPLITS = 128
+L2_SPEEDUP = 4
 
 
 class LaunchError(RuntimeError):
@@ -141,11 +143,15 @@ class DecodeKernel:
         base = batch * num_kv_heads * self.plan.row_tiles
         slots = (sm_count or loaded.sm_count) * loaded.blocks_per_sm
         tiles = max(1, math.ceil(max_seq_len / self.spec.tile.kv_tile))
-        limit = min(MAX_SPLITS, max(1, tiles // MIN_TILES_PER_SPLIT), self.max_splits(batch, num_kv_heads, workspace))
+        limit = min(max(1, tiles // MIN_TILES_PER_SPLIT), self.max_splits(batch, num_kv_heads, workspace))
+        tile_bytes = 2 * self.spec.tile.kv_tile * self.spec.head_dim * (1 if self.plan.kv_fp8 else 2)
+        partial_tiles = self.plan.rows_cta * (self.spec.head_dim + 2) * 4 / tile_bytes / L2_SPEEDUP
         best, best_cost = 1, math.inf
         for splits in range(1, limit + 1):
             waves = math.ceil(base * splits / slots)
             cost = waves * (math.ceil(tiles / splits) + CTA_OVERHEAD_TILES)
+            if splits > 1:
+                cost += splits * partial_tiles
             if cost < best_cost:
                 best, best_cost = splits, cost
         return best
@@ -158,7 +164,7 @@ class DecodeKernel:
         if partials > workspace.semaphores.numel():
             return 1
         per_split = partials * self.plan.rows_cta * (self.spec.head_dim + 2)
-        return max(1, min(MAX_SPLITS, workspace.scratch.numel() // per_split))
+        return max(1, min(self.plan.max_splits, workspace.scratch.numel() // per_split))
 
     # ---- launch ----
     def launch(self, params: KernelParams, *, batch: int, num_kv_heads: int, num_splits: int,
