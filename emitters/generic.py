@@ -21,7 +21,15 @@ MAX_SMEM_PER_CTA = 227 * 1024
 SMEM_PER_SM = 228 * 1024
 SMEM_RESERVED_PER_CTA = 1024
 MAX_BLOCKS_PER_SM = 4
+REGISTERS_PER_SM = 65536
+MAX_REGISTERS = 255
+# Registers a thread holds besides its accumulators and Q fragments (addresses, softmax state,
+# K/V fragments in flight); from ptxas reports of the shipped variants.
+REGISTER_OVERHEAD = 64
 MAX_SPLITS = 128
+# Q's MMA fragments stay in registers (head_dim / 4 of them) up to this head size; above it they
+# are reloaded from shared memory for every KV tile.
+Q_IN_REGISTERS_MAX_HEAD_DIM = 128
 
 CTYPES = {"fp16": "cute::half_t", "bf16": "cute::bfloat16_t", "e4m3": "cute::float_e4m3_t"}
 ELEM_BYTES = {"fp16": 2, "bf16": 2, "e4m3": 1}
@@ -53,6 +61,7 @@ class GenericPlan:
     smem_bytes: int
     min_blocks_per_sm: int
     max_splits: int
+    q_in_registers: bool
     rsqrt_head_dim: str
 
     @classmethod
@@ -81,13 +90,21 @@ class GenericPlan:
             raise SpecError(f"tile {tile.name!r} needs {smem} bytes of shared memory for head_dim "
                             f"{spec.head_dim} ({spec.kv_dtype} KV); the limit is {MAX_SMEM_PER_CTA}: use fewer "
                             f"stages or a smaller kv_tile")
-        blocks = max(1, min(MAX_BLOCKS_PER_SM, SMEM_PER_SM // (smem + SMEM_RESERVED_PER_CTA)))
+        q_in_registers = spec.head_dim <= Q_IN_REGISTERS_MAX_HEAD_DIM
+        # Resident CTAs per SM: as many as shared memory allows, unless the register cap that
+        # __launch_bounds__ derives from it would undercut the estimated live registers.
+        tokens_per_warp = tile.kv_tile // warps_n
+        live_registers = (spec.head_dim // 2 + tokens_per_warp // 2 + REGISTER_OVERHEAD
+                          + (spec.head_dim // 4 if q_in_registers else 0))
+        by_registers = REGISTERS_PER_SM // (32 * tile.warps * min(MAX_REGISTERS, live_registers))
+        blocks = max(1, min(MAX_BLOCKS_PER_SM, SMEM_PER_SM // (smem + SMEM_RESERVED_PER_CTA), by_registers))
         return cls(
             kv_fp8=kv_fp8, out_fp8=spec.out_dtype == "e4m3", mma_dtype=mma_dtype, mma_op=MMA_OPS[mma_dtype],
             rows_cta=rows_cta, row_tiles=-(-spec.rows // rows_cta), warps_m=warps_m, warps_n=warps_n,
             threads=32 * tile.warps,
             kv_swizzle=_swizzle(spec.head_dim, kv_bytes), q_swizzle=_swizzle(spec.head_dim, 2),
             smem_bytes=smem, min_blocks_per_sm=blocks, max_splits=max_splits,
+            q_in_registers=q_in_registers,
             rsqrt_head_dim=repr(1.0 / math.sqrt(spec.head_dim)),
         )
 

@@ -337,7 +337,8 @@ def test_invalid_arguments_are_rejected(cache_dir: Path):
 
 
 def test_missing_cuobjdump_names_the_package(monkeypatch):
-    monkeypatch.setattr(compiler, "find_nvidia_binary_utility", lambda name: None)
+    for finder in ("find_nvidia_binary_utility", "_installed_file"):
+        monkeypatch.setattr(compiler, finder, lambda *args: None)
     monkeypatch.setattr(compiler.shutil, "which", lambda name: None)
     with pytest.raises(ToolNotFoundError, match="pip install nvidia-cuda-cuobjdump"):
         disassemble(b"")

@@ -1,7 +1,10 @@
 """xqagen's FlashInfer-compatible entry points against FlashInfer 0.6.0 on the same inputs.
 
 Skipped without a GPU or without FlashInfer.  Both libraries are also compared with the float32
-reference, so a disagreement says which side is off.
+reference, so a disagreement says which side is off.  Not compared: a sliding window together
+with speculative decoding, where FlashInfer 0.6.0 skips whole KV tiles before the window but
+compiles its in-tile window mask out (``#if SPEC_DEC`` in its mha.cu), so positions up to a tile
+before ``seq_len - W`` stay visible; xqagen applies the window exactly (see xqagen.reference).
 """
 
 from __future__ import annotations
@@ -24,8 +27,13 @@ CASES = [
     ("bf16", "bf16", 64, 8, 32, "HND", 1, None, True, 700),
     ("e4m3", "bf16", 128, 8, 16, "NHD", 4, "causal", False, 0),
     ("e4m3", "e4m3", 128, 4, 64, "NHD", 1, None, False, 0),
-    ("bf16", "bf16", 128, 8, 64, "NHD", 5, "tree", False, 300),
+    ("bf16", "bf16", 128, 8, 64, "NHD", 5, "tree", False, 0),
+    ("e4m3", "bf16", 64, 8, 64, "HND", 1, None, True, 333),
 ]
+# Accuracy against the float32 reference: xqagen must meet the project's bounds; FlashInfer's
+# Hopper path quantises Q and P to fp8 (about 3.5e-2 on its own).
+OUR_BOUND = {"bf16": 1e-2, "e4m3": 4e-2}
+FLASHINFER_BOUND = {"generic": {"bf16": 1e-2, "e4m3": 5e-2}, "sm90": {"bf16": 6e-2, "e4m3": 8e-2}}
 
 
 def _inputs(kv, out_dtype, head_dim, group, page, layout, q_seq_len, mask_kind, sinks, window, seed=0):
@@ -94,37 +102,41 @@ def test_xqa_matches_flashinfer(case, fi_path):
 
     err_ours = relative_l2_error(ours.float(), ref)
     err_theirs = relative_l2_error(theirs.float(), ref)
-    bound = 4e-2 if out_dtype == "e4m3" or fi_path == "sm90" else 1e-2
-    assert err_theirs < bound, f"FlashInfer {fi_path} vs reference: {err_theirs:.2e}"
-    assert err_ours < bound, f"xqagen vs reference: {err_ours:.2e}"
+    diff = relative_l2_error(ours.float(), theirs.float())
+    print(f"vs reference: xqagen {err_ours:.2e}, FlashInfer {fi_path} {err_theirs:.2e}; difference {diff:.2e}")
+    assert err_theirs < FLASHINFER_BOUND[fi_path][out_dtype], f"FlashInfer {fi_path} vs reference: {err_theirs:.2e}"
+    assert err_ours < OUR_BOUND[out_dtype], f"xqagen vs reference: {err_ours:.2e}"
     assert err_ours <= err_theirs * 1.5 + 1e-3, f"xqagen {err_ours:.2e} less accurate than FlashInfer {err_theirs:.2e}"
-    assert relative_l2_error(ours.float(), theirs.float()) < bound
+    assert diff < err_ours + err_theirs + 1e-3, f"xqagen and FlashInfer differ by {diff:.2e}"
 
 
-def test_batch_decode_matches_flashinfer():
-    """xqa_batch_decode_with_kv_cache with a [num_pages, 2, ...] cache, bmm scales and window_left."""
+@pytest.mark.parametrize("q_len, window_left", [(4, -1), (1, 499)])
+def test_batch_decode_matches_flashinfer(q_len, window_left):
+    """xqa_batch_decode_with_kv_cache with a [num_pages, 2, ...] cache, bmm scales, sinks, and a
+    speculative-decoding mask or window_left."""
     from xqagen.flashinfer_compat import xqa_batch_decode_with_kv_cache
 
     device = torch.device("cuda")
     gen = torch.Generator(device=device).manual_seed(5)
-    batch, q_len, num_kv_heads, group, head_dim, page = 3, 4, 2, 8, 128, 32
+    batch, num_kv_heads, group, head_dim, page = 3, 2, 8, 128, 32
     lens = [900, 60, 2049]
     k, v, pt = make_paged_kv(batch, lens, num_kv_heads, head_dim, page, torch.bfloat16, generator=gen, device=device)
     kv_cache = torch.stack([k, v], dim=1)  # [num_pages, 2, page, heads, dim]
     query = torch.randn(batch * q_len, num_kv_heads * group, head_dim, generator=gen, device=device).to(torch.bfloat16)
     seq_lens = torch.tensor(lens, dtype=torch.uint32, device=device)
-    mask = as_flashinfer_mask(causal_mask(batch, q_len, device=device))
+    mask = as_flashinfer_mask(causal_mask(batch, q_len, device=device)) if q_len > 1 else None
     sinks = torch.randn(num_kv_heads * group, generator=gen, device=device)
     args = (query, kv_cache)
     kwargs = dict(block_tables=pt, seq_lens=seq_lens, max_seq_len=pt.shape[1] * page,
-                  bmm1_scale=0.6 / math.sqrt(head_dim), bmm2_scale=1.0, window_left=499, sinks=sinks,
+                  bmm1_scale=0.6 / math.sqrt(head_dim), bmm2_scale=1.0, window_left=window_left, sinks=sinks,
                   q_len_per_req=q_len, mask=mask)
     ours = xqa_batch_decode_with_kv_cache(*args, torch.zeros(128 << 20, dtype=torch.uint8, device=device), **kwargs)
     theirs = flashinfer_decode.xqa_batch_decode_with_kv_cache(
         *args, torch.zeros(128 << 20, dtype=torch.uint8, device=device), **kwargs)
-    ref = xqa_reference(query.view(batch, 1, q_len, -1, head_dim), k, v, pt, seq_lens.to(torch.int32),
-                        num_kv_heads=num_kv_heads, q_scale=0.6, sinks=sinks.view(num_kv_heads, group),
-                        sliding_window=500, mask=mask.view(torch.int32), out_dtype=torch.float32)
+    q_shape = (batch, 1, q_len, -1, head_dim) if q_len > 1 else (batch, 1, -1, head_dim)
+    ref = xqa_reference(query.view(q_shape), k, v, pt, seq_lens.to(torch.int32), num_kv_heads=num_kv_heads,
+                        q_scale=0.6, sinks=sinks.view(num_kv_heads, group), sliding_window=window_left + 1,
+                        mask=mask.view(torch.int32) if mask is not None else None, out_dtype=torch.float32)
     torch.cuda.synchronize()
     assert relative_l2_error(theirs.float().view(ref.shape), ref) < 1e-2
     assert relative_l2_error(ours.float().view(ref.shape), ref) < 1e-2

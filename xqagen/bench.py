@@ -10,6 +10,7 @@ Reported: milliseconds, KV bandwidth (KV bytes read / time), its ratio to the co
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
 import statistics
@@ -139,7 +140,7 @@ def _run_xqagen(case: BenchCase, inputs: _Inputs, num_splits: int | None):
 
 
 def _run_flashinfer(case: BenchCase, inputs: _Inputs, path: str):
-    import flashinfer.xqa as fx
+    fx = importlib.import_module("flashinfer.xqa")
 
     device = inputs.q.device
     out = torch.empty_like(inputs.q)
@@ -165,8 +166,9 @@ def _run_flashinfer(case: BenchCase, inputs: _Inputs, path: str):
 
 def prebuild_flashinfer(cases: list[BenchCase]) -> None:
     """JIT-compile FlashInfer's modules for these cases concurrently (each build is an nvcc process)."""
-    import flashinfer.xqa as fx
     from concurrent.futures import ThreadPoolExecutor
+
+    fx = importlib.import_module("flashinfer.xqa")  # the package re-exports a function named xqa
 
     def build(case: BenchCase):
         fx.get_xqa_module(TORCH_DTYPES[case.q_dtype], TORCH_DTYPES[case.kv_dtype], case.page_size, case.head_dim,
@@ -236,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     flashinfer = not args.no_flashinfer
     if flashinfer:
         try:
-            import flashinfer.xqa  # noqa: F401
+            importlib.import_module("flashinfer.xqa")
         except ImportError:
             flashinfer = False
             print("FlashInfer is not installed: timing xqagen alone", file=sys.stderr)

@@ -486,7 +486,17 @@ def disassemble(cubin: bytes) -> str:
 
 
 def _find_tool(name: str, package: str) -> str:
-    path = find_nvidia_binary_utility(name) or shutil.which(name)
+    path = find_nvidia_binary_utility(name) or _installed_file(package, name) or shutil.which(name)
     if path is None:
         raise ToolNotFoundError(f"{name} not found: pip install {package}")
     return path
+
+
+def _installed_file(package: str, filename: str) -> str | None:
+    """``filename`` from the files of pip package ``package`` (cuda-pathfinder before 1.8.1
+    does not look in the CUDA 13 wheels' ``nvidia/cu13/bin``)."""
+    try:
+        files = importlib.metadata.distribution(package).files or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    return next((str(file.locate()) for file in files if file.name == filename), None)

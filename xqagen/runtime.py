@@ -22,13 +22,11 @@ from .emitters.generic import GenericPlan
 from .emitters.params import KernelParams
 from .spec import KernelSpec
 
-# Split-KV cost model, in units of one KV tile load: each CTA costs CTA_OVERHEAD_TILES of fixed
-# work (pipeline fill, epilogue), and the merging CTA reads every split's fp32 partial from L2,
-# about L2_SPEEDUP times faster than a tile streams from DRAM.  A split keeps at least
-# MIN_TILES_PER_SPLIT tiles.
+# Split-KV: a memory-bound decode saturates HBM with about TARGET_CTAS_PER_SM CTAs per SM
+# (measured on H100: fewer leave bandwidth unused, more add merge work that the last CTA of each
+# output tile does alone).  A split keeps at least MIN_TILES_PER_SPLIT KV tiles.
+TARGET_CTAS_PER_SM = 2
 MIN_TILES_PER_SPLIT = 4
-CTA_OVERHEAD_TILES = 2
-L2_SPEEDUP = 4
 
 
 class LaunchError(RuntimeError):
@@ -52,7 +50,6 @@ def device_arch(device: torch.device) -> str:
 class _Loaded:
     library: driver.CUlibrary
     function: driver.CUfunction
-    blocks_per_sm: int
     sm_count: int
 
 
@@ -129,32 +126,18 @@ class DecodeKernel:
         with torch.cuda.device(index):
             torch.cuda.current_stream()  # makes the device's primary context current on this thread
             function = _check(driver.cuKernelGetFunction(kernel))
-            blocks = _check(driver.cuOccupancyMaxActiveBlocksPerMultiprocessor(
-                function, self.emitted.threads, self.emitted.smem_bytes))
-        sm_count = torch.cuda.get_device_properties(index).multi_processor_count
-        return _Loaded(library, function, max(1, blocks), sm_count)
+        return _Loaded(library, function, torch.cuda.get_device_properties(index).multi_processor_count)
 
     # ---- split-KV ----
     def choose_splits(self, batch: int, num_kv_heads: int, max_seq_len: int, device: torch.device,
                       workspace: Workspace | None = None, *, sm_count: int | None = None) -> int:
-        """Splits that minimise (waves x per-CTA tiles) for this grid on this device (or on
-        ``sm_count`` multiprocessors, when a caller shares the GPU)."""
-        loaded = self.load(device)
+        """Splits that bring the grid to about TARGET_CTAS_PER_SM CTAs per SM (of this device, or of
+        ``sm_count`` SMs when a caller shares the GPU); 1 when the batch already fills the GPU."""
         base = batch * num_kv_heads * self.plan.row_tiles
-        slots = (sm_count or loaded.sm_count) * loaded.blocks_per_sm
+        target = TARGET_CTAS_PER_SM * (sm_count or self.load(device).sm_count)
         tiles = max(1, math.ceil(max_seq_len / self.spec.tile.kv_tile))
         limit = min(max(1, tiles // MIN_TILES_PER_SPLIT), self.max_splits(batch, num_kv_heads, workspace))
-        tile_bytes = 2 * self.spec.tile.kv_tile * self.spec.head_dim * (1 if self.plan.kv_fp8 else 2)
-        partial_tiles = self.plan.rows_cta * (self.spec.head_dim + 2) * 4 / tile_bytes / L2_SPEEDUP
-        best, best_cost = 1, math.inf
-        for splits in range(1, limit + 1):
-            waves = math.ceil(base * splits / slots)
-            cost = waves * (math.ceil(tiles / splits) + CTA_OVERHEAD_TILES)
-            if splits > 1:
-                cost += splits * partial_tiles
-            if cost < best_cost:
-                best, best_cost = splits, cost
-        return best
+        return max(1, min(limit, round(target / base)))
 
     def max_splits(self, batch: int, num_kv_heads: int, workspace: Workspace | None) -> int:
         """Most splits the workspace can hold for this grid (1 without a workspace)."""

@@ -58,6 +58,7 @@ constexpr int kWarpsN = kWarps / kWarpsM; // warps across the tokens of a tile
 constexpr int kTokensPerWarp = kKvTile / kWarpsN;
 constexpr int kScoreTiles = kTokensPerWarp / 8;  // n8 MMA tiles of scores per warp
 constexpr int kOutTiles = kHeadDim / 8;          // n8 MMA tiles of the output accumulator
+constexpr int kMaxSplits = 128;       // split-KV partials the merge can hold
 static_assert(kWarpsM * kWarpsN == kWarps && kTokensPerWarp % 16 == 0, "tile does not fit the warps");
 
 // ---- launch parameters (one struct, passed by value; mirrored by xqagen.runtime) --------------
@@ -113,11 +114,17 @@ struct SharedStorage {
       alignas(128) KVElem k[kStages][cosize_v<KvTileLayout>];
       alignas(128) KVElem v[kStages][cosize_v<KvTileLayout>];
     } pipe;
-    struct {  // reused once the pipeline has drained
+    struct {  // cross-warp merge, once the pipeline has drained
       alignas(16) float o[cosize_v<MergeLayout>];
       float m[kWarpsN][kRowsCta];
       float l[kWarpsN][kRowsCta];
     } merge;
+    struct {  // split-KV merge: per split and row, its max, then its weight; its sum
+      float weight[kMaxSplits][kRowsCta];
+      float sum[kMaxSplits][kRowsCta];
+      float row_max[kRowsCta];
+      float row_sum[kRowsCta];
+    } splits;
   };
   alignas(128) MmaElem q[cosize_v<QTileLayout>];
   int is_last_split;
@@ -477,21 +484,38 @@ xqa_generic_qfp16_kvfp16_d128_g4_p64_nhd_s1_decode_b97dfc46(Params const p) {
   __syncthreads();
   if (!smem.is_last_split) return;
   __threadfence();
+  // Every split's (max, sum) of every row at once, then per row the global max, each split's
+  // weight exp2(max_s - max) and the total sum.
+  for (int i = threadIdx.x; i < p.num_splits * kRowsCta; i += kThreads) {
+    float2 const ml = __ldcg(reinterpret_cast<float2 const*>(ws_ml) + i);
+    smem.splits.weight[i / kRowsCta][i % kRowsCta] = ml.x;
+    smem.splits.sum[i / kRowsCta][i % kRowsCta] = ml.y;
+  }
+  __syncthreads();
+  for (int r = threadIdx.x; r < kRowsCta; r += kThreads) {
+    float m = kNegInf, l = 0.f;
+    for (int s = 0; s < p.num_splits; ++s) m = fmaxf(m, smem.splits.weight[s][r]);
+    for (int s = 0; s < p.num_splits; ++s) {
+      float const w = smem.splits.weight[s][r] == kNegInf ? 0.f : exp2f(smem.splits.weight[s][r] - m);
+      smem.splits.weight[s][r] = w;
+      l += smem.splits.sum[s][r] * w;
+    }
+    smem.splits.row_max[r] = m;
+    smem.splits.row_sum[r] = l;
+  }
+  __syncthreads();
   for (int i = threadIdx.x; i < kRowsCta * kHeadDim / 4; i += kThreads) {
     int const r = i / (kHeadDim / 4), d0 = (i % (kHeadDim / 4)) * 4;
-    float m = kNegInf;
-    for (int s = 0; s < p.num_splits; ++s) m = fmaxf(m, __ldcg(ws_ml + (s * kRowsCta + r) * 2));
-    float l = 0.f, o[4] = {0.f, 0.f, 0.f, 0.f};
+    float o[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll 8
     for (int s = 0; s < p.num_splits; ++s) {
-      float2 const ml = __ldcg(reinterpret_cast<float2 const*>(ws_ml + (s * kRowsCta + r) * 2));
-      float const scale = ml.x == kNegInf ? 0.f : exp2f(ml.x - m);
+      float const w = smem.splits.weight[s][r];
       float4 const os = __ldcg(reinterpret_cast<float4 const*>(ws_o + (int64_t(s) * kRowsCta + r) * kHeadDim + d0));
-      l += ml.y * scale;
-      o[0] += os.x * scale;
-      o[1] += os.y * scale;
-      o[2] += os.z * scale;
-      o[3] += os.w * scale;
+      o[0] += os.x * w;
+      o[1] += os.y * w;
+      o[2] += os.z * w;
+      o[3] += os.w * w;
     }
-    epilogue(r, d0, m, l, o);
+    epilogue(r, d0, smem.splits.row_max[r], smem.splits.row_sum[r], o);
   }
 }
