@@ -25,7 +25,7 @@ REGISTERS_PER_SM = 65536
 MAX_REGISTERS = 255
 # Registers a thread holds besides its accumulators and Q fragments (addresses, softmax state,
 # K/V fragments in flight); from ptxas reports of the shipped variants.
-REGISTER_OVERHEAD = 64
+REGISTER_OVERHEAD = 56
 MAX_SPLITS = 128
 # Q's MMA fragments stay in registers (head_dim / 4 of them) up to this head size; above it they
 # are reloaded from shared memory for every KV tile.
@@ -90,14 +90,21 @@ class GenericPlan:
             raise SpecError(f"tile {tile.name!r} needs {smem} bytes of shared memory for head_dim "
                             f"{spec.head_dim} ({spec.kv_dtype} KV); the limit is {MAX_SMEM_PER_CTA}: use fewer "
                             f"stages or a smaller kv_tile")
-        q_in_registers = spec.head_dim <= Q_IN_REGISTERS_MAX_HEAD_DIM
         # Resident CTAs per SM: as many as shared memory allows, unless the register cap that
-        # __launch_bounds__ derives from it would undercut the estimated live registers.
+        # __launch_bounds__ derives from them would undercut the estimated live registers.  Q's
+        # fragments stay in registers only where that costs no residency (a partial last wave of
+        # a batch-sized grid costs more than reloading Q from shared memory).
         tokens_per_warp = tile.kv_tile // warps_n
-        live_registers = (spec.head_dim // 2 + tokens_per_warp // 2 + REGISTER_OVERHEAD
-                          + (spec.head_dim // 4 if q_in_registers else 0))
-        by_registers = REGISTERS_PER_SM // (32 * tile.warps * min(MAX_REGISTERS, live_registers))
-        blocks = max(1, min(MAX_BLOCKS_PER_SM, SMEM_PER_SM // (smem + SMEM_RESERVED_PER_CTA), by_registers))
+        base_registers = spec.head_dim // 2 + tokens_per_warp // 2 + REGISTER_OVERHEAD
+        q_registers = spec.head_dim // 4
+
+        def resident(live_registers: int) -> int:
+            by_registers = REGISTERS_PER_SM // (32 * tile.warps * min(MAX_REGISTERS, live_registers))
+            return max(1, min(MAX_BLOCKS_PER_SM, SMEM_PER_SM // (smem + SMEM_RESERVED_PER_CTA), by_registers))
+
+        blocks = resident(base_registers)
+        q_in_registers = (spec.head_dim <= Q_IN_REGISTERS_MAX_HEAD_DIM
+                          and resident(base_registers + q_registers) == blocks)
         return cls(
             kv_fp8=kv_fp8, out_fp8=spec.out_dtype == "e4m3", mma_dtype=mma_dtype, mma_op=MMA_OPS[mma_dtype],
             rows_cta=rows_cta, row_tiles=-(-spec.rows // rows_cta), warps_m=warps_m, warps_n=warps_n,

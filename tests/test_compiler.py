@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import multiprocessing
+import pickle
 import re
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
@@ -212,23 +213,16 @@ def test_corrupt_entries_are_rebuilt(cache_dir: Path, corrupt, caplog):
     assert compile_kernel(TINY_SOURCE, "tiny", "sm_80", cache_dir=cache_dir).cache_hit
 
 
-def _compile_tiny_after_barrier(barrier, cache_dir: Path, results) -> None:
-    barrier.wait()
+def _compile_tiny(cache_dir: Path) -> tuple[str, str]:
     compiled = compile_kernel(TINY_SOURCE, "tiny", "sm_80", cache_dir=cache_dir)
-    results.put((hashlib.sha256(compiled.cubin).hexdigest(), str(compiled.path)))
+    return hashlib.sha256(compiled.cubin).hexdigest(), str(compiled.path)
 
 
 def test_two_processes_building_one_kernel_leave_one_valid_entry(cache_dir: Path):
     context = multiprocessing.get_context("spawn")
-    barrier, results = context.Barrier(2), context.Queue()
-    workers = [context.Process(target=_compile_tiny_after_barrier, args=(barrier, cache_dir, results))
-               for _ in range(2)]
-    for worker in workers:
-        worker.start()
-    outcomes = [results.get(timeout=120) for _ in workers]
-    for worker in workers:
-        worker.join(timeout=30)
-        assert worker.exitcode == 0
+    barrier = context.Barrier(2)  # both workers are up before either looks at the cache
+    with ProcessPoolExecutor(2, mp_context=context, initializer=barrier.wait) as pool:
+        outcomes = list(pool.map(_compile_tiny, [cache_dir, cache_dir]))
     assert outcomes[0] == outcomes[1]
     entry = Path(outcomes[0][1])
     assert list(cache_dir.iterdir()) == [entry], "no temporary files are left behind"
@@ -305,6 +299,8 @@ def test_compile_error_quotes_the_numbered_generated_lines(cache_dir: Path):
     assert 'broken.cu(5): error: identifier "missing_value" is undefined' in error.log
     message = str(error)
     assert "'broken'" in message and "sm_80" in message and error.log.strip() in message
+    copy = pickle.loads(pickle.dumps(error))  # process pools send it back to the parent
+    assert (str(copy), copy.kernel_name, copy.arch, copy.log) == (message, error.kernel_name, error.arch, error.log)
     quoted = message.split("Generated source at the lines the log refers to:\n", 1)[1]
     assert quoted.splitlines() == [
         "broken.cu, line 5:",

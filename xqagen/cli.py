@@ -66,7 +66,8 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--jobs", "-j", type=_positive_int, default=os.cpu_count() or 1, metavar="N",
                        help="parallel compiles in worker processes; 1 compiles in this process "
                             "(default: %(default)s)")
-    build.add_argument("--cache-dir", type=Path, metavar="DIR", help="cubin cache (default: the compiler's)")
+    build.add_argument("--cache-dir", type=Path, metavar="DIR",
+                       help="cubin cache (default: $XQAGEN_CACHE_DIR, else ~/.cache/xqagen)")
     build.set_defaults(run=_build)
 
     listing = commands.add_parser("list", help="show recipes and their variants (default: all shipped)")
@@ -137,22 +138,26 @@ class _CompileJob:
 
 def _build(args: argparse.Namespace) -> int:
     jobs = _compile_jobs(_selected_recipes(args), args.arch)
+    from xqagen import compiler  # imported here so that generate and list work without NVRTC
+
     workers = min(args.jobs, len(jobs))
     start = time.perf_counter()
     compiled: list[CompiledKernel] = []
-    failures: list[tuple[_CompileJob, _BuildFailed]] = []
+    failures: list[tuple[_CompileJob, Exception]] = []
     # NVRTC runs one compile at a time per process, so parallel builds take worker processes;
     # -j 1 compiles in this process.
     pool: Executor = (ThreadPoolExecutor(max_workers=1) if workers == 1 else
                       ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")))
     try:
-        futures = {pool.submit(_compile, job.kernel.source, job.kernel.kernel_name, job.arch, args.cache_dir): job
+        # Each worker builds several kernels: precompiled CuTe headers make all but its first much faster.
+        futures = {pool.submit(compiler.compile_kernel, job.kernel.source, job.kernel.kernel_name, job.arch,
+                               cache_dir=args.cache_dir, use_pch=True): job
                    for job in jobs}
         for done, future in enumerate(as_completed(futures), start=1):
             job = futures[future]
             try:
                 result = future.result()
-            except _BuildFailed as err:
+            except (compiler.CompileError, ValueError) as err:  # ValueError: an arch NVRTC does not support
                 failures.append((job, err))
                 print(f"[{done}/{len(jobs)}] {job.label}: FAILED", flush=True)
                 continue
@@ -170,21 +175,6 @@ def _build(args: argparse.Namespace) -> int:
     for job, err in failures:
         print(f"\n{job.label}: {err}", file=sys.stderr)
     return 1 if failures else 0
-
-
-class _BuildFailed(Exception):
-    """A failed compile's message.  CompileError itself takes keyword arguments, which pickle drops,
-    so it cannot travel back from a worker process."""
-
-
-def _compile(source: str, kernel_name: str, arch: str, cache_dir: Path | None) -> CompiledKernel:
-    from xqagen import compiler  # imported here so that generate and list work without NVRTC
-
-    try:
-        # A worker builds several kernels: precompiled CuTe headers make all but its first much faster.
-        return compiler.compile_kernel(source, kernel_name, arch, cache_dir=cache_dir, use_pch=True)
-    except (compiler.CompileError, ValueError) as err:  # ValueError: an arch this NVRTC does not support
-        raise _BuildFailed(str(err)) from None
 
 
 def _compile_jobs(recipes: Sequence[Recipe], arches: tuple[str, ...] | None) -> list[_CompileJob]:

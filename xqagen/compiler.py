@@ -113,6 +113,9 @@ class CompileError(RuntimeError):
         self.arch = arch
         self.log = log
 
+    def __reduce__(self):  # picklable, so that it crosses process pools
+        return functools.partial(type(self), kernel_name=self.kernel_name, arch=self.arch, log=self.log), (str(self),)
+
 
 @dataclass(frozen=True)
 class ResourceUsage:
@@ -278,6 +281,7 @@ def _nvrtc_options(arch: str, extra: Sequence[str], *, use_pch: bool = False) ->
         device_as_default_execution_space=True,  # CUTLASS has functions with no __device__ annotation
         lineinfo=True,
         ptxas_options=["-v"],  # puts the resource usage into the log
+        no_cache=True,  # NVRTC's own cache (12.9+) returns hits with an empty log: no resource usage
         include_path=list(_include_dirs()),
         **(_PCH_OPTIONS if use_pch else {}),
     )

@@ -286,7 +286,7 @@ struct Epilogue {
 
 }  // namespace
 
-extern "C" __global__ void __launch_bounds__(kThreads, 4)
+extern "C" __global__ void __launch_bounds__(kThreads, 3)
 xqa_generic_qbf16_kve4m3_d128_g8_p64_nhd_s1_decode_703794b1(Params const p) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
   SharedStorage& smem = *reinterpret_cast<SharedStorage*>(smem_raw);
@@ -349,6 +349,10 @@ xqa_generic_qbf16_kve4m3_d128_g8_p64_nhd_s1_decode_703794b1(Params const p) {
       vis.mask_row[h] = p.mask[(batch * kQSeqLen + row / kGroup) * p.mask_words_per_row];
     }
   }
+  __syncthreads();  // Q is in shared memory
+  uint32_t q_frag[kHeadDim / 16][4];  // the warp's Q operand, reused by every KV tile
+  CUTE_UNROLL
+  for (int ks = 0; ks < kHeadDim / 16; ++ks) load_q_frag(smem, warp_m, ks, q_frag[ks]);
   float row_max[2] = {kNegInf, kNegInf};
   float row_sum[2] = {0.f, 0.f};  // this thread's share; reduced over the quad at the end
   float acc_o[kOutTiles][4];
@@ -377,9 +381,7 @@ xqa_generic_qbf16_kve4m3_d128_g8_p64_nhd_s1_decode_703794b1(Params const p) {
       for (int e = 0; e < 4; ++e) acc_s[t][e] = 0.f;
     CUTE_UNROLL
     for (int ks2 = 0; ks2 < kHeadDim / 32; ++ks2) {
-      uint32_t a[2][4];
-      load_q_frag(smem, warp_m, 2 * ks2, a[0]);
-      load_q_frag(smem, warp_m, 2 * ks2 + 1, a[1]);
+      uint32_t const (&a)[2][4] = *reinterpret_cast<uint32_t const(*)[2][4]>(q_frag[2 * ks2]);
       CUTE_UNROLL
       for (int g = 0; g < kTokensPerWarp / 16; ++g) {
         uint32_t b[2][2][2];
@@ -491,7 +493,7 @@ xqa_generic_qbf16_kve4m3_d128_g8_p64_nhd_s1_decode_703794b1(Params const p) {
     }
     if (p.num_splits == 1) {
       epilogue(r, d0, m, l, o);
-    } else {
+    } else if (row_tile * kRowsCta + r < kRows) {  // padding rows are never merged
       *reinterpret_cast<float4*>(ws_o + (int64_t(split) * kRowsCta + r) * kHeadDim + d0) = make_float4(o[0], o[1], o[2], o[3]);
       if (d0 == 0) *reinterpret_cast<float2*>(ws_ml + (split * kRowsCta + r) * 2) = make_float2(m, l);
     }
@@ -509,15 +511,17 @@ xqa_generic_qbf16_kve4m3_d128_g8_p64_nhd_s1_decode_703794b1(Params const p) {
   __syncthreads();
   if (!smem.is_last_split) return;
   __threadfence();
-  // Every split's (max, sum) of every row at once, then per row the global max, each split's
+  // Every split's (max, sum) of every valid row at once, then per row the global max, each split's
   // weight exp2(max_s - max) and the total sum.
+  int const valid_rows = min(kRowsCta, kRows - row_tile * kRowsCta);
   for (int i = threadIdx.x; i < p.num_splits * kRowsCta; i += kThreads) {
+    if (i % kRowsCta >= valid_rows) continue;
     float2 const ml = __ldcg(reinterpret_cast<float2 const*>(ws_ml) + i);
     smem.splits.weight[i / kRowsCta][i % kRowsCta] = ml.x;
     smem.splits.sum[i / kRowsCta][i % kRowsCta] = ml.y;
   }
   __syncthreads();
-  for (int r = threadIdx.x; r < kRowsCta; r += kThreads) {
+  for (int r = threadIdx.x; r < valid_rows; r += kThreads) {
     float m = kNegInf, l = 0.f;
     for (int s = 0; s < p.num_splits; ++s) m = fmaxf(m, smem.splits.weight[s][r]);
     for (int s = 0; s < p.num_splits; ++s) {
@@ -529,10 +533,11 @@ xqa_generic_qbf16_kve4m3_d128_g8_p64_nhd_s1_decode_703794b1(Params const p) {
     smem.splits.row_sum[r] = l;
   }
   __syncthreads();
-  for (int i = threadIdx.x; i < kRowsCta * kHeadDim / 4; i += kThreads) {
+  // The merging CTA alone reads every partial: keep many loads in flight.
+  for (int i = threadIdx.x; i < valid_rows * (kHeadDim / 4); i += kThreads) {
     int const r = i / (kHeadDim / 4), d0 = (i % (kHeadDim / 4)) * 4;
     float o[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll 8
+#pragma unroll 16
     for (int s = 0; s < p.num_splits; ++s) {
       float const w = smem.splits.weight[s][r];
       float4 const os = __ldcg(reinterpret_cast<float4 const*>(ws_o + (int64_t(s) * kRowsCta + r) * kHeadDim + d0));

@@ -1,0 +1,100 @@
+"""KernelSpec / TileConfig validation, naming and hashing."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from xqagen.spec import KernelSpec, SpecError, TileConfig, default_tile, get_tile, register_tile
+
+BASE = dict(q_dtype="bf16", kv_dtype="bf16", head_dim=128, group=8, page_size=64)
+
+
+@pytest.mark.parametrize("field, value, allowed", [
+    ("q_dtype", "fp32", "'fp16', 'bf16'"),
+    ("kv_dtype", "int8", "'fp16', 'bf16', 'e4m3'"),
+    ("head_dim", 96, "64, 128, 256"),
+    ("page_size", 48, "16, 32, 64, 128"),
+    ("kv_layout", "NDH", "'NHD', 'HND'"),
+    ("path", "sm100", "'generic', 'hopper'"),
+    ("features", {"alibi"}, "'sinks', 'sliding_window'"),
+])
+def test_invalid_choice_names_field_and_allowed_values(field, value, allowed):
+    with pytest.raises(SpecError) as err:
+        KernelSpec(**{**BASE, field: value})
+    assert f"KernelSpec.{field}" in str(err.value) and allowed in str(err.value)
+
+
+@pytest.mark.parametrize("field, value", [("group", 0), ("group", 33), ("q_seq_len", 0), ("q_seq_len", 33),
+                                          ("group", 2.0), ("q_seq_len", True)])
+def test_invalid_ranges(field, value):
+    with pytest.raises(SpecError, match=f"KernelSpec.{field} = .* expected an integer in"):
+        KernelSpec(**{**BASE, field: value})
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(kv_dtype="fp16"), "16-bit KV cache must have the query's dtype"),
+    (dict(out_dtype="e4m3"), "fp8 output needs kv_dtype = 'e4m3'"),
+    (dict(kv_dtype="e4m3", out_dtype="fp16"), "allowed: 'bf16' or 'e4m3'"),
+    (dict(path="hopper"), "Hopper path is fp8-KV only"),
+    (dict(tile="nonexistent"), "unknown tile configuration 'nonexistent'"),
+])
+def test_inconsistent_combinations(changes, message):
+    with pytest.raises(SpecError, match=message):
+        KernelSpec(**{**BASE, **changes})
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(name="bad name"), "expected an identifier"),
+    (dict(name="t", warps=6), "TileConfig\\('t'\\).warps"),
+    (dict(name="t", kv_tile=48), "kv_tile"),
+    (dict(name="t", stages=1), "stages"),
+    (dict(name="t", max_rows=128, warps=4), "needs 8 warps"),
+])
+def test_invalid_tiles(kwargs, message):
+    with pytest.raises(SpecError, match=message):
+        TileConfig(**kwargs)
+
+
+def test_defaults_and_derived_fields():
+    spec = KernelSpec(**BASE)
+    assert spec.out_dtype == "bf16" and spec.tile == get_tile("decode") and spec.rows == 8
+    assert not spec.has_mask and KernelSpec(**BASE, q_seq_len=3).has_mask
+    assert default_tile(256, "bf16").name == "wide_head" and default_tile(256, "e4m3").name == "decode"
+
+
+def test_name_and_hash_distinguish_every_field():
+    variants = [KernelSpec(**BASE)] + [KernelSpec(**{**BASE, **c}) for c in (
+        dict(q_dtype="fp16", kv_dtype="fp16"), dict(kv_dtype="e4m3"), dict(kv_dtype="e4m3", out_dtype="e4m3"),
+        dict(head_dim=64), dict(group=4), dict(page_size=16), dict(kv_layout="HND"), dict(q_seq_len=2),
+        dict(features={"sinks"}), dict(features={"sliding_window"}), dict(tile="deep"))]
+    assert len({v.name for v in variants}) == len(variants)
+    assert len({v.content_hash for v in variants}) == len(variants)
+    assert all(v.name.isidentifier() for v in variants)
+
+
+def test_round_trip_and_equality():
+    spec = KernelSpec(**BASE, features={"sinks", "sliding_window"}, q_seq_len=4)
+    again = KernelSpec.from_dict(spec.to_dict())
+    assert again == spec and hash(again) == hash(spec) and again.name == spec.name
+    with pytest.raises(SpecError, match="no field"):
+        KernelSpec.from_dict({**spec.to_dict(), "colour": "blue"})
+
+
+def test_hash_is_stable_across_processes():
+    code = ("from xqagen.spec import KernelSpec; print(KernelSpec(q_dtype='bf16', kv_dtype='e4m3', head_dim=128, "
+            "group=8, page_size=64, features={'sinks', 'sliding_window'}).name)")
+    names = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            env={"PYTHONHASHSEED": str(seed)}).stdout for seed in (1, 2)}
+    assert len(names) == 1
+
+
+def test_tiles_are_data_a_kernel_author_adds():
+    tile = register_tile(TileConfig("test_long_pipeline", kv_tile=64, stages=6, warps=4, max_rows=64))
+    spec = KernelSpec(**BASE, tile="test_long_pipeline")
+    assert spec.tile is tile and "test_long_pipeline" in spec.name
+    register_tile(tile)  # same definition again: fine
+    with pytest.raises(SpecError, match="already registered"):
+        register_tile(TileConfig("test_long_pipeline", kv_tile=64, stages=5))
