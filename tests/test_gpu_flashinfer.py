@@ -140,4 +140,5 @@ def test_batch_decode_matches_flashinfer(q_len, window_left):
     torch.cuda.synchronize()
     assert relative_l2_error(theirs.float().view(ref.shape), ref) < 1e-2
     assert relative_l2_error(ours.float().view(ref.shape), ref) < 1e-2
+    assert ours.shape == theirs.shape
     assert relative_l2_error(ours.float(), theirs.float()) < 1e-2

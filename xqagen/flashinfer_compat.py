@@ -89,7 +89,8 @@ def xqa_batch_decode_with_kv_cache(
 ) -> torch.Tensor:
     """``flashinfer.decode.xqa_batch_decode_with_kv_cache``.
 
-    ``query`` is ``[batch * q_len_per_req, num_q_heads, head_dim]``; ``kv_cache`` a ``(k, v)`` pair or
+    ``query`` is ``[batch * q_len_per_req, num_q_heads, head_dim]`` (the result, like FlashInfer's, is
+    ``[batch, q_len_per_req, num_q_heads, head_dim]`` when ``q_len_per_req > 1``); ``kv_cache`` a ``(k, v)`` pair or
     one ``[num_pages, 1 or 2, ...]`` tensor; ``workspace_buffer`` must be zero before its first use
     (its first 8 MiB hold the split-KV semaphores).  The scales map onto the kernel's as
     ``kv_scale = bmm2_scale * o_scale``, ``q_scale = bmm1_scale / kv_scale * sqrt(head_dim)``,
@@ -111,12 +112,13 @@ def xqa_batch_decode_with_kv_cache(
         raise ValueError(f"query: {query.shape[0]} tokens are not a multiple of q_len_per_req = {q_len}")
     batch = query.shape[0] // q_len
     head_dim = query.shape[-1]
-    q = query.view(batch, 1, query.shape[1], head_dim) if q_len == 1 else \
-        query.view(batch, 1, q_len, query.shape[1], head_dim)
+    if q_len > 1:  # as FlashInfer: the query (and a default output) become [batch, q_len, heads, dim]
+        query = query.view(batch, q_len, query.shape[1], head_dim)
     if out is None:
         out = torch.empty_like(query)
     if out.shape != query.shape:
         raise ValueError(f"out: expected shape {tuple(query.shape)}, got {tuple(out.shape)}")
+    q = query.unsqueeze(1)
     o_scale = 1.0 if o_scale is None else o_scale
     kv_scale = bmm2_scale * o_scale
     q_scale = bmm1_scale / kv_scale * math.sqrt(head_dim)
@@ -130,7 +132,7 @@ def xqa_batch_decode_with_kv_cache(
     raw = workspace_buffer.view(torch.uint8)
     workspace = _workspace(raw[SEMAPHORE_BYTES:], raw[:SEMAPHORE_BYTES])
     sinks_2d = sinks.reshape(k_cache.shape[2 if kv_layout == "NHD" else 1], -1) if sinks is not None else None
-    prepare_decode(q, k_cache, v_cache, block_tables, seq_lens, out=out.view(q.shape), kv_layout=kv_layout,
+    prepare_decode(q, k_cache, v_cache, block_tables, seq_lens, out=out.unsqueeze(1), kv_layout=kv_layout,
                    q_scale=q_scale, kv_scale=kv_scale, rcp_out_scale=1.0 / o_scale, sinks=sinks_2d,
                    sliding_window=window_left + 1 if window_left >= 0 else 0, mask=mask,
                    workspace=workspace).launch()
