@@ -22,10 +22,12 @@ from .emitters.generic import GenericPlan
 from .emitters.params import KernelParams
 from .spec import KernelSpec
 
-# Split-KV: a memory-bound decode saturates HBM with about TARGET_CTAS_PER_SM CTAs per SM
-# (measured on H100: fewer leave bandwidth unused, more add merge work that the last CTA of each
-# output tile does alone).  A split keeps at least MIN_TILES_PER_SPLIT KV tiles.
+# Split-KV: a memory-bound decode saturates HBM with about TARGET_CTAS_PER_SM CTAs per SM, but
+# the last CTA of each output tile merges every split alone, so more than MAX_AUTO_SPLITS cost more
+# in that merge than they gain (H100, fp8 d128: batch 8 x 32k best at 4 splits, batch 1 x 32k at
+# 16; docs/benchmarks.md).  A split keeps at least MIN_TILES_PER_SPLIT KV tiles.
 TARGET_CTAS_PER_SM = 2
+MAX_AUTO_SPLITS = 16
 MIN_TILES_PER_SPLIT = 4
 
 
@@ -136,7 +138,8 @@ class DecodeKernel:
         base = batch * num_kv_heads * self.plan.row_tiles
         target = TARGET_CTAS_PER_SM * (sm_count or self.load(device).sm_count)
         tiles = max(1, math.ceil(max_seq_len / self.spec.tile.kv_tile))
-        limit = min(max(1, tiles // MIN_TILES_PER_SPLIT), self.max_splits(batch, num_kv_heads, workspace))
+        limit = min(MAX_AUTO_SPLITS, max(1, tiles // MIN_TILES_PER_SPLIT),
+                    self.max_splits(batch, num_kv_heads, workspace))
         return max(1, min(limit, round(target / base)))
 
     def max_splits(self, batch: int, num_kv_heads: int, workspace: Workspace | None) -> int:

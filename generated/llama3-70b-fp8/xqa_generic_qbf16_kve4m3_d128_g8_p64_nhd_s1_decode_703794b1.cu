@@ -286,7 +286,7 @@ struct Epilogue {
 
 }  // namespace
 
-extern "C" __global__ void __launch_bounds__(kThreads, 3)
+extern "C" __global__ void __launch_bounds__(kThreads, 4)
 xqa_generic_qbf16_kve4m3_d128_g8_p64_nhd_s1_decode_703794b1(Params const p) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
   SharedStorage& smem = *reinterpret_cast<SharedStorage*>(smem_raw);
@@ -349,10 +349,6 @@ xqa_generic_qbf16_kve4m3_d128_g8_p64_nhd_s1_decode_703794b1(Params const p) {
       vis.mask_row[h] = p.mask[(batch * kQSeqLen + row / kGroup) * p.mask_words_per_row];
     }
   }
-  __syncthreads();  // Q is in shared memory
-  uint32_t q_frag[kHeadDim / 16][4];  // the warp's Q operand, reused by every KV tile
-  CUTE_UNROLL
-  for (int ks = 0; ks < kHeadDim / 16; ++ks) load_q_frag(smem, warp_m, ks, q_frag[ks]);
   float row_max[2] = {kNegInf, kNegInf};
   float row_sum[2] = {0.f, 0.f};  // this thread's share; reduced over the quad at the end
   float acc_o[kOutTiles][4];
@@ -381,7 +377,9 @@ xqa_generic_qbf16_kve4m3_d128_g8_p64_nhd_s1_decode_703794b1(Params const p) {
       for (int e = 0; e < 4; ++e) acc_s[t][e] = 0.f;
     CUTE_UNROLL
     for (int ks2 = 0; ks2 < kHeadDim / 32; ++ks2) {
-      uint32_t const (&a)[2][4] = *reinterpret_cast<uint32_t const(*)[2][4]>(q_frag[2 * ks2]);
+      uint32_t a[2][4];
+      load_q_frag(smem, warp_m, 2 * ks2, a[0]);
+      load_q_frag(smem, warp_m, 2 * ks2 + 1, a[1]);
       CUTE_UNROLL
       for (int g = 0; g < kTokensPerWarp / 16; ++g) {
         uint32_t b[2][2][2];

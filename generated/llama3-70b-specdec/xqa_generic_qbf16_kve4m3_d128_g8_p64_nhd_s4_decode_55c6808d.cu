@@ -286,7 +286,7 @@ struct Epilogue {
 
 }  // namespace
 
-extern "C" __global__ void __launch_bounds__(kThreads, 2)
+extern "C" __global__ void __launch_bounds__(kThreads, 3)
 xqa_generic_qbf16_kve4m3_d128_g8_p64_nhd_s4_decode_55c6808d(Params const p) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
   SharedStorage& smem = *reinterpret_cast<SharedStorage*>(smem_raw);
