@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from xqagen.spec import KernelSpec, SpecError
 
-from .params import PARAMS, c_declarations
+from .params import c_declarations
 from .render import render
 
 # Shared memory one CTA may use on sm_80/sm_90 (227 KiB opt-in), and per SM.
@@ -128,7 +128,7 @@ def emit_generic(spec: KernelSpec):
         "generic_decode.cu.j2",
         spec=spec, tile=spec.tile, plan=plan, kernel_name=spec.name, ctype=CTYPES,
         spec_json=json.dumps(spec.to_dict(), sort_keys=True),
-        params=c_declarations(spec, PARAMS),
+        params=c_declarations(),
     )
     return EmittedKernel(spec=spec, source=source, kernel_name=spec.name, threads=plan.threads,
                          smem_bytes=plan.smem_bytes, arches=("sm_80", "sm_90"))

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import ctypes
 
-from xqagen.spec import KernelSpec
-
 # (field, C++ type, ctypes type).  Pointer element types that depend on the spec are written as
 # {q}, {kv}, {out} and filled in per variant.  Order: 8-byte fields first, so the C++ and ctypes
 # layouts need no padding rules beyond natural alignment.
@@ -46,8 +44,9 @@ PARAMS: tuple[tuple[str, str, type], ...] = (
 _ELEM = {"q": "QElem", "kv": "KVElem", "out": "OutElem"}
 
 
-def c_declarations(spec: KernelSpec, params=PARAMS) -> list[tuple[str, str]]:
-    return [(name, ctype.format(**_ELEM)) for name, ctype, _ in params]
+def c_declarations() -> list[tuple[str, str]]:
+    """(field, C++ type) pairs of the parameter struct, in the kernel's element-type aliases."""
+    return [(name, ctype.format(**_ELEM)) for name, ctype, _ in PARAMS]
 
 
 class KernelParams(ctypes.Structure):

@@ -245,7 +245,7 @@ def test_concurrent_streams_with_own_workspaces():
                         out_dtype=torch.float32, **kwargs)
     streams = [torch.cuda.Stream() for _ in range(2)]
     outs = [torch.full_like(q, float("nan")) for _ in streams]
-    workspaces = [Workspace(q.device) for _ in streams]
+    workspaces = [Workspace.allocate(q.device) for _ in streams]
     torch.cuda.synchronize()
     for _ in range(5):
         for stream, out, ws in zip(streams, outs, workspaces):

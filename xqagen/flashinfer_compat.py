@@ -143,4 +143,4 @@ def _workspace(scratch: torch.Tensor, semaphores: torch.Tensor) -> Workspace:
     for name, t in (("workspace_buffer", scratch), ("semaphores", semaphores)):
         if not isinstance(t, torch.Tensor) or not t.is_cuda or not t.is_contiguous():
             raise ValueError(f"{name}: expected a contiguous CUDA tensor")
-    return Workspace.from_buffers(scratch, semaphores)
+    return Workspace(scratch, semaphores)

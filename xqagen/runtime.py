@@ -56,30 +56,27 @@ class _Loaded:
 
 
 class Workspace:
-    """Split-KV scratch (fp32 partials) and semaphores for one device, allocated once.
+    """Split-KV scratch (fp32 partials) and semaphores for one device.
 
     The semaphores start at zero and every launch leaves them at zero (the last CTA of each
-    output tile resets its own), so a workspace can be reused by any number of launches and graph
-    replays, one stream at a time.  A launch that would need more scratch than the workspace holds
-    uses fewer splits rather than allocating.
+    output tile resets its own), so a workspace serves any number of launches and graph replays,
+    one stream at a time.  A launch that would need more scratch than the workspace holds uses
+    fewer splits rather than allocating.
     """
 
-    def __init__(self, device: torch.device | str | int, scratch_bytes: int = 64 << 20,
-                 num_semaphores: int = 1 << 16):
-        device = torch.device(device)
-        self.device = device
-        self.scratch = torch.empty(scratch_bytes // 4, dtype=torch.float32, device=device)
-        self.semaphores = torch.zeros(num_semaphores, dtype=torch.int32, device=device)
+    def __init__(self, scratch: torch.Tensor, semaphores: torch.Tensor):
+        """Wrap buffers (any dtype, contiguous, one device); semaphores must be zero initially."""
+        raw = scratch.reshape(-1).view(torch.uint8)
+        self.device = scratch.device
+        self.scratch = raw[: raw.numel() // 4 * 4].view(torch.float32)
+        self.semaphores = semaphores.reshape(-1).view(torch.int32)
 
     @classmethod
-    def from_buffers(cls, scratch: torch.Tensor, semaphores: torch.Tensor) -> "Workspace":
-        """Wrap caller-owned buffers (FlashInfer passes a uint8 workspace and uint32 semaphores)."""
-        ws = cls.__new__(cls)
-        ws.device = scratch.device
-        raw = scratch.reshape(-1).view(torch.uint8)
-        ws.scratch = raw[: raw.numel() // 4 * 4].view(torch.float32)
-        ws.semaphores = semaphores.reshape(-1).view(torch.int32)
-        return ws
+    def allocate(cls, device: torch.device | str | int, scratch_bytes: int = 64 << 20,
+                 num_semaphores: int = 1 << 16) -> "Workspace":
+        device = torch.device(device)
+        return cls(torch.empty(scratch_bytes, dtype=torch.uint8, device=device),
+                   torch.zeros(num_semaphores, dtype=torch.int32, device=device))
 
 
 _default_workspaces: dict[torch.device, Workspace] = {}
@@ -88,7 +85,7 @@ _default_workspaces: dict[torch.device, Workspace] = {}
 def default_workspace(device: torch.device) -> Workspace:
     ws = _default_workspaces.get(device)
     if ws is None:
-        ws = _default_workspaces[device] = Workspace(device)
+        ws = _default_workspaces[device] = Workspace.allocate(device)
     return ws
 
 
