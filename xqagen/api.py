@@ -125,8 +125,6 @@ def prepare_decode(q, k_cache, v_cache, page_table, seq_lens, *, out=None, out_d
     """Validate the arguments of :func:`xqa_decode` and pick its kernel, without launching."""
     _check_tensor("q", q, device=None, dtypes=(torch.float16, torch.bfloat16), ndims=(4, 5))
     device = q.device
-    if device.type != "cuda":
-        _fail("q", "a CUDA tensor", device)
     if q.shape[1] != 1:
         _fail("q", "beam width 1 (q.shape[1] == 1)", f"shape {tuple(q.shape)}")
     batch, num_q_heads, head_dim = q.shape[0], q.shape[-2], q.shape[-1]
@@ -229,12 +227,15 @@ def prepare_decode(q, k_cache, v_cache, page_table, seq_lens, *, out=None, out_d
                       page_size=page_size, kv_layout=kv_layout, q_seq_len=q_seq_len,
                       features=frozenset(features), tile=tile)
 
-    if validate and not torch.cuda.is_current_stream_capturing():
+    if num_splits is not None and (not isinstance(num_splits, int) or isinstance(num_splits, bool) or num_splits < 1):
+        _fail("num_splits", "None or an integer >= 1", repr(num_splits))
+    if validate and not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
         _check_values(seq_lens, page_table, page_size, num_pages, q_seq_len)
+    # Every argument is checked first, so that a CPU tensor reports its real mistakes too.
+    if device.type != "cuda":
+        _fail("q", "CUDA tensors (the kernels run on NVIDIA GPUs)", f"tensors on {device}")
 
     workspace = default_workspace(device) if workspace is None else workspace
-    if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):
-        _fail("num_splits", "None or an integer >= 1", repr(num_splits))
 
     kernel = get_kernel(spec, cache_dir=cache_dir)
     splits = num_splits
