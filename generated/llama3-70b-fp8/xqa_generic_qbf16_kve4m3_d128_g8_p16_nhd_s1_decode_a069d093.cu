@@ -41,10 +41,6 @@ __device__ __forceinline__ void fp8x4_to_mma_pairs(uint32_t packed, uint32_t& lo
   hi = reinterpret_cast<uint32_t const*>(&out)[1];
 }
 
-// Within each 16-wide block of head_dim, MMA k-slot s holds head-dim element kKSlotToDim(s): the
-// K fragment then comes from one 4-byte fp8 read per thread (bytes 4q..4q+3 -> slots 2q, 2q+1,
-// 2q+8, 2q+9).  Q is stored in shared memory with the same permutation.
-__device__ __forceinline__ constexpr int kKSlotToDim(int s) { return (s % 8) / 2 * 4 + (s / 8) * 2 + s % 2; }
 
 
 
@@ -211,7 +207,7 @@ __device__ __forceinline__ void load_k_frag(KVElem const* stage_k, int tok, int 
   auto sK = make_tensor(make_smem_ptr(stage_k), KvTileLayout{});
   int const lane = threadIdx.x % 32, mat = lane / 8;
   int const row = tok + (mat / 2) * 8 + lane % 8;
-  uint32_t r[4];  // 4 consecutive e4m3 per register; see kKSlotToDim
+  uint32_t r[4];  // 4 consecutive e4m3 per register, k-slots permuted as Q is (see the Q store)
   SM75_U32x4_LDSM_N::copy(*reinterpret_cast<uint128_t const*>(&sK(row, kstep2 * 32 + (mat % 2) * 16)),
                           r[0], r[1], r[2], r[3]);
   CUTE_UNROLL
@@ -332,7 +328,10 @@ xqa_generic_qbf16_kve4m3_d128_g8_p16_nhd_s1_decode_a069d093(Params const p) {
       auto mv = convert(qv);
       CUTE_UNROLL
       for (int e = 0; e < kQVec; ++e) {
-        int const dd = (d0 + e) % 16;  // inverse of kKSlotToDim
+        // fp8 K fragments come from one 4-byte read per thread (bytes 4q..4q+3 of a 16-wide block of
+        // head_dim feed MMA k-slots 2q, 2q+1, 2q+8, 2q+9); Q takes the same permutation: element dd
+        // of each block goes to k-slot (dd / 4) * 2 + dd % 2 + ((dd / 2) % 2) * 8.
+        int const dd = (d0 + e) % 16;
         sQ(r, (d0 + e) / 16 * 16 + (dd / 4) * 2 + dd % 2 + ((dd / 2) % 2) * 8) = mv[e];
       }
     }
