@@ -24,9 +24,10 @@ MAX_BLOCKS_PER_SM = 4
 REGISTERS_PER_SM = 65536
 MAX_REGISTERS = 255
 # Registers a thread holds besides its accumulators and Q fragments (addresses, softmax state,
-# K/V fragments in flight); from ptxas reports of the shipped variants.
+# K/V fragments in flight), plus those of each further 16-token group a warp's K/V fragments are
+# loaded ahead for; from ptxas reports of the shipped variants.
 REGISTER_OVERHEAD = 56
-MAX_SPLITS = 128
+REGISTERS_PER_EXTRA_TOKEN_GROUP = 8
 # Q's MMA fragments stay in registers (head_dim / 4 of them) up to this head size; above it they
 # are reloaded from shared memory for every KV tile.
 Q_IN_REGISTERS_MAX_HEAD_DIM = 128
@@ -60,7 +61,6 @@ class GenericPlan:
     q_swizzle: tuple[int, int, int]
     smem_bytes: int
     min_blocks_per_sm: int
-    max_splits: int
     q_in_registers: bool
     rsqrt_head_dim: str
 
@@ -82,8 +82,6 @@ class GenericPlan:
         pipe = 2 * tile.stages * kv_stage
         merge = warps_n * rows_cta * (spec.head_dim + 4) * 4 + 2 * warps_n * rows_cta * 4
         union = _round_up(max(pipe, merge), 128)
-        # The split-KV merge keeps (weight, sum) per split and row in the same union.
-        max_splits = min(MAX_SPLITS, (union - 8 * rows_cta) // (8 * rows_cta))
         q_bytes = rows_cta * spec.head_dim * 2
         smem = _round_up(union + q_bytes + 4, 128)
         if smem > MAX_SMEM_PER_CTA:
@@ -95,7 +93,8 @@ class GenericPlan:
         # fragments stay in registers only where that costs no residency (a partial last wave of
         # a batch-sized grid costs more than reloading Q from shared memory).
         tokens_per_warp = tile.kv_tile // warps_n
-        base_registers = spec.head_dim // 2 + tokens_per_warp // 2 + REGISTER_OVERHEAD
+        base_registers = (spec.head_dim // 2 + tokens_per_warp // 2 + REGISTER_OVERHEAD
+                          + REGISTERS_PER_EXTRA_TOKEN_GROUP * (tokens_per_warp // 16 - 1))
         q_registers = spec.head_dim // 4
 
         def resident(live_registers: int) -> int:
@@ -110,7 +109,7 @@ class GenericPlan:
             rows_cta=rows_cta, row_tiles=-(-spec.rows // rows_cta), warps_m=warps_m, warps_n=warps_n,
             threads=32 * tile.warps,
             kv_swizzle=_swizzle(spec.head_dim, kv_bytes), q_swizzle=_swizzle(spec.head_dim, 2),
-            smem_bytes=smem, min_blocks_per_sm=blocks, max_splits=max_splits,
+            smem_bytes=smem, min_blocks_per_sm=blocks,
             q_in_registers=q_in_registers,
             rsqrt_head_dim=repr(1.0 / math.sqrt(spec.head_dim)),
         )

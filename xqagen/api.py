@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .emitters.params import KernelParams
-from .runtime import DecodeKernel, Workspace, default_workspace, get_kernel
+from .runtime import BoundLaunch, DecodeKernel, Workspace, default_workspace, get_kernel
 from .spec import HEAD_DIMS, MAX_GROUP, MAX_Q_SEQ_LEN, PAGE_SIZES, KernelSpec, TileConfig
 
 DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float8_e4m3fn: "e4m3"}
@@ -100,7 +100,7 @@ def xqa_decode(
 
 @dataclass
 class DecodeCall:
-    """A validated call: the chosen variant, its handle, the split count and packed parameters.
+    """A validated call: the chosen variant, its handle, the split count and the bound launch.
 
     ``launch()`` may be repeated (e.g. in a benchmark loop or while capturing a graph); it reads the
     tensors the call was prepared with, so new data must be written into those same tensors.
@@ -110,11 +110,10 @@ class DecodeCall:
     kernel: DecodeKernel
     num_splits: int
     out: torch.Tensor
-    params: KernelParams
-    grid: dict
+    bound: BoundLaunch
 
     def launch(self) -> torch.Tensor:
-        self.kernel.launch(self.params, **self.grid)
+        self.bound()
         return self.out
 
 
@@ -260,8 +259,8 @@ def prepare_decode(q, k_cache, v_cache, page_table, seq_lens, *, out=None, out_d
         seq_lens_stride=seq_lens.stride(0), mask_words_per_row=mask_words,
         window=sliding_window, num_splits=splits, num_kv_heads=num_kv_heads,
     )
-    return DecodeCall(spec, kernel, splits, out, params,
-                      dict(batch=batch, num_kv_heads=num_kv_heads, num_splits=splits, device=device))
+    return DecodeCall(spec, kernel, splits, out,
+                      kernel.bind(params, batch=batch, num_kv_heads=num_kv_heads, num_splits=splits, device=device))
 
 
 def _check_values(seq_lens, page_table, page_size, num_pages, q_seq_len) -> None:

@@ -1,10 +1,13 @@
 """`xqagen bench`: time xqagen's kernels against a device-to-device copy and, when installed,
 FlashInfer's XQA on the same inputs in the same process.
 
-Each case is timed with CUDA events around single launches (median of many after a warm-up).
-When a case's KV cache is small enough to stay in L2, launches rotate over several input copies.
-Reported: milliseconds, KV bandwidth (KV bytes read / time), its ratio to the copy bandwidth
-(bytes read + written / time of a large ``copy_``), and speed ratios (FlashInfer time / ours).
+Each case is timed two ways, both sides alike: replays of a CUDA graph of 20 launches (the GPU's
+time per launch, as a serving engine's captured decode step sees it; the headline number), and
+CUDA events around single eager launches (which also count any host launch time the GPU waits
+for).  When a case's KV cache is small enough to stay in L2, launches rotate over several input
+copies.  Reported: milliseconds, KV bandwidth (KV bytes read / time) against the copy bandwidth
+(bytes read + written / time of a large ``copy_``) and the streaming-read bandwidth (a plain
+read kernel over 1 GiB), and speed ratios (FlashInfer time / ours) for both timings.
 """
 
 from __future__ import annotations
@@ -67,22 +70,29 @@ DESIGN_CASES: tuple[BenchCase, ...] = (
 @dataclass
 class BenchResult:
     case: BenchCase
-    ms: float
+    ms: float  # CUDA-graph replay, per launch
+    ms_events: float  # eager launches between CUDA events
     kv_tbps: float
     copy_fraction: float
+    read_fraction: float
     num_splits: int
     flashinfer_ms: dict[str, float] = field(default_factory=dict)
+    flashinfer_ms_events: dict[str, float] = field(default_factory=dict)
     flashinfer_rel_diff: dict[str, float] = field(default_factory=dict)
 
     def row(self) -> dict:
         d = asdict(self)
         d["case"] = self.case.name
         d["speedup"] = {path: ms / self.ms for path, ms in self.flashinfer_ms.items()}
+        d["speedup_events"] = {path: ms / self.ms_events for path, ms in self.flashinfer_ms_events.items()}
         return d
 
 
 def time_cuda(fn, *, warmup: int = 10, iters: int = 50) -> float:
-    """Median milliseconds of ``fn()`` over ``iters`` launches, each bracketed by CUDA events."""
+    """Median milliseconds of ``fn()`` over ``iters`` launches, each bracketed by CUDA events.
+
+    Includes any host time the GPU waits for between the events (a launch slower on the host
+    than on the GPU measures the host): :func:`time_cuda_graph` measures the GPU alone."""
     for _ in range(warmup):
         fn()
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
@@ -95,12 +105,79 @@ def time_cuda(fn, *, warmup: int = 10, iters: int = 50) -> float:
     return statistics.median(s.elapsed_time(e) for s, e in zip(starts, stops))
 
 
+def time_cuda_graph(fn, *, launches: int = 20, replays: int = 30) -> float:
+    """Median milliseconds per launch of ``fn()``, from CUDA-graph replays of ``launches`` calls
+    in a row: the GPU's time alone, as a serving engine's captured decode step sees it."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):  # loads modules and workspaces outside the capture
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(launches):
+            fn()
+    graph.replay()
+    return time_cuda(graph.replay, warmup=3, iters=replays) / launches
+
+
 def copy_bandwidth_tbps(nbytes: int = 1 << 30) -> float:
     """Device-to-device copy bandwidth, bytes read plus written per second (TB/s)."""
     src = torch.empty(nbytes, dtype=torch.uint8, device="cuda").random_()
     dst = torch.empty_like(src)
     ms = time_cuda(lambda: dst.copy_(src))
     return 2 * nbytes / ms / 1e9
+
+
+# A streaming read: every thread loads 16-byte vectors, four in flight, and folds them into one word
+# written only on an impossible value (so nothing is optimised away and almost nothing is written).
+_READ_KERNEL = r"""
+extern "C" __global__ void streaming_read(uint4 const* __restrict__ src, long long n, unsigned* sink) {
+  long long const stride = (long long)gridDim.x * blockDim.x;
+  long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  unsigned acc = 0;
+  for (; i + 3 * stride < n; i += 4 * stride) {
+    uint4 const a = __ldcs(src + i), b = __ldcs(src + i + stride);
+    uint4 const c = __ldcs(src + i + 2 * stride), d = __ldcs(src + i + 3 * stride);
+    acc ^= a.x ^ a.y ^ a.z ^ a.w ^ b.x ^ b.y ^ b.z ^ b.w ^ c.x ^ c.y ^ c.z ^ c.w ^ d.x ^ d.y ^ d.z ^ d.w;
+  }
+  for (; i < n; i += stride) {
+    uint4 const a = __ldcs(src + i);
+    acc ^= a.x ^ a.y ^ a.z ^ a.w;
+  }
+  if (acc == 0x9e3779b9u) *sink = acc;
+}
+"""
+
+
+def read_bandwidth_tbps(nbytes: int = 1 << 30) -> float:
+    """Streaming-read bandwidth (TB/s): the best of a few grid shapes of a plain read kernel, the
+    ceiling of a decode kernel, which only reads."""
+    import ctypes
+
+    from cuda.bindings import driver
+
+    from .compiler import compile_kernel
+    from .runtime import _check, device_arch
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    compiled = compile_kernel(_READ_KERNEL, "streaming_read", device_arch(device))
+    _check(driver.cuInit(0))
+    library = _check(driver.cuLibraryLoadData(compiled.cubin, None, None, 0, None, None, 0))
+    function = _check(driver.cuKernelGetFunction(_check(driver.cuLibraryGetKernel(library, b"streaming_read"))))
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_()
+    sink = torch.zeros(1, dtype=torch.int32, device=device)
+    args = (ctypes.c_uint64 * 3)(src.data_ptr(), nbytes // 16, sink.data_ptr())
+    arg_ptrs = (ctypes.c_void_p * 3)(*(ctypes.addressof(args) + 8 * k for k in range(3)))
+    sm_count = torch.cuda.get_device_properties(device).multi_processor_count
+    best = 0.0
+    for blocks_per_sm, threads in ((2, 512), (4, 512), (2, 1024)):
+        def launch():
+            _check(driver.cuLaunchKernel(function, blocks_per_sm * sm_count, 1, 1, threads, 1, 1, 0,
+                                         torch.cuda.current_stream().cuda_stream, ctypes.addressof(arg_ptrs), 0))
+        best = max(best, nbytes / time_cuda(launch) / 1e9)
+    return best
 
 
 class _Inputs:
@@ -178,13 +255,15 @@ def prebuild_flashinfer(cases: list[BenchCase]) -> None:
         list(pool.map(build, cases))
 
 
-def run_case(case: BenchCase, copy_tbps: float, *, flashinfer: bool, num_splits: int | None = None,
-             l2_bytes: int = 0) -> BenchResult:
+def run_case(case: BenchCase, copy_tbps: float, read_tbps: float, *, flashinfer: bool,
+             num_splits: int | None = None, l2_bytes: int = 0) -> BenchResult:
     copies = max(1, min(4, math.ceil(4 * l2_bytes / case.kv_bytes))) if l2_bytes else 1
     inputs = _Inputs(case, copies)
     launch, out, splits = _run_xqagen(case, inputs, num_splits)
-    ms = time_cuda(_rotating(launch, copies))
-    result = BenchResult(case, ms, case.kv_bytes / ms / 1e9, case.kv_bytes / ms / 1e9 / copy_tbps, splits)
+    ms = time_cuda_graph(_rotating(launch, copies))
+    kv_tbps = case.kv_bytes / ms / 1e9
+    result = BenchResult(case, ms, time_cuda(_rotating(launch, copies)), kv_tbps, kv_tbps / copy_tbps,
+                         kv_tbps / read_tbps, splits)
     if flashinfer:
         launch(0)
         ours = out.float()
@@ -193,23 +272,30 @@ def run_case(case: BenchCase, copy_tbps: float, *, flashinfer: bool, num_splits:
             fi_launch(0)
             torch.cuda.synchronize()
             result.flashinfer_rel_diff[path] = relative_l2_error(ours, fi_out.float())
-            result.flashinfer_ms[path] = time_cuda(_rotating(fi_launch, copies))
+            result.flashinfer_ms[path] = time_cuda_graph(_rotating(fi_launch, copies))
+            result.flashinfer_ms_events[path] = time_cuda(_rotating(fi_launch, copies))
     return result
 
 
-def format_table(results: list[BenchResult], copy_tbps: float, device_name: str) -> str:
-    lines = [f"device: {device_name}; copy bandwidth {copy_tbps:.2f} TB/s (read + write)",
-             f"{'case':28} {'splits':>6} {'ms':>8} {'KV TB/s':>8} {'%copy':>6} "
-             f"{'FI generic ms':>13} {'x':>5} {'FI sm90 ms':>10} {'x':>5} {'|diff| FI':>9}"]
+def format_table(results: list[BenchResult], copy_tbps: float, read_tbps: float, device_name: str) -> str:
+    """ms: CUDA-graph time per launch; x: FlashInfer's time / ours (graph), x ev: the same from eager
+    launches timed with events."""
+    lines = [f"device: {device_name}; copy bandwidth {copy_tbps:.2f} TB/s (read + write), "
+             f"streaming read {read_tbps:.2f} TB/s",
+             f"{'case':28} {'splits':>6} {'ms':>8} {'KV TB/s':>8} {'%copy':>6} {'%read':>6} "
+             f"{'FI generic ms':>13} {'x':>5} {'x ev':>5} {'FI sm90 ms':>10} {'x':>5} {'x ev':>5} {'|diff| FI':>9}"]
+
+    def versus(r: BenchResult, path: str, width: int) -> str:
+        fi = r.flashinfer_ms.get(path)
+        if fi is None:
+            return f" {'-':>{width}} {'-':>5} {'-':>5}"
+        return f" {fi:{width}.4f} {fi / r.ms:5.2f} {r.flashinfer_ms_events[path] / r.ms_events:5.2f}"
+
     for r in results:
-        gen = r.flashinfer_ms.get("generic")
-        sm90 = r.flashinfer_ms.get("sm90")
         diff = max(r.flashinfer_rel_diff.values()) if r.flashinfer_rel_diff else float("nan")
         lines.append(
             f"{r.case.name:28} {r.num_splits:>6} {r.ms:8.4f} {r.kv_tbps:8.2f} {100 * r.copy_fraction:5.0f}% "
-            + (f"{gen:13.4f} {gen / r.ms:5.2f}" if gen else f"{'-':>13} {'-':>5}")
-            + (f" {sm90:10.4f} {sm90 / r.ms:5.2f}" if sm90 else f" {'-':>10} {'-':>5}")
-            + f" {diff:9.1e}")
+            f"{100 * r.read_fraction:5.0f}%" + versus(r, "generic", 13) + versus(r, "sm90", 10) + f" {diff:9.1e}")
     return "\n".join(lines)
 
 
@@ -243,17 +329,18 @@ def main(argv: list[str] | None = None) -> int:
     if flashinfer:
         prebuild_flashinfer(cases)
     copy_tbps = copy_bandwidth_tbps()
+    read_tbps = read_bandwidth_tbps()
     results = []
     for case in cases:
-        result = run_case(case, copy_tbps, flashinfer=flashinfer, num_splits=args.num_splits,
+        result = run_case(case, copy_tbps, read_tbps, flashinfer=flashinfer, num_splits=args.num_splits,
                           l2_bytes=getattr(props, "L2_cache_size", 0))
         results.append(result)
-        print(format_table([result], copy_tbps, props.name).splitlines()[-1], flush=True)
+        print(format_table([result], copy_tbps, read_tbps, props.name).splitlines()[-1], flush=True)
         torch.cuda.empty_cache()
-    print(format_table(results, copy_tbps, props.name))
+    print(format_table(results, copy_tbps, read_tbps, props.name))
     if args.json:
         with open(args.json, "w") as f:
-            f.write(json.dumps({"device": props.name, "copy_TBps": copy_tbps}) + "\n")
+            f.write(json.dumps({"device": props.name, "copy_TBps": copy_tbps, "read_TBps": read_tbps}) + "\n")
             for r in results:
                 f.write(json.dumps(r.row()) + "\n")
     return 0

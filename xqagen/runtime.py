@@ -29,6 +29,9 @@ from .spec import KernelSpec
 TARGET_CTAS_PER_SM = 2
 MAX_AUTO_SPLITS = 16
 MIN_TILES_PER_SPLIT = 4
+# A forced split count is capped here: past it every split holds a handful of tiles and the merge
+# reads more partials than the splits save.
+MAX_SPLITS = 128
 
 
 class LaunchError(RuntimeError):
@@ -147,21 +150,32 @@ class DecodeKernel:
         if partials > workspace.semaphores.numel():
             return 1
         per_split = partials * self.plan.rows_cta * (self.spec.head_dim + 2)
-        return max(1, min(self.plan.max_splits, workspace.scratch.numel() // per_split))
+        return max(1, min(MAX_SPLITS, workspace.scratch.numel() // per_split))
 
     # ---- launch ----
-    def launch(self, params: KernelParams, *, batch: int, num_kv_heads: int, num_splits: int,
-               device: torch.device, stream: torch.cuda.Stream | None = None) -> None:
-        """Launch with packed parameters; arguments must already be validated (see xqagen.api)."""
-        loaded = self.load(device)
-        stream = torch.cuda.current_stream(device) if stream is None else stream
-        param_ptrs = (ctypes.c_void_p * 1)(ctypes.addressof(params))
-        _check(driver.cuLaunchKernel(
-            loaded.function,
-            num_splits, num_kv_heads * self.plan.row_tiles, batch,
-            self.emitted.threads, 1, 1,
-            self.emitted.smem_bytes, stream.cuda_stream,
-            ctypes.addressof(param_ptrs), 0))
+    def bind(self, params: KernelParams, *, batch: int, num_kv_heads: int, num_splits: int,
+             device: torch.device) -> "BoundLaunch":
+        """A ready-to-launch call with packed parameters; arguments must already be validated
+        (see xqagen.api)."""
+        return BoundLaunch(self, params, (num_splits, num_kv_heads * self.plan.row_tiles, batch), device)
+
+
+class BoundLaunch:
+    """One kernel, grid and parameter struct with everything cuLaunchKernel needs resolved once,
+    so a repeated launch costs one driver call (and reading torch's current stream)."""
+
+    def __init__(self, kernel: DecodeKernel, params: KernelParams, grid: tuple[int, int, int],
+                 device: torch.device):
+        self.device = device
+        self.params = params  # kept alive: the driver reads it through the pointer array below
+        self._param_ptrs = (ctypes.c_void_p * 1)(ctypes.addressof(params))
+        self._function = kernel.load(device).function
+        self._config = (*grid, kernel.emitted.threads, 1, 1, kernel.emitted.smem_bytes)
+
+    def __call__(self, stream: torch.cuda.Stream | None = None) -> None:
+        stream = torch.cuda.current_stream(self.device) if stream is None else stream
+        _check(driver.cuLaunchKernel(self._function, *self._config, stream.cuda_stream,
+                                     ctypes.addressof(self._param_ptrs), 0))
 
 
 _handles: dict[tuple[KernelSpec, Path | None], DecodeKernel] = {}

@@ -58,7 +58,6 @@ constexpr int kWarpsN = kWarps / kWarpsM; // warps across the tokens of a tile
 constexpr int kTokensPerWarp = kKvTile / kWarpsN;
 constexpr int kScoreTiles = kTokensPerWarp / 8;  // n8 MMA tiles of scores per warp
 constexpr int kOutTiles = kHeadDim / 8;          // n8 MMA tiles of the output accumulator
-constexpr int kMaxSplits = 128;       // split-KV partials the merge can hold
 static_assert(kWarpsM * kWarpsN == kWarps && kTokensPerWarp % 16 == 0, "tile does not fit the warps");
 
 // ---- launch parameters (one struct, passed by value; mirrored by xqagen.runtime) --------------
@@ -119,12 +118,6 @@ struct SharedStorage {
       float m[kWarpsN][kRowsCta];
       float l[kWarpsN][kRowsCta];
     } merge;
-    struct {  // split-KV merge: per split and row, its max, then its weight; its sum
-      float weight[kMaxSplits][kRowsCta];
-      float sum[kMaxSplits][kRowsCta];
-      float row_max[kRowsCta];
-      float row_sum[kRowsCta];
-    } splits;
   };
   alignas(128) MmaElem q[cosize_v<QTileLayout>];
   int is_last_split;
@@ -133,6 +126,7 @@ static_assert(sizeof(SharedStorage) == 106624, "shared-memory size disagrees wit
 
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kNegInf = -cute::numeric_limits<float>::infinity();
+constexpr float kMinScoreScale = 1e-30f;  // |raw score| < 1e12 (fp16 products): a zero scale stays ~0
 
 __device__ __forceinline__ void mma(float (&c)[4], uint32_t const (&a)[4], uint32_t b0, uint32_t b1) {
   MmaOp::fma(c[0], c[1], c[2], c[3], a[0], a[1], a[2], a[3], b0, b1, c[0], c[1], c[2], c[3]);
@@ -146,6 +140,7 @@ __device__ __forceinline__ constexpr int out_dim(int tile, int e, int q) {
 }
 
 // ---- paged-KV gather: one tile of K and V into a pipeline stage -------------------------------
+
 struct KvGather {
   KVElem const* k;  // this KV head's base in the page pools
   KVElem const* v;
@@ -293,6 +288,14 @@ xqa_generic_qbf16_kvbf16_d128_g8_p64_nhd_s4_decode_35f2e1d2(Params const p) {
     cp_async_fence();
   }
 
+  // Scores stay unscaled until the exponent, exp2(s * score_scale - max): max over raw scores is then
+  // the scaled max only for a non-negative scale, so a negative scale product negates Q instead
+  // (exact), and a zero one is kept off zero so that masked scores stay -inf rather than NaN.
+  float const kv_scale = kKvFp8 ? scalar_arg(p.kv_scale_ptr, p.kv_scale) : 1.f;
+  float const signed_scale = scalar_arg(p.q_scale_ptr, p.q_scale) * kv_scale * 0.08838834764831843f * kLog2e;
+  float const score_scale = fmaxf(fabsf(signed_scale), kMinScoreScale);
+  bool const negate_q = signed_scale < 0.f;
+
   // ---- Q rows of this CTA -> shared memory as MMA operands (zero rows past kRows) ----
   {
     auto sQ = make_tensor(make_smem_ptr(smem.q), QTileLayout{});
@@ -309,13 +312,15 @@ xqa_generic_qbf16_kvbf16_d128_g8_p64_nhd_s4_decode_35f2e1d2(Params const p) {
       }
       cutlass::NumericArrayConverter<MmaElem, QElem, kQVec> convert;
       auto mv = convert(qv);
+      if (negate_q) {
+        CUTE_UNROLL
+        for (int e = 0; e < kQVec; ++e) mv[e] = -mv[e];
+      }
       *reinterpret_cast<decltype(mv)*>(&sQ(r, d0)) = mv;
     }
   }
 
   // ---- per-thread softmax state for rows (lane / 4) and (lane / 4 + 8) of the warp's block ----
-  float const kv_scale = kKvFp8 ? scalar_arg(p.kv_scale_ptr, p.kv_scale) : 1.f;
-  float const score_scale = scalar_arg(p.q_scale_ptr, p.q_scale) * kv_scale * 0.08838834764831843f * kLog2e;
   Visibility vis{seq_len, window_begin, seq_len - kQSeqLen, {0u, 0u}};
   if constexpr (kHasMask) {
     CUTE_UNROLL
@@ -368,44 +373,48 @@ xqa_generic_qbf16_kvbf16_d128_g8_p64_nhd_s4_decode_35f2e1d2(Params const p) {
       }
     }
 
-    // scale, mask, online softmax (log2 domain)
+    // mask, online softmax (log2 domain; the scale is applied inside the exponent)
     int const tok_base = tile * kKvTile + warp_tok + 2 * quad;
     bool const needs_mask = tile * kKvTile < window_begin || (tile + 1) * kKvTile > vis.mask_begin;
+    if (needs_mask) {  // only tiles that reach past the sequence, the window start or the mask
+      CUTE_UNROLL
+      for (int t = 0; t < kScoreTiles; ++t)
+        CUTE_UNROLL
+        for (int e = 0; e < 4; ++e)
+          if (!vis(tok_base + t * 8 + e % 2, e / 2)) acc_s[t][e] = kNegInf;
+    }
     float tile_max[2] = {kNegInf, kNegInf};
     CUTE_UNROLL
     for (int t = 0; t < kScoreTiles; ++t)
       CUTE_UNROLL
-      for (int e = 0; e < 4; ++e) {
-        float s = acc_s[t][e] * score_scale;
-        if (needs_mask && !vis(tok_base + t * 8 + e % 2, e / 2)) s = kNegInf;
-        acc_s[t][e] = s;
-        tile_max[e / 2] = fmaxf(tile_max[e / 2], s);
-      }
-    float rescale[2];
+      for (int e = 0; e < 4; ++e) tile_max[e / 2] = fmaxf(tile_max[e / 2], acc_s[t][e]);
+    float rescale[2], base[2];
     CUTE_UNROLL
     for (int h = 0; h < 2; ++h) {
       tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffffu, tile_max[h], 1));
       tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffffu, tile_max[h], 2));
-      float const new_max = fmaxf(row_max[h], tile_max[h]);
-      float const base = new_max == kNegInf ? 0.f : new_max;  // all masked so far: keep exp2 finite
-      rescale[h] = exp2f(row_max[h] - base);
+      float const new_max = fmaxf(row_max[h], tile_max[h] * score_scale);
+      base[h] = new_max == kNegInf ? 0.f : new_max;  // all masked so far: keep exp2 finite
+      rescale[h] = exp2f(row_max[h] - base[h]);
       row_max[h] = new_max;
-      tile_max[h] = base;
     }
     CUTE_UNROLL
     for (int t = 0; t < kScoreTiles; ++t)
       CUTE_UNROLL
-      for (int e = 0; e < 4; ++e) acc_s[t][e] = exp2f(acc_s[t][e] - tile_max[e / 2]);
+      for (int e = 0; e < 4; ++e) acc_s[t][e] = exp2f(fmaf(acc_s[t][e], score_scale, -base[e / 2]));
     CUTE_UNROLL
     for (int h = 0; h < 2; ++h) {
       row_sum[h] *= rescale[h];
       CUTE_UNROLL
       for (int t = 0; t < kScoreTiles; ++t) row_sum[h] += acc_s[t][2 * h] + acc_s[t][2 * h + 1];
     }
-    CUTE_UNROLL
-    for (int t = 0; t < kOutTiles; ++t)
+    // Once the running max settles (most tiles of a long sequence) the rescale is exactly 1.
+    if (__any_sync(0xffffffffu, rescale[0] != 1.f || rescale[1] != 1.f)) {
       CUTE_UNROLL
-      for (int e = 0; e < 4; ++e) acc_o[t][e] *= rescale[e / 2];
+      for (int t = 0; t < kOutTiles; ++t)
+        CUTE_UNROLL
+        for (int e = 0; e < 4; ++e) acc_o[t][e] *= rescale[e / 2];
+    }
 
     // O += P V: the score accumulators are already in the A-operand layout
     CUTE_UNROLL
@@ -486,41 +495,26 @@ xqa_generic_qbf16_kvbf16_d128_g8_p64_nhd_s4_decode_35f2e1d2(Params const p) {
   __syncthreads();
   if (!smem.is_last_split) return;
   __threadfence();
-  // Every split's (max, sum) of every valid row at once, then per row the global max, each split's
-  // weight exp2(max_s - max) and the total sum.
+  // One pass over the splits per output element, merged online (log-sum-exp): the loads of several
+  // splits are in flight at once and nothing waits on a shared-memory round trip.
   int const valid_rows = min(kRowsCta, kRows - row_tile * kRowsCta);
-  for (int i = threadIdx.x; i < p.num_splits * kRowsCta; i += kThreads) {
-    if (i % kRowsCta >= valid_rows) continue;
-    float2 const ml = __ldcg(reinterpret_cast<float2 const*>(ws_ml) + i);
-    smem.splits.weight[i / kRowsCta][i % kRowsCta] = ml.x;
-    smem.splits.sum[i / kRowsCta][i % kRowsCta] = ml.y;
-  }
-  __syncthreads();
-  for (int r = threadIdx.x; r < valid_rows; r += kThreads) {
-    float m = kNegInf, l = 0.f;
-    for (int s = 0; s < p.num_splits; ++s) m = fmaxf(m, smem.splits.weight[s][r]);
-    for (int s = 0; s < p.num_splits; ++s) {
-      float const w = smem.splits.weight[s][r] == kNegInf ? 0.f : exp2f(smem.splits.weight[s][r] - m);
-      smem.splits.weight[s][r] = w;
-      l += smem.splits.sum[s][r] * w;
-    }
-    smem.splits.row_max[r] = m;
-    smem.splits.row_sum[r] = l;
-  }
-  __syncthreads();
-  // The merging CTA alone reads every partial: keep many loads in flight.
   for (int i = threadIdx.x; i < valid_rows * (kHeadDim / 4); i += kThreads) {
     int const r = i / (kHeadDim / 4), d0 = (i % (kHeadDim / 4)) * 4;
-    float o[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll 16
+    float m = kNegInf, l = 0.f, o[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll 8
     for (int s = 0; s < p.num_splits; ++s) {
-      float const w = smem.splits.weight[s][r];
+      float2 const ml = __ldcg(reinterpret_cast<float2 const*>(ws_ml) + s * kRowsCta + r);
       float4 const os = __ldcg(reinterpret_cast<float4 const*>(ws_o + (int64_t(s) * kRowsCta + r) * kHeadDim + d0));
-      o[0] += os.x * w;
-      o[1] += os.y * w;
-      o[2] += os.z * w;
-      o[3] += os.w * w;
+      float const m_new = fmaxf(m, ml.x);
+      if (m_new == kNegInf) continue;  // nothing visible in any split so far
+      float const keep = exp2f(m - m_new), take = exp2f(ml.x - m_new);
+      l = l * keep + ml.y * take;
+      o[0] = o[0] * keep + os.x * take;
+      o[1] = o[1] * keep + os.y * take;
+      o[2] = o[2] * keep + os.z * take;
+      o[3] = o[3] * keep + os.w * take;
+      m = m_new;
     }
-    epilogue(r, d0, smem.splits.row_max[r], smem.splits.row_sum[r], o);
+    epilogue(r, d0, m, l, o);
   }
 }
