@@ -197,6 +197,28 @@ def test_matches_reference(case: Case):
     assert torch.equal(out.view(torch.uint8), out2.view(torch.uint8)), "non-deterministic output"
 
 
+@pytest.mark.parametrize("kv_dtype, q_scale, kv_scale", [
+    ("bf16", -0.7, 1.0),    # a negative scale product: the kernel negates Q instead
+    ("e4m3", 0.7, -1.3),
+    ("e4m3", 0.0, 1.3),     # all scores zero: uniform weights over the visible positions
+], ids=["neg_q_scale-bf16", "neg_kv_scale-e4m3", "zero_q_scale-e4m3"])
+def test_scale_signs(kv_dtype, q_scale, kv_scale):
+    """Scores are scaled inside the exponent; any sign of q_scale * kv_scale gives the reference."""
+    from xqagen.api import xqa_decode
+
+    case = replace(BASE, kv_dtype=kv_dtype, q_seq_len=4, sinks=True, window=900, seq_lens=(1000, 77, 4133),
+                   num_splits=3)
+    q, k_cache, v_cache, page_table, seq_lens, kwargs = _inputs(case, seed=5)
+    kwargs["q_scale"] = q_scale
+    kwargs["kv_scale"] = kv_scale / FP8_VALUE_SCALE if kv_dtype == "e4m3" else kv_scale
+    ref = xqa_reference(q, k_cache, v_cache, page_table, seq_lens, num_kv_heads=case.num_kv_heads,
+                        out_dtype=torch.float32, **kwargs)
+    out = torch.full_like(q, float("nan"))
+    xqa_decode(q, k_cache, v_cache, page_table, seq_lens, out=out, num_splits=3, **kwargs)
+    torch.cuda.synchronize()
+    assert relative_l2_error(out.float(), ref) < _tolerance(case)
+
+
 def test_cuda_graph_capture_and_replay():
     """A launch captured in a CUDA graph replays on new inputs written into the same buffers."""
     from xqagen.api import xqa_decode
