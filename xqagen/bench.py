@@ -159,13 +159,11 @@ def read_bandwidth_tbps(nbytes: int = 1 << 30) -> float:
     from cuda.bindings import driver
 
     from .compiler import compile_kernel
-    from .runtime import _check, device_arch
+    from .runtime import _check, device_arch, load_function
 
     device = torch.device("cuda", torch.cuda.current_device())
     compiled = compile_kernel(_READ_KERNEL, "streaming_read", device_arch(device))
-    _check(driver.cuInit(0))
-    library = _check(driver.cuLibraryLoadData(compiled.cubin, None, None, 0, None, None, 0))
-    function = _check(driver.cuKernelGetFunction(_check(driver.cuLibraryGetKernel(library, b"streaming_read"))))
+    _library, function = load_function(compiled.cubin, "streaming_read", device.index)  # library kept alive
     src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_()
     sink = torch.zeros(1, dtype=torch.int32, device=device)
     args = (ctypes.c_uint64 * 3)(src.data_ptr(), nbytes // 16, sink.data_ptr())

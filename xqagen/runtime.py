@@ -51,6 +51,23 @@ def device_arch(device: torch.device) -> str:
     return f"sm_{major}{minor}"
 
 
+def load_function(cubin: bytes, kernel_name: str, device_index: int, *,
+                  dynamic_smem_bytes: int = 0) -> tuple[driver.CUlibrary, driver.CUfunction]:
+    """Load a CUBIN and return (library, function) of ``kernel_name`` in the primary context of
+    device ``device_index`` (the one torch uses), allowing that much dynamic shared memory."""
+    _check(driver.cuInit(0))
+    library = _check(driver.cuLibraryLoadData(cubin, None, None, 0, None, None, 0))
+    kernel = _check(driver.cuLibraryGetKernel(library, kernel_name.encode()))
+    if dynamic_smem_bytes:
+        _check(driver.cuKernelSetAttribute(
+            driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            dynamic_smem_bytes, kernel, _check(driver.cuDeviceGet(device_index))))
+    with torch.cuda.device(device_index):
+        torch.cuda.current_stream()  # makes the device's primary context current on this thread
+        function = _check(driver.cuKernelGetFunction(kernel))
+    return library, function
+
+
 @dataclass
 class _Loaded:
     library: driver.CUlibrary
@@ -118,16 +135,8 @@ class DecodeKernel:
         device = torch.device("cuda", index)
         compiled = compile_kernel(self.emitted.source, self.emitted.kernel_name, device_arch(device),
                                   cache_dir=self._cache_dir)
-        _check(driver.cuInit(0))
-        library = _check(driver.cuLibraryLoadData(compiled.cubin, None, None, 0, None, None, 0))
-        kernel = _check(driver.cuLibraryGetKernel(library, self.emitted.kernel_name.encode()))
-        cu_device = _check(driver.cuDeviceGet(index))
-        _check(driver.cuKernelSetAttribute(
-            driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            self.emitted.smem_bytes, kernel, cu_device))
-        with torch.cuda.device(index):
-            torch.cuda.current_stream()  # makes the device's primary context current on this thread
-            function = _check(driver.cuKernelGetFunction(kernel))
+        library, function = load_function(compiled.cubin, self.emitted.kernel_name, index,
+                                          dynamic_smem_bytes=self.emitted.smem_bytes)
         return _Loaded(library, function, torch.cuda.get_device_properties(index).multi_processor_count)
 
     # ---- split-KV ----
@@ -168,14 +177,15 @@ class BoundLaunch:
                  device: torch.device):
         self.device = device
         self.params = params  # kept alive: the driver reads it through the pointer array below
-        self._param_ptrs = (ctypes.c_void_p * 1)(ctypes.addressof(params))
+        self._param_ptrs = (ctypes.c_void_p * 1)(ctypes.addressof(params))  # kept alive likewise
+        self._param_ptrs_address = ctypes.addressof(self._param_ptrs)
         self._function = kernel.load(device).function
         self._config = (*grid, kernel.emitted.threads, 1, 1, kernel.emitted.smem_bytes)
 
     def __call__(self, stream: torch.cuda.Stream | None = None) -> None:
         stream = torch.cuda.current_stream(self.device) if stream is None else stream
         _check(driver.cuLaunchKernel(self._function, *self._config, stream.cuda_stream,
-                                     ctypes.addressof(self._param_ptrs), 0))
+                                     self._param_ptrs_address, 0))
 
 
 _handles: dict[tuple[KernelSpec, Path | None], DecodeKernel] = {}
