@@ -16,7 +16,7 @@ from xqagen.cli import main
 from xqagen.recipes import load_recipe, shipped_recipes, shipped_recipes_dir
 from xqagen.spec import KernelSpec
 
-TWO_VARIANTS = "variants: [{q_dtype: bf16, kv_dtype: bf16, page_size: [16, 64]}]"
+TWO_VARIANTS = "variants: [{q_dtype: bf16, kv_dtype: bf16, page_size: [16, 64], tile: decode}]"
 
 
 # ---- generate ----
@@ -60,7 +60,7 @@ def test_generate_removes_stale_sources_only(write_recipe, tmp_path, capsys):
     notes.write_text("not generated")
     page64 = next((out / "test").glob("*_p64_*.cu"))
 
-    recipe_path = write_recipe("variants: [{q_dtype: bf16, kv_dtype: bf16, page_size: 16}]")
+    recipe_path = write_recipe("variants: [{q_dtype: bf16, kv_dtype: bf16, page_size: 16, tile: decode}]")
     assert main(["generate", str(recipe_path), "--out", str(out)]) == 0
     assert f"removed {page64}" in capsys.readouterr().out
     assert not page64.exists()
@@ -111,9 +111,10 @@ def test_list_shows_recipes_and_variants(capsys):
     assert main(["list", "llama3-70b-specdec"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("llama3-70b-specdec: meta-llama/Meta-Llama-3-70B, 64 q / 8 kv heads (group 8), "
-                          "head_dim 128; 4 variants\n")
+                          "head_dim 128; 8 variants\n")
     assert re.search(r"^  path +q +kv +out +page +layout +q_len +features +tile +name$", out, re.M)
     assert re.search(r"^  generic +bf16 +e4m3 +bf16 +64 +NHD +8 +- +decode +xqa_generic_\S+_s8_", out, re.M)
+    assert re.search(r"^  generic +bf16 +e4m3 +bf16 +64 +NHD +8 +- +split +xqa_generic_\S+_s8_split_", out, re.M)
     for spec in load_recipe(shipped_recipes_dir() / "llama3-70b-specdec.yaml").variants:
         assert spec.name in out
 
@@ -201,7 +202,8 @@ def test_build_shows_progress_then_summary(write_recipe, fake_compiler, capsys):
 
 def test_build_arch_jobs_and_cache_dir_options(write_recipe, fake_compiler, tmp_path, capsys):
     first = write_recipe(TWO_VARIANTS, name="first")
-    second = write_recipe("variants: [{q_dtype: bf16, kv_dtype: bf16, page_size: [64, 128]}]", name="second")
+    second = write_recipe("variants: [{q_dtype: bf16, kv_dtype: bf16, page_size: [64, 128], tile: decode}]",
+                          name="second")
     cache = tmp_path / "cache"
     assert main(["build", str(first), str(second), "--arch", "sm_90a", "-j", "1", "--cache-dir", str(cache)]) == 0
     # the page-64 variant is in both recipes and is built once

@@ -42,6 +42,7 @@ class Case:
     window: int = 0
     seq_lens: tuple[int, ...] = (1000, 77, 4133)
     num_splits: int | None = None
+    tile: str | None = None  # None: the one xqagen.dispatch chooses for the shape
 
     @property
     def id(self) -> str:
@@ -58,6 +59,8 @@ class Case:
         fields.append(f"b{len(self.seq_lens)}max{max(self.seq_lens)}")
         if self.num_splits:
             fields.append(f"split{self.num_splits}")
+        if self.tile:
+            fields.append(self.tile)
         return "-".join(fields)
 
     def spec(self):
@@ -68,7 +71,19 @@ class Case:
             features.add("sliding_window")
         return KernelSpec(q_dtype=self.q_dtype, kv_dtype=self.kv_dtype, out_dtype=self.out_dtype,
                           head_dim=self.head_dim, group=self.group, page_size=self.page_size,
-                          kv_layout=self.kv_layout, q_seq_len=self.q_seq_len, features=frozenset(features))
+                          kv_layout=self.kv_layout, q_seq_len=self.q_seq_len, features=frozenset(features),
+                          tile=self.tile)
+
+    def launched_spec(self, sm_count: int):
+        """The variant xqa_decode runs for this case (the tile dispatch applied to its shape)."""
+        from xqagen.dispatch import choose_spec
+
+        if self.tile:
+            return self.spec()
+        max_pages = -(-max(self.seq_lens) // self.page_size)
+        kv_len = max_pages * self.page_size
+        kv_len = min(kv_len, self.window) if self.window else kv_len
+        return choose_spec(self.spec(), len(self.seq_lens), self.num_kv_heads, kv_len, sm_count)
 
 
 BASE = Case()
@@ -88,6 +103,16 @@ AXES = {
                 ((2, "causal"), (4, "tree"), (7, "tree"), (8, "causal"), (13, "tree"), (32, "causal"))],
     "sinks": [dict(sinks=True), dict(sinks=True, kv_dtype="e4m3", head_dim=64)],
     "window": [dict(window=w) for w in (1, 128, 1000, 5000)],
+    # The split tile (8 warps, 128-token stages) that small batches of long sequences dispatch to,
+    # forced here on every feature; seq_lens (20011,) and (33000, 5) above reach it by dispatch.
+    "split_tile": [dict(tile="split", **change) for change in (
+        dict(), dict(kv_dtype="e4m3", seq_lens=(9000, 130)), dict(kv_dtype="e4m3", out_dtype="e4m3"),
+        dict(kv_layout="HND", page_size=16), dict(page_size=128, kv_dtype="e4m3", kv_layout="HND"),
+        dict(head_dim=64, sinks=True, window=1000), dict(head_dim=256, kv_dtype="e4m3"),
+        dict(group=5), dict(group=32, kv_dtype="e4m3"), dict(group=16, q_seq_len=8, mask="tree"),
+        dict(q_seq_len=4, mask="tree", kv_dtype="e4m3", sinks=True, window=300),
+        dict(q_seq_len=13, mask="tree", seq_lens=(20000,)), dict(num_splits=7, seq_lens=(9000, 1, 200)),
+        dict(seq_lens=(70000,), kv_dtype="e4m3"))],
 }
 SINGLE_AXIS = [replace(BASE, **change) for changes in AXES.values() for change in changes]
 
@@ -136,7 +161,8 @@ def precompiled():
     from xqagen.runtime import device_arch
 
     os.environ["XQAGEN_TEST_ARCH"] = device_arch(torch.device("cuda"))
-    specs = {case.spec() for case in CASES}
+    sm_count = torch.cuda.get_device_properties(0).multi_processor_count
+    specs = {case.launched_spec(sm_count) for case in CASES}
     spawn = multiprocessing.get_context("spawn")  # CUDA is initialised here: never fork
     with ProcessPoolExecutor(max_workers=min(16, os.cpu_count() or 1), mp_context=spawn) as pool:
         list(pool.map(_compile_one, [spec.to_dict() for spec in specs]))
@@ -187,13 +213,15 @@ def test_matches_reference(case: Case):
     if case.out_dtype == "e4m3":  # the float32 reference leaves out the fp8-only output scale
         ref = (ref * kwargs["rcp_out_scale"]).clamp(-448, 448)
     out = torch.full(q.shape, float("nan"), dtype=torch.float32, device=q.device).to(out_dtype)
-    xqa_decode(q, k_cache, v_cache, page_table, seq_lens, out=out, num_splits=case.num_splits, **kwargs)
+    xqa_decode(q, k_cache, v_cache, page_table, seq_lens, out=out, num_splits=case.num_splits, tile=case.tile,
+               **kwargs)
     torch.cuda.synchronize()
     err = relative_l2_error(out.float(), ref)
     assert err < _tolerance(case), f"relative L2 error {err:.3e} for {case.id}"
     # The same inputs again: a race shows as a result that moves between launches.
     out2 = torch.full_like(out.float(), float("nan")).to(out_dtype)
-    xqa_decode(q, k_cache, v_cache, page_table, seq_lens, out=out2, num_splits=case.num_splits, **kwargs)
+    xqa_decode(q, k_cache, v_cache, page_table, seq_lens, out=out2, num_splits=case.num_splits, tile=case.tile,
+               **kwargs)
     assert torch.equal(out.view(torch.uint8), out2.view(torch.uint8)), "non-deterministic output"
 
 

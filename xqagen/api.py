@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .emitters.params import KernelParams
+from .dispatch import choose_spec
 from .runtime import BoundLaunch, DecodeKernel, Workspace, default_workspace, get_kernel
 from .spec import HEAD_DIMS, MAX_GROUP, MAX_Q_SEQ_LEN, PAGE_SIZES, KernelSpec, TileConfig
 
@@ -226,6 +227,8 @@ def prepare_decode(q, k_cache, v_cache, page_table, seq_lens, *, out=None, out_d
                       page_size=page_size, kv_layout=kv_layout, q_seq_len=q_seq_len,
                       features=frozenset(features), tile=tile)
 
+    if sm_count is not None and (not isinstance(sm_count, int) or isinstance(sm_count, bool) or sm_count < 1):
+        _fail("sm_count", "None or an integer >= 1", repr(sm_count))
     if num_splits is not None and (not isinstance(num_splits, int) or isinstance(num_splits, bool) or num_splits < 1):
         _fail("num_splits", "None or an integer >= 1", repr(num_splits))
     if validate and not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
@@ -236,10 +239,16 @@ def prepare_decode(q, k_cache, v_cache, page_table, seq_lens, *, out=None, out_d
 
     workspace = default_workspace(device) if workspace is None else workspace
 
+    # The KV range a CTA row walks: the whole sequence, or the window's last W positions.
+    kv_len = min(max_seq_len, sliding_window) if sliding_window else max_seq_len
+    if sm_count is None:
+        sm_count = torch.cuda.get_device_properties(device).multi_processor_count
+    if tile is None:
+        spec = choose_spec(spec, batch, num_kv_heads, kv_len, sm_count)
     kernel = get_kernel(spec, cache_dir=cache_dir)
     splits = num_splits
     if splits is None:
-        splits = kernel.choose_splits(batch, num_kv_heads, max_seq_len, device, workspace, sm_count=sm_count)
+        splits = kernel.choose_splits(batch, num_kv_heads, kv_len, device, workspace, sm_count=sm_count)
     elif splits > kernel.max_splits(batch, num_kv_heads, workspace):
         _fail("num_splits", f"at most {kernel.max_splits(batch, num_kv_heads, workspace)} "
               "for this workspace and grid", splits)

@@ -16,6 +16,8 @@ A recipe is a YAML file named ``<recipe name>.yaml``::
       - {q_dtype: bf16, kv_dtype: bf16, kv_layout: [NHD, HND]}
       - {q_dtype: bf16, kv_dtype: e4m3, features: [[sinks], [sinks, sliding_window]], tile: deep8}
 
+A variant without a ``tile`` ships every tile the runtime may dispatch it to
+(:func:`xqagen.dispatch.dispatch_specs`: its default tile, and the split tile for small batches).
 A list value expands as a cartesian product.  ``features`` takes a list of feature names (one
 feature set); a list of such lists expands over several feature sets.  Identical specs produced
 by different entries are kept once, in order of first appearance.
@@ -38,6 +40,7 @@ from typing import Any, Literal
 
 import yaml
 
+from xqagen.dispatch import dispatch_specs
 from xqagen.emitters import EmittedKernel, emit
 from xqagen.spec import KernelSpec, SpecError, TileConfig, register_tile
 
@@ -137,10 +140,13 @@ def load_recipe(path: str | Path) -> Recipe:
         for fields in _expand({**defaults, **entry}, context):
             spec_fields = {**fields, "head_dim": model.head_dim, "group": model.group}
             try:
-                variants[KernelSpec.from_dict(spec_fields)] = None
+                spec = KernelSpec.from_dict(spec_fields)
             except SpecError as err:
                 combination = ", ".join(f"{k}={v}" for k, v in fields.items())
                 raise RecipeError(f"{context} ({combination}): {err}") from err
+            # Without a tile, ship every tile the runtime's dispatch may choose for the variant.
+            for shipped in ([spec] if "tile" in fields else dispatch_specs(spec)):
+                variants[shipped] = None
     return Recipe(name=path.stem, model=model, description=description.strip(), variants=tuple(variants),
                   source_path=path)
 

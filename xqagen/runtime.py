@@ -8,7 +8,6 @@ graphs.  Tensor validation happens one level up, in :mod:`xqagen.api`.
 from __future__ import annotations
 
 import ctypes
-import math
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,22 +16,11 @@ import torch
 from cuda.bindings import driver
 
 from .compiler import compile_kernel
+from .dispatch import MAX_SPLITS, auto_splits
 from .emitters import EmittedKernel, emit
 from .emitters.generic import GenericPlan
 from .emitters.params import KernelParams
 from .spec import KernelSpec
-
-# Split-KV: a memory-bound decode saturates HBM with about TARGET_CTAS_PER_SM CTAs per SM, but
-# the last CTA of each output tile merges every split alone, so more than MAX_AUTO_SPLITS cost more
-# in that merge than they gain (H100, fp8 d128: batch 8 x 32k best at 4 splits, batch 1 x 32k at
-# 16; docs/benchmarks.md).  A split keeps at least MIN_TILES_PER_SPLIT KV tiles.
-TARGET_CTAS_PER_SM = 2
-MAX_AUTO_SPLITS = 16
-MIN_TILES_PER_SPLIT = 4
-# A forced split count is capped here: past it every split holds a handful of tiles and the merge
-# reads more partials than the splits save.
-MAX_SPLITS = 128
-
 
 class LaunchError(RuntimeError):
     """A CUDA driver call failed while loading or launching a kernel."""
@@ -140,16 +128,12 @@ class DecodeKernel:
         return _Loaded(library, function, torch.cuda.get_device_properties(index).multi_processor_count)
 
     # ---- split-KV ----
-    def choose_splits(self, batch: int, num_kv_heads: int, max_seq_len: int, device: torch.device,
+    def choose_splits(self, batch: int, num_kv_heads: int, kv_len: int, device: torch.device,
                       workspace: Workspace | None = None, *, sm_count: int | None = None) -> int:
-        """Splits that bring the grid to about TARGET_CTAS_PER_SM CTAs per SM (of this device, or of
-        ``sm_count`` SMs when a caller shares the GPU); 1 when the batch already fills the GPU."""
-        base = batch * num_kv_heads * self.plan.row_tiles
-        target = TARGET_CTAS_PER_SM * (sm_count or self.load(device).sm_count)
-        tiles = max(1, math.ceil(max_seq_len / self.spec.tile.kv_tile))
-        limit = min(MAX_AUTO_SPLITS, max(1, tiles // MIN_TILES_PER_SPLIT),
-                    self.max_splits(batch, num_kv_heads, workspace))
-        return max(1, min(limit, round(target / base)))
+        """xqagen.dispatch.auto_splits for this device (or ``sm_count`` SMs when a caller shares the
+        GPU), within what the workspace holds."""
+        splits = auto_splits(self.spec, batch, num_kv_heads, kv_len, sm_count or self.load(device).sm_count)
+        return min(splits, self.max_splits(batch, num_kv_heads, workspace))
 
     def max_splits(self, batch: int, num_kv_heads: int, workspace: Workspace | None) -> int:
         """Most splits the workspace can hold for this grid (1 without a workspace)."""

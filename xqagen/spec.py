@@ -100,10 +100,12 @@ def tiles() -> dict[str, TileConfig]:
     return dict(_TILES)
 
 
-# Shipped configurations (see default_tile); `deep` trades residency for a longer pipeline.
+# Shipped configurations (see default_tile); `deep` trades residency for a longer pipeline, and
+# `split` is what xqagen.dispatch picks for batches too small to fill the GPU without split-KV.
 register_tile(TileConfig("decode", kv_tile=64, stages=3, warps=4, max_rows=64))
 register_tile(TileConfig("deep", kv_tile=64, stages=5, warps=4, max_rows=64))
 register_tile(TileConfig("wide_head", kv_tile=64, stages=2, warps=4, max_rows=64))
+register_tile(TileConfig("split", kv_tile=128, stages=3, warps=8, max_rows=64))
 
 
 def default_tile(head_dim: int, kv_dtype: str) -> TileConfig:
@@ -199,10 +201,15 @@ class KernelSpec:
         tile = d.pop("tile", None)
         if isinstance(tile, Mapping):
             tile = TileConfig(**tile)
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        fields = dataclasses.fields(cls)
+        unknown = set(d) - {f.name for f in fields}
         if unknown:
             raise SpecError(f"KernelSpec has no field(s) {sorted(unknown)}; fields: "
-                            f"{', '.join(f.name for f in dataclasses.fields(cls))}")
+                            f"{', '.join(f.name for f in fields)}")
+        missing = [f.name for f in fields if f.name not in d and f.name != "tile"
+                   and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        if missing:
+            raise SpecError(f"KernelSpec needs field(s) {', '.join(missing)}")
         return cls(tile=tile, **{**d, "features": frozenset(d.get("features", ()))})
 
     @property
