@@ -54,6 +54,7 @@ class GenericPlan:
     mma_op: str
     rows_cta: int
     row_tiles: int
+    warp_blocks: int
     warps_m: int
     warps_n: int
     threads: int
@@ -69,11 +70,25 @@ class GenericPlan:
         tile = spec.tile
         kv_fp8 = spec.kv_dtype == "e4m3"
         mma_dtype = "fp16" if kv_fp8 else spec.q_dtype
-        # Rows per CTA: 16 per warp row; the warps that remain split each tile's tokens.
+        # Rows per CTA, in 16-row MMA blocks: each warp takes up to tile.warp_rows of them (fewer
+        # where their accumulators would not fit in registers); the warps that remain split each
+        # tile's tokens.
         rows16 = -(-spec.rows // 16) * 16
         rows_cta = min(tile.max_rows, 1 << (rows16 - 1).bit_length())
-        warps_m = rows_cta // 16
-        warps_n = tile.warps // warps_m
+
+        def warp_layout(warp_blocks: int) -> tuple[int, int, int, int]:
+            """(warps_m, warps_n, tokens per warp, live registers besides Q's fragments)."""
+            warps_m = rows_cta // (16 * warp_blocks)
+            warps_n = tile.warps // warps_m
+            tokens = tile.kv_tile // warps_n
+            registers = (warp_blocks * (spec.head_dim // 2 + tokens // 2) + REGISTER_OVERHEAD
+                         + REGISTERS_PER_EXTRA_TOKEN_GROUP * (tokens // 16 - 1))
+            return warps_m, warps_n, tokens, registers
+
+        warp_blocks = min(tile.warp_rows, rows_cta) // 16
+        while warp_blocks > 1 and warp_layout(warp_blocks)[3] > MAX_REGISTERS:
+            warp_blocks -= 1
+        warps_m, warps_n, tokens_per_warp, base_registers = warp_layout(warp_blocks)
         if tile.kv_tile % (16 * warps_n):
             raise SpecError(f"tile {tile.name!r}: kv_tile = {tile.kv_tile} must be a multiple of 16 x {warps_n} "
                             f"warps along the tokens for {spec.rows} query rows")
@@ -92,10 +107,7 @@ class GenericPlan:
         # __launch_bounds__ derives from them would undercut the estimated live registers.  Q's
         # fragments stay in registers only where that costs no residency (a partial last wave of
         # a batch-sized grid costs more than reloading Q from shared memory).
-        tokens_per_warp = tile.kv_tile // warps_n
-        base_registers = (spec.head_dim // 2 + tokens_per_warp // 2 + REGISTER_OVERHEAD
-                          + REGISTERS_PER_EXTRA_TOKEN_GROUP * (tokens_per_warp // 16 - 1))
-        q_registers = spec.head_dim // 4
+        q_registers = warp_blocks * spec.head_dim // 4
 
         def resident(live_registers: int) -> int:
             by_registers = REGISTERS_PER_SM // (32 * tile.warps * min(MAX_REGISTERS, live_registers))
@@ -103,10 +115,12 @@ class GenericPlan:
 
         blocks = resident(base_registers)
         q_in_registers = (spec.head_dim <= Q_IN_REGISTERS_MAX_HEAD_DIM
+                          and base_registers + q_registers <= MAX_REGISTERS
                           and resident(base_registers + q_registers) == blocks)
         return cls(
             kv_fp8=kv_fp8, out_fp8=spec.out_dtype == "e4m3", mma_dtype=mma_dtype, mma_op=MMA_OPS[mma_dtype],
-            rows_cta=rows_cta, row_tiles=-(-spec.rows // rows_cta), warps_m=warps_m, warps_n=warps_n,
+            rows_cta=rows_cta, row_tiles=-(-spec.rows // rows_cta), warp_blocks=warp_blocks, warps_m=warps_m,
+            warps_n=warps_n,
             threads=32 * tile.warps,
             kv_swizzle=_swizzle(spec.head_dim, kv_bytes), q_swizzle=_swizzle(spec.head_dim, 2),
             smem_bytes=smem, min_blocks_per_sm=blocks,

@@ -15,10 +15,10 @@ FP8 = KernelSpec(q_dtype="bf16", kv_dtype="e4m3", head_dim=128, group=8, page_si
     (1, 32768, SPLIT_TILE, 16),   # 8 CTAs without splits: 16 splits of the 8-warp tile, one CTA per SM
     (2, 32768, SPLIT_TILE, 8),
     (1, 8192, SPLIT_TILE, 16),    # just long enough for 16 splits of 4 x 128-token tiles
-    (1, 8191, "decode", 16),      # shorter: the default tile
-    (3, 32768, "decode", 11),     # 16 splits would fill the GPU: the default tile, about 2 CTAs per SM
-    (8, 32768, "decode", 4),
-    (64, 8192, "decode", 1),      # the batch fills the GPU alone
+    (1, 8191, "decode_fp8", 16),  # shorter: the default tile
+    (3, 32768, "decode_fp8", 11), # 16 splits would fill the GPU: the default tile, about 2 CTAs per SM
+    (8, 32768, "decode_fp8", 4),
+    (64, 8192, "decode_fp8", 1),  # the batch fills the GPU alone
 ])
 def test_tile_and_split_choice_on_132_sms(batch, kv_len, tile, splits):
     spec = choose_spec(FP8, batch, 8, kv_len, H100_SMS)
@@ -33,7 +33,7 @@ def test_splits_keep_four_tiles_each_and_stay_under_the_cap():
 
 
 def test_fewer_sms_shift_the_split_tile_threshold():
-    assert choose_spec(FP8, 1, 8, 32768, sm_count=64).tile.name == "decode"  # 8 x 16 x 4 warps fill 64 SMs
+    assert choose_spec(FP8, 1, 8, 32768, sm_count=64).tile.name == "decode_fp8"  # 8 x 16 x 4 warps fill 64 SMs
     assert choose_spec(FP8, 1, 8, 32768, sm_count=160).tile.name == SPLIT_TILE
 
 
@@ -42,7 +42,7 @@ def test_split_tile_only_where_it_fits():
     assert split_variant(wide_16bit) is None  # three 128-token stages of 512-byte rows exceed shared memory
     assert dispatch_specs(wide_16bit) == [wide_16bit]
     assert choose_spec(wide_16bit, 1, 8, 1 << 16, H100_SMS) == wide_16bit
-    assert [s.tile.name for s in dispatch_specs(FP8)] == ["decode", SPLIT_TILE]
+    assert [s.tile.name for s in dispatch_specs(FP8)] == ["decode_fp8", SPLIT_TILE]
     split = split_variant(FP8)
     assert split_variant(split) is None and dispatch_specs(split) == [split]
 

@@ -49,7 +49,7 @@ def test_variants_without_a_tile_ship_every_dispatched_tile(write_recipe):
                         "  - {q_dtype: fp16, kv_dtype: e4m3, page_size: 64, tile: deep}\n", model=model)
     tiles = [(s.kv_dtype, s.tile.name) for s in load_recipe(path).variants]
     # A 16-bit head_dim 256 has no split tile (its stages exceed shared memory); a named tile ships alone.
-    assert tiles == [("e4m3", "decode"), ("e4m3", "split"), ("bf16", "wide_head"), ("e4m3", "deep")]
+    assert tiles == [("e4m3", "decode_fp8"), ("e4m3", "split"), ("bf16", "wide_head"), ("e4m3", "deep")]
 
 
 def test_find_recipe_by_name_or_path(write_recipe):

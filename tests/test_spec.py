@@ -62,7 +62,20 @@ def test_defaults_and_derived_fields():
     spec = KernelSpec(**BASE)
     assert spec.out_dtype == "bf16" and spec.tile == get_tile("decode") and spec.rows == 8
     assert not spec.has_mask and KernelSpec(**BASE, q_seq_len=3).has_mask
-    assert default_tile(256, "bf16").name == "wide_head" and default_tile(256, "e4m3").name == "decode"
+    assert default_tile(256, "bf16").name == "wide_head" and default_tile(256, "e4m3").name == "decode_fp8"
+    assert [default_tile(128, "bf16", rows).name for rows in (8, 32, 33, 64)] == ["decode"] * 2 + ["many_rows"] * 2
+    assert KernelSpec(**BASE, q_seq_len=8).tile.name == "many_rows"
+
+
+def test_warp_rows_give_way_to_registers():
+    from xqagen.emitters.generic import GenericPlan
+
+    fp8 = dict(BASE, kv_dtype="e4m3", group=32)
+    assert GenericPlan.of(KernelSpec(**fp8)).warp_blocks == 2  # 32 rows per warp: (warps_m, warps_n) = (1, 4)
+    assert GenericPlan.of(KernelSpec(**fp8, q_seq_len=2)).warps_m == 2
+    # head_dim 256: two blocks of fp32 accumulators alone would take 256 registers per thread
+    assert GenericPlan.of(KernelSpec(**dict(fp8, head_dim=256))).warp_blocks == 1
+    assert GenericPlan.of(KernelSpec(**dict(BASE, kv_dtype="e4m3"))).warp_blocks == 1  # 8 rows: one block
 
 
 def test_name_and_hash_distinguish_every_field():

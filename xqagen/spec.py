@@ -51,6 +51,8 @@ class TileConfig:
     stages: depth of the cp.async (or TMA) pipeline, in KV tiles.
     warps: warps per CTA; they split the query rows (16 per warp) and the tile's tokens.
     max_rows: most query rows (group * q_seq_len) one CTA holds; larger groups tile over rows.
+    warp_rows: most query rows one warp computes (16 or 32): each K/V fragment a warp loads feeds
+      that many rows, at the cost of as many accumulators.
     """
 
     name: str
@@ -58,6 +60,7 @@ class TileConfig:
     stages: int = 3
     warps: int = 4
     max_rows: int = 64
+    warp_rows: int = 16
 
     def __post_init__(self) -> None:
         owner = f"TileConfig({self.name!r})"
@@ -67,9 +70,10 @@ class TileConfig:
         _check_choice(owner, "kv_tile", self.kv_tile, (16, 32, 64, 128))
         _check_int_range(owner, "stages", self.stages, 2, 8)
         _check_choice(owner, "max_rows", self.max_rows, (16, 32, 64, 128))
-        if self.max_rows // 16 > self.warps:
-            raise SpecError(f"{owner}.max_rows = {self.max_rows} needs {self.max_rows // 16} warps (16 rows each); "
-                            f"warps = {self.warps}")
+        _check_choice(owner, "warp_rows", self.warp_rows, (16, 32))
+        if self.max_rows // self.warp_rows > self.warps:
+            raise SpecError(f"{owner}.max_rows = {self.max_rows} needs {self.max_rows // self.warp_rows} warps "
+                            f"({self.warp_rows} rows each); warps = {self.warps}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -103,16 +107,29 @@ def tiles() -> dict[str, TileConfig]:
 # Shipped configurations (see default_tile); `deep` trades residency for a longer pipeline, and
 # `split` is what xqagen.dispatch picks for batches too small to fill the GPU without split-KV.
 register_tile(TileConfig("decode", kv_tile=64, stages=3, warps=4, max_rows=64))
+register_tile(TileConfig("decode_fp8", kv_tile=64, stages=3, warps=4, max_rows=64, warp_rows=32))
+register_tile(TileConfig("many_rows", kv_tile=64, stages=2, warps=4, max_rows=64))
 register_tile(TileConfig("deep", kv_tile=64, stages=5, warps=4, max_rows=64))
 register_tile(TileConfig("wide_head", kv_tile=64, stages=2, warps=4, max_rows=64))
 register_tile(TileConfig("split", kv_tile=128, stages=3, warps=8, max_rows=64))
 
 
-def default_tile(head_dim: int, kv_dtype: str) -> TileConfig:
-    """The shipped tile for a head size: `decode` (3 stages of 64 tokens) while K/V rows are at most
-    256 bytes, `wide_head` (2 stages) for 16-bit head_dim 256, whose 64-token stage is 64 KiB."""
-    kv_bytes = 1 if kv_dtype == "e4m3" else 2
-    return get_tile("wide_head" if head_dim * kv_bytes > 256 else "decode")
+def default_tile(head_dim: int, kv_dtype: str, rows: int = 1) -> TileConfig:
+    """The shipped tile of a variant with ``rows`` query rows per KV head (group * q_seq_len);
+    H100 measurements in docs/benchmarks.md.
+
+    - fp8 KV: `decode_fp8`, whose warps take 32 rows each where there are that many, so that every
+      K/V fragment is converted from fp8 once for 32 rows (group 32: 0.398 against 0.457 ms).
+    - 16-bit head_dim 256: `wide_head`, 2 stages, since a 64-token stage is 64 KiB.
+    - 16-bit KV and more than 32 rows (speculative decoding): `many_rows`, 2 stages (q_seq_len 8:
+      0.367 against 0.377 ms).
+    - Otherwise `decode`: 3 stages of 64 tokens.
+    """
+    if kv_dtype == "e4m3":
+        return get_tile("decode_fp8")
+    if head_dim > 128:
+        return get_tile("wide_head")
+    return get_tile("many_rows" if rows > 32 else "decode")
 
 
 @dataclass(frozen=True)
@@ -129,7 +146,7 @@ class KernelSpec:
     q_seq_len: int = 1
     features: frozenset = field(default_factory=frozenset)
     path: str = "generic"
-    tile: TileConfig | str | None = None  # None: default_tile(head_dim, kv_dtype)
+    tile: TileConfig | str | None = None  # None: default_tile(head_dim, kv_dtype, rows)
 
     def __post_init__(self) -> None:
         owner = "KernelSpec"
@@ -145,7 +162,7 @@ class KernelSpec:
         _check_choice(owner, "kv_layout", self.kv_layout, KV_LAYOUTS)
         _check_int_range(owner, "q_seq_len", self.q_seq_len, 1, MAX_Q_SEQ_LEN)
         if self.tile is None:
-            object.__setattr__(self, "tile", default_tile(self.head_dim, self.kv_dtype))
+            object.__setattr__(self, "tile", default_tile(self.head_dim, self.kv_dtype, self.group * self.q_seq_len))
         elif isinstance(self.tile, str):
             object.__setattr__(self, "tile", get_tile(self.tile))
         if not isinstance(self.tile, TileConfig):
