@@ -150,6 +150,16 @@ def test_precompiled_headers_speed_up_later_compiles_and_change_nothing(probe_sm
 
 # ---- the cache ----
 
+def test_ptx_for_a_virtual_architecture():
+    from xqagen.compiler import compile_ptx
+
+    ptx = compile_ptx(TINY_SOURCE, "tiny", "compute_80")
+    assert b".target sm_80" in ptx and b".entry tiny" in ptx and ptx.endswith(b"\0")
+    for arch in ("sm_80", "compute_7x", "compute_1"):
+        with pytest.raises(ValueError, match=f"invalid arch '{arch}'"):
+            compile_ptx(TINY_SOURCE, "tiny", arch)
+
+
 def test_cache_key_covers_source_options_arch_and_name(cache_dir: Path):
     baseline = compile_kernel(TINY_SOURCE, "tiny", "sm_80", cache_dir=cache_dir)
     assert not baseline.cache_hit

@@ -204,6 +204,10 @@ def _tolerance(case: Case) -> float:
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_matches_reference(case: Case):
+    _check_against_reference(case)
+
+
+def _check_against_reference(case: Case) -> None:
     from xqagen.api import xqa_decode
 
     q, k_cache, v_cache, page_table, seq_lens, kwargs = _inputs(case, seed=hash(case.id) % 2**31)
@@ -223,6 +227,33 @@ def test_matches_reference(case: Case):
     xqa_decode(q, k_cache, v_cache, page_table, seq_lens, out=out2, num_splits=case.num_splits, tile=case.tile,
                **kwargs)
     assert torch.equal(out.view(torch.uint8), out2.view(torch.uint8)), "non-deterministic output"
+
+
+# The sm_80 code path (software e4m3 conversion, no fp8 output instruction) on every kind of tile.
+SM80_CASES = [
+    replace(BASE, kv_dtype="e4m3", q_seq_len=4, mask="tree", sinks=True, window=900, num_splits=3),
+    replace(BASE, kv_dtype="e4m3", out_dtype="e4m3", group=32, kv_layout="HND", page_size=16),
+    replace(BASE, q_dtype="fp16", kv_dtype="e4m3", head_dim=256, seq_lens=(3001, 1)),
+    replace(BASE, q_dtype="fp16", kv_dtype="fp16", q_seq_len=8, mask="causal", seq_lens=(900, 33, 4000)),
+    replace(BASE, kv_dtype="e4m3", head_dim=64, seq_lens=(20011,)),  # dispatched to the split tile
+]
+
+
+@pytest.mark.parametrize("case", SM80_CASES, ids=lambda c: c.id)
+def test_sm80_code_path_through_ptx_jit(case: Case, monkeypatch):
+    """The kernels as NVRTC builds them for sm_80, run on this GPU through PTX the driver compiles."""
+    from xqagen import runtime
+    from xqagen.compiler import compile_ptx
+
+    def load_from_ptx(kernel: runtime.DecodeKernel, index: int) -> runtime._Loaded:
+        ptx = compile_ptx(kernel.emitted.source, kernel.emitted.kernel_name, "compute_80")
+        library, function = runtime.load_function(ptx, kernel.emitted.kernel_name, index,
+                                                  dynamic_smem_bytes=kernel.emitted.smem_bytes)
+        return runtime._Loaded(library, function, torch.cuda.get_device_properties(index).multi_processor_count)
+
+    monkeypatch.setattr(runtime.DecodeKernel, "_load", load_from_ptx)
+    monkeypatch.setattr(runtime, "_handles", {})  # handles made here load PTX and leave with the test
+    _check_against_reference(case)
 
 
 @pytest.mark.parametrize("kv_dtype, q_scale, kv_scale", [

@@ -257,6 +257,22 @@ def compile_kernel(source: str, kernel_name: str, arch: str, *, options: Sequenc
                           path=entry_path if stored else None, compile_seconds=time.perf_counter() - start)
 
 
+def compile_ptx(source: str, kernel_name: str, arch: str = "compute_80", *, options: Sequence[str] = ()) -> bytes:
+    """PTX of ``source`` for virtual architecture ``arch`` (``compute_<N>``), uncached.
+
+    The driver compiles PTX for the GPU it loads on (when its CUDA version is at least NVRTC's),
+    so this runs an older architecture's code path on a newer GPU: the GPU tests use it to run the
+    sm_80 kernels on sm_90.  Shipped kernels are CUBINs (:func:`compile_kernel`).
+    """
+    match = re.fullmatch(r"compute_(\d+)", arch)
+    if not match or int(match[1]) not in _supported_arch_numbers():
+        raise ValueError(f"invalid arch {arch!r}: expected compute_<N> with N one of "
+                         f"{', '.join(map(str, _supported_arch_numbers()))}")
+    _validate(kernel_name, f"sm_{match[1]}", options)
+    ptx, _ = _run_nvrtc(source, kernel_name, arch, _nvrtc_options(arch, options, target="ptx"), target="ptx")
+    return ptx.rstrip(b"\0") + b"\0"
+
+
 def _validate(kernel_name: str, arch: str, options: Sequence[str]) -> None:
     if not _KERNEL_NAME_RE.fullmatch(kernel_name):
         raise ValueError(f"kernel_name {kernel_name!r} is not a C identifier")
@@ -274,18 +290,18 @@ def _validate(kernel_name: str, arch: str, options: Sequence[str]) -> None:
                      f"with N one of {', '.join(map(str, supported))} (NVRTC {major}.{minor})")
 
 
-def _nvrtc_options(arch: str, extra: Sequence[str], *, use_pch: bool = False) -> list[str]:
+def _nvrtc_options(arch: str, extra: Sequence[str], *, use_pch: bool = False, target: str = "cubin") -> list[str]:
     program_options = ProgramOptions(
         arch=arch,
         std="c++17",
         device_as_default_execution_space=True,  # CUTLASS has functions with no __device__ annotation
         lineinfo=True,
-        ptxas_options=["-v"],  # puts the resource usage into the log
+        ptxas_options=["-v"] if target == "cubin" else None,  # puts the resource usage into the log
         no_cache=True,  # NVRTC's own cache (12.9+) returns hits with an empty log: no resource usage
         include_path=list(_include_dirs()),
         **(_PCH_OPTIONS if use_pch else {}),
     )
-    return [option.decode() for option in program_options.as_bytes("nvrtc", "cubin")] + [
+    return [option.decode() for option in program_options.as_bytes("nvrtc", target)] + [
         option.strip() for option in extra if option.strip()]
 
 
@@ -310,8 +326,9 @@ def _reserve_pch_heap() -> None:
             _check(nvrtc.nvrtcSetPCHHeapSize(_PCH_HEAP_BYTES))
 
 
-def _run_nvrtc(source: str, kernel_name: str, arch: str, options: list[str]) -> tuple[bytes, str]:
-    """(CUBIN, log) of one NVRTC compile; raises CompileError when it fails."""
+def _run_nvrtc(source: str, kernel_name: str, arch: str, options: list[str], *,
+               target: str = "cubin") -> tuple[bytes, str]:
+    """(CUBIN or PTX, log) of one NVRTC compile; raises CompileError when it fails."""
     program_name = f"{kernel_name}.cu"
     encoded = [option.encode() for option in options]
     program = _check(nvrtc.nvrtcCreateProgram(source.encode(), program_name.encode(), 0, [], []))
@@ -324,6 +341,10 @@ def _run_nvrtc(source: str, kernel_name: str, arch: str, options: list[str]) -> 
         if status != nvrtc.nvrtcResult.NVRTC_SUCCESS:
             raise CompileError(_describe_failure(source, program_name, kernel_name, arch, log),
                                kernel_name=kernel_name, arch=arch, log=log)
+        if target == "ptx":
+            ptx = bytearray(_check(nvrtc.nvrtcGetPTXSize(program)))
+            _check(nvrtc.nvrtcGetPTX(program, ptx))
+            return bytes(ptx), log
         cubin = bytearray(_check(nvrtc.nvrtcGetCUBINSize(program)))
         _check(nvrtc.nvrtcGetCUBIN(program, cubin))
         return bytes(cubin), log
