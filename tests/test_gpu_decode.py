@@ -300,6 +300,44 @@ def test_cuda_graph_capture_and_replay():
         assert relative_l2_error(out.float(), ref) < TOLERANCE["fp8"], f"replay {trial}"
 
 
+@pytest.mark.parametrize("graph", [False, True], ids=["eager", "graph"])
+def test_programmatic_dependent_launches_wait_for_their_inputs(graph):
+    """With programmatic dependent launch, each decode reads the output of the one before it as its
+    query (and shares its split-KV workspace): a launch that read memory before its predecessor's
+    writes were visible would be off the reference."""
+    from xqagen.api import prepare_decode
+    from xqagen.runtime import supports_pdl
+
+    if not supports_pdl(torch.device("cuda")):
+        pytest.skip("programmatic dependent launch needs sm_90+")
+    case = replace(BASE, kv_dtype="e4m3", seq_lens=(20000, 3000), num_splits=8, sinks=True)
+    q, k_cache, v_cache, page_table, seq_lens, kwargs = _inputs(case, seed=13)
+    chain = [q] + [torch.full_like(q, float("nan")) for _ in range(4)]
+    calls = [prepare_decode(src, k_cache, v_cache, page_table, seq_lens, out=dst, num_splits=8, enable_pdl=True,
+                            **kwargs) for src, dst in zip(chain, chain[1:])]
+    for call in calls:  # load every kernel before timing-sensitive launches or capture
+        call.launch()
+    torch.cuda.synchronize()
+    for t in chain[1:]:
+        t.fill_(float("nan"))
+    if graph:
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for call in calls:
+                call.launch()
+        for t in chain[1:]:
+            t.fill_(float("nan"))
+        g.replay()
+    else:
+        for call in calls:
+            call.launch()
+    torch.cuda.synchronize()
+    for step, (src, dst) in enumerate(zip(chain, chain[1:])):
+        ref = xqa_reference(src, k_cache, v_cache, page_table, seq_lens, num_kv_heads=case.num_kv_heads,
+                            out_dtype=torch.float32, **kwargs)
+        assert relative_l2_error(dst.float(), ref) < TOLERANCE["fp8"], f"launch {step}"
+
+
 def test_split_kv_is_exact_across_split_counts():
     """Every split count computes the same function (merges are exact up to fp32 rounding)."""
     from xqagen.api import xqa_decode

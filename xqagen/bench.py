@@ -7,7 +7,9 @@ CUDA events around single eager launches (which also count any host launch time 
 for).  When a case's KV cache is small enough to stay in L2, launches rotate over several input
 copies.  Reported: milliseconds, KV bandwidth (KV bytes read / time) against the copy bandwidth
 (bytes read + written / time of a large ``copy_``) and the streaming-read bandwidth (a plain
-read kernel over 1 GiB), and speed ratios (FlashInfer time / ours) for both timings.
+read kernel over 1 GiB), and speed ratios (FlashInfer time / ours) for both timings.  Both libraries
+launch with programmatic dependent launch where the GPU supports it (each one's default), or both
+without it (``--no-pdl``).
 """
 
 from __future__ import annotations
@@ -197,19 +199,19 @@ class _Inputs:
         self.mask = causal_mask(case.batch, case.q_seq_len, device=device) if case.q_seq_len > 1 else None
 
 
-def _run_xqagen(case: BenchCase, inputs: _Inputs, num_splits: int | None):
+def _run_xqagen(case: BenchCase, inputs: _Inputs, num_splits: int | None, pdl: bool):
     """(launch(i) on input copy i, output, split count); validation stays out of the timed loop."""
     from .api import prepare_decode
 
     out = torch.empty_like(inputs.q)
     calls = [prepare_decode(inputs.q, k, v, pt, inputs.seq_lens, out=out, kv_scale=inputs.kv_scale,
                             sinks=inputs.sinks, sliding_window=case.window, mask=inputs.mask,
-                            num_splits=num_splits)
+                            num_splits=num_splits, enable_pdl=pdl)
              for k, v, pt in inputs.sets]
     return (lambda i: calls[i].launch()), out, calls[0].num_splits
 
 
-def _run_flashinfer(case: BenchCase, inputs: _Inputs, path: str):
+def _run_flashinfer(case: BenchCase, inputs: _Inputs, path: str, pdl: bool):
     """(launch(i) on input copy i, output) of FlashInfer's XQA ``path`` ("generic" or "sm90")."""
     fx = importlib.import_module("flashinfer.xqa")  # the package re-exports a function named xqa
     device = inputs.q.device
@@ -227,7 +229,7 @@ def _run_flashinfer(case: BenchCase, inputs: _Inputs, path: str):
         k, v, pt = inputs.sets[i]
         module.xqa(path == "sm90", sm_count, case.num_kv_heads, case.window, 1.0, out, 1.0, inputs.q,
                    inputs.sinks, k, v, pt, max_seq_len, seq_lens, case.batch, inputs.kv_scale, semaphores,
-                   workspace, False, case.q_seq_len, mask)
+                   workspace, pdl, case.q_seq_len, mask)
 
     return launch, out
 
@@ -254,10 +256,10 @@ def prebuild_flashinfer(cases: list[BenchCase]) -> None:
 
 
 def run_case(case: BenchCase, copy_tbps: float, read_tbps: float, *, flashinfer: bool,
-             num_splits: int | None = None, l2_bytes: int = 0) -> BenchResult:
+             num_splits: int | None = None, l2_bytes: int = 0, pdl: bool = False) -> BenchResult:
     copies = max(1, min(4, math.ceil(4 * l2_bytes / case.kv_bytes))) if l2_bytes else 1
     inputs = _Inputs(case, copies)
-    launch, out, splits = _run_xqagen(case, inputs, num_splits)
+    launch, out, splits = _run_xqagen(case, inputs, num_splits, pdl)
     ms = time_cuda_graph(_rotating(launch, copies))
     kv_tbps = case.kv_bytes / ms / 1e9
     result = BenchResult(case, ms, time_cuda(_rotating(launch, copies)), kv_tbps, kv_tbps / copy_tbps,
@@ -266,7 +268,7 @@ def run_case(case: BenchCase, copy_tbps: float, read_tbps: float, *, flashinfer:
         launch(0)
         ours = out.float()
         for path in case.flashinfer_paths:
-            fi_launch, fi_out = _run_flashinfer(case, inputs, path)
+            fi_launch, fi_out = _run_flashinfer(case, inputs, path, pdl)
             fi_launch(0)
             torch.cuda.synchronize()
             result.flashinfer_rel_diff[path] = relative_l2_error(ours, fi_out.float())
@@ -303,6 +305,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--list", action="store_true", help="list the cases and exit")
     parser.add_argument("--no-flashinfer", action="store_true", help="skip FlashInfer even if installed")
     parser.add_argument("--num-splits", type=int, default=None, help="force the split-KV count")
+    parser.add_argument("--no-pdl", action="store_true",
+                        help="launch both libraries without programmatic dependent launch (default: with it "
+                             "where the GPU supports it, as both libraries do by default)")
     parser.add_argument("--json", help="also write one JSON object per case to this file")
     args = parser.parse_args(argv)
     if args.list:
@@ -326,19 +331,24 @@ def main(argv: list[str] | None = None) -> int:
     props = torch.cuda.get_device_properties(0)
     if flashinfer:
         prebuild_flashinfer(cases)
+    from .runtime import supports_pdl
+
+    pdl = not args.no_pdl and supports_pdl(torch.device("cuda"))
     copy_tbps = copy_bandwidth_tbps()
     read_tbps = read_bandwidth_tbps()
     results = []
     for case in cases:
         result = run_case(case, copy_tbps, read_tbps, flashinfer=flashinfer, num_splits=args.num_splits,
-                          l2_bytes=getattr(props, "L2_cache_size", 0))
+                          l2_bytes=getattr(props, "L2_cache_size", 0), pdl=pdl)
         results.append(result)
         print(format_table([result], copy_tbps, read_tbps, props.name).splitlines()[-1], flush=True)
         torch.cuda.empty_cache()
     print(format_table(results, copy_tbps, read_tbps, props.name))
+    print(f"programmatic dependent launch: {'on' if pdl else 'off'} for both libraries")
     if args.json:
         with open(args.json, "w") as f:
-            f.write(json.dumps({"device": props.name, "copy_TBps": copy_tbps, "read_TBps": read_tbps}) + "\n")
+            f.write(json.dumps({"device": props.name, "copy_TBps": copy_tbps, "read_TBps": read_tbps,
+                                "pdl": pdl}) + "\n")
             for r in results:
                 f.write(json.dumps(r.row()) + "\n")
     return 0

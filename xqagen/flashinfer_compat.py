@@ -6,7 +6,8 @@ same signatures, same argument conventions (uint32 ``seq_lens``, uint16 masks, c
 workspace and semaphores), same results.  Differences, all of them relaxations:
 
 * any sm_80+ GPU (FlashInfer's XQA needs sm_90+), and sinks combine with speculative decoding;
-* ``sm_count`` only informs the split-KV heuristic; ``enable_pdl`` is accepted and ignored;
+* ``sm_count`` only informs the split-KV heuristic; ``enable_pdl`` (programmatic dependent launch)
+  defaults, as in FlashInfer, to whether the GPU supports it (sm_90+);
 * every argument is validated before the launch (FlashInfer asserts on a few).
 """
 
@@ -49,7 +50,6 @@ def xqa(
 
     ``semaphores`` (uint32) must be zero before the first call; every call leaves them zero.
     """
-    del enable_pdl  # programmatic dependent launch is not used
     if not isinstance(q, torch.Tensor):
         raise TypeError(f"q: expected a torch.Tensor, got {type(q).__name__}")
     inferred = q.shape[2] if q.dim() == 5 else 1
@@ -66,7 +66,7 @@ def xqa(
     workspace = _workspace(workspace_buffer, semaphores)
     prepare_decode(q, k_cache, v_cache, page_table, seq_lens, out=output, kv_layout=kv_layout, q_scale=q_scale,
                    kv_scale=kv_scale, rcp_out_scale=rcp_out_scale, sinks=sinks, sliding_window=sliding_win_size,
-                   mask=mask, workspace=workspace, sm_count=sm_count).launch()
+                   mask=mask, workspace=workspace, sm_count=sm_count, enable_pdl=enable_pdl).launch()
 
 
 def xqa_batch_decode_with_kv_cache(
@@ -96,7 +96,7 @@ def xqa_batch_decode_with_kv_cache(
     ``kv_scale = bmm2_scale * o_scale``, ``q_scale = bmm1_scale / kv_scale * sqrt(head_dim)``,
     ``rcp_out_scale = 1 / o_scale``.
     """
-    del enable_pdl, max_seq_len  # the page table's width bounds the sequences
+    del max_seq_len  # the page table's width bounds the sequences
     if isinstance(kv_cache, tuple):
         k_cache, v_cache = kv_cache
     else:
@@ -135,7 +135,7 @@ def xqa_batch_decode_with_kv_cache(
     prepare_decode(q, k_cache, v_cache, block_tables, seq_lens, out=out.unsqueeze(1), kv_layout=kv_layout,
                    q_scale=q_scale, kv_scale=kv_scale, rcp_out_scale=1.0 / o_scale, sinks=sinks_2d,
                    sliding_window=window_left + 1 if window_left >= 0 else 0, mask=mask,
-                   workspace=workspace).launch()
+                   workspace=workspace, enable_pdl=enable_pdl).launch()
     return out
 
 

@@ -1,7 +1,7 @@
 """Launch handles: load a variant's cubin once per device and launch it on torch's current stream.
 
 The launch path does no host synchronisation and no allocation: it packs one parameter struct
-(``xqagen.emitters.params``) and calls ``cuLaunchKernel``, so launches can be captured in CUDA
+(``xqagen.emitters.params``) and calls ``cuLaunchKernelEx``, so launches can be captured in CUDA
 graphs.  Tensor validation happens one level up, in :mod:`xqagen.api`.
 """
 
@@ -147,29 +147,48 @@ class DecodeKernel:
 
     # ---- launch ----
     def bind(self, params: KernelParams, *, batch: int, num_kv_heads: int, num_splits: int,
-             device: torch.device) -> "BoundLaunch":
+             device: torch.device, pdl: bool = False) -> "BoundLaunch":
         """A ready-to-launch call with packed parameters; arguments must already be validated
-        (see xqagen.api)."""
-        return BoundLaunch(self, params, (num_splits, num_kv_heads * self.plan.row_tiles, batch), device)
+        (see xqagen.api).  ``pdl``: launch with programmatic dependent launch (sm_90+)."""
+        return BoundLaunch(self, params, (num_splits, num_kv_heads * self.plan.row_tiles, batch), device, pdl=pdl)
+
+
+def supports_pdl(device: torch.device) -> bool:
+    """Programmatic dependent launch needs sm_90 or newer."""
+    return torch.cuda.get_device_capability(device)[0] >= 9
 
 
 class BoundLaunch:
-    """One kernel, grid and parameter struct with everything cuLaunchKernel needs resolved once,
-    so a repeated launch costs one driver call (and reading torch's current stream)."""
+    """One kernel, grid and parameter struct with everything the launch needs resolved once, so a
+    repeated launch costs one driver call (and reading torch's current stream).
+
+    With ``pdl``, launches carry the programmatic-stream-serialization attribute: the kernel may
+    begin while the previous kernel on the stream finishes, and waits (``griddepcontrol.wait``)
+    for that kernel's writes before it touches memory."""
 
     def __init__(self, kernel: DecodeKernel, params: KernelParams, grid: tuple[int, int, int],
-                 device: torch.device):
+                 device: torch.device, *, pdl: bool = False):
         self.device = device
         self.params = params  # kept alive: the driver reads it through the pointer array below
         self._param_ptrs = (ctypes.c_void_p * 1)(ctypes.addressof(params))  # kept alive likewise
         self._param_ptrs_address = ctypes.addressof(self._param_ptrs)
         self._function = kernel.load(device).function
-        self._config = (*grid, kernel.emitted.threads, 1, 1, kernel.emitted.smem_bytes)
+        config = driver.CUlaunchConfig()
+        config.gridDimX, config.gridDimY, config.gridDimZ = grid
+        config.blockDimX, config.blockDimY, config.blockDimZ = kernel.emitted.threads, 1, 1
+        config.sharedMemBytes = kernel.emitted.smem_bytes
+        if pdl:
+            attribute = driver.CUlaunchAttribute()
+            attribute.id = driver.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+            attribute.value.programmaticStreamSerializationAllowed = 1
+            config.attrs = [attribute]
+            config.numAttrs = 1
+        self._config = config
 
     def __call__(self, stream: torch.cuda.Stream | None = None) -> None:
         stream = torch.cuda.current_stream(self.device) if stream is None else stream
-        _check(driver.cuLaunchKernel(self._function, *self._config, stream.cuda_stream,
-                                     self._param_ptrs_address, 0))
+        self._config.hStream = stream.cuda_stream
+        _check(driver.cuLaunchKernelEx(self._config, self._function, self._param_ptrs_address, 0))
 
 
 _handles: dict[tuple[KernelSpec, Path | None], DecodeKernel] = {}

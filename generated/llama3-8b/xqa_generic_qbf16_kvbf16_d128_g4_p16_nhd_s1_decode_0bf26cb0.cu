@@ -271,6 +271,13 @@ xqa_generic_qbf16_kvbf16_d128_g4_p16_nhd_s1_decode_0bf26cb0(Params const p) {
   int const split = blockIdx.x;
   int const kv_head = blockIdx.y / kRowTiles, row_tile = blockIdx.y % kRowTiles;
   int const batch = blockIdx.z;
+#if __CUDA_ARCH__ >= 900
+  // Programmatic dependent launch (no-ops unless launched with it): the next kernel's CTAs may
+  // start as these retire, and nothing below reads or writes memory before the previous kernel's
+  // writes are visible.
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
 
   // ---- this CTA's KV range: the split's share of the visible tiles ----
   int const seq_len = p.seq_lens[batch * p.seq_lens_stride];
