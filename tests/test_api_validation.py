@@ -84,7 +84,7 @@ CASES = {
     "q_scale tensor": (_set("q_scale", torch.ones(2)), "q_scale: expected a float or a one-element float32 tensor"),
     "num_splits": (_set("num_splits", 0), "num_splits: expected None or an integer >= 1"),
     "sm_count": (_set("sm_count", 0), "sm_count: expected None or an integer >= 1"),
-    "enable_pdl": (_set("enable_pdl", 1), "enable_pdl: expected None or a bool"),
+    "enable_pdl": (_set("enable_pdl", None), "enable_pdl: expected a bool"),
 }
 
 

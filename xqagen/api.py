@@ -79,7 +79,7 @@ def xqa_decode(
     num_splits: int | None = None,
     workspace: Workspace | None = None,
     tile: TileConfig | str | None = None,
-    enable_pdl: bool | None = None,
+    enable_pdl: bool = False,
     validate: bool = True,
     cache_dir: Path | None = None,
 ) -> torch.Tensor:
@@ -92,9 +92,9 @@ def xqa_decode(
     mask (q_seq_len > 1): packed words ``[batch, q_seq_len, ceil(q_seq_len / 32)]`` (int32/uint32),
     or FlashInfer's uint16 view of the same bytes.  sinks: float32 ``[num_kv_heads, group]``.
     num_splits: split-KV count (None: chosen from the grid, the SM count and max sequence length).
-    enable_pdl: programmatic dependent launch (None: where the GPU supports it, sm_90+, as FlashInfer
-    does); the kernel may then start while the previous kernel on the stream finishes, and waits
-    for its writes before reading anything.
+    enable_pdl: programmatic dependent launch (sm_90+): the kernel may start while the previous
+    kernel on the stream finishes, and waits for its writes before reading anything.  Off by
+    default: back-to-back decodes measured slower with it on an H100 (docs/benchmarks.md).
     Returns ``out`` (allocated when not given) with q's shape.
     """
     return prepare_decode(q, k_cache, v_cache, page_table, seq_lens, out=out, out_dtype=out_dtype,
@@ -125,7 +125,7 @@ class DecodeCall:
 
 def prepare_decode(q, k_cache, v_cache, page_table, seq_lens, *, out=None, out_dtype=None, kv_layout="NHD",
                    q_scale=1.0, kv_scale=1.0, rcp_out_scale=1.0, sinks=None, sliding_window=0, mask=None,
-                   num_splits=None, workspace=None, tile=None, enable_pdl=None, validate=True, cache_dir=None,
+                   num_splits=None, workspace=None, tile=None, enable_pdl=False, validate=True, cache_dir=None,
                    sm_count=None) -> DecodeCall:
     """Validate the arguments of :func:`xqa_decode` and pick its kernel, without launching."""
     _check_tensor("q", q, device=None, dtypes=(torch.float16, torch.bfloat16), ndims=(4, 5))
@@ -232,8 +232,8 @@ def prepare_decode(q, k_cache, v_cache, page_table, seq_lens, *, out=None, out_d
                       page_size=page_size, kv_layout=kv_layout, q_seq_len=q_seq_len,
                       features=frozenset(features), tile=tile)
 
-    if enable_pdl is not None and not isinstance(enable_pdl, bool):
-        _fail("enable_pdl", "None or a bool", repr(enable_pdl))
+    if not isinstance(enable_pdl, bool):
+        _fail("enable_pdl", "a bool", repr(enable_pdl))
     if sm_count is not None and (not isinstance(sm_count, int) or isinstance(sm_count, bool) or sm_count < 1):
         _fail("sm_count", "None or an integer >= 1", repr(sm_count))
     if num_splits is not None and (not isinstance(num_splits, int) or isinstance(num_splits, bool) or num_splits < 1):
@@ -245,8 +245,7 @@ def prepare_decode(q, k_cache, v_cache, page_table, seq_lens, *, out=None, out_d
         _fail("q", "CUDA tensors (the kernels run on NVIDIA GPUs)", f"tensors on {device}")
 
     workspace = default_workspace(device) if workspace is None else workspace
-    pdl = supports_pdl(device) if enable_pdl is None else enable_pdl
-    if pdl and not supports_pdl(device):
+    if enable_pdl and not supports_pdl(device):
         _fail("enable_pdl", "False or None on a GPU older than sm_90 (programmatic dependent launch needs sm_90+)",
               f"True on {torch.cuda.get_device_name(device)}")
 
@@ -281,7 +280,7 @@ def prepare_decode(q, k_cache, v_cache, page_table, seq_lens, *, out=None, out_d
     )
     return DecodeCall(spec, kernel, splits, out,
                       kernel.bind(params, batch=batch, num_kv_heads=num_kv_heads, num_splits=splits, device=device,
-                                  pdl=pdl))
+                                  pdl=enable_pdl))
 
 
 def _check_values(seq_lens, page_table, page_size, num_pages, q_seq_len) -> None:

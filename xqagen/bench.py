@@ -8,8 +8,7 @@ for).  When a case's KV cache is small enough to stay in L2, launches rotate ove
 copies.  Reported: milliseconds, KV bandwidth (KV bytes read / time) against the copy bandwidth
 (bytes read + written / time of a large ``copy_``) and the streaming-read bandwidth (a plain
 read kernel over 1 GiB), and speed ratios (FlashInfer time / ours) for both timings.  Both libraries
-launch with programmatic dependent launch where the GPU supports it (each one's default), or both
-without it (``--no-pdl``).
+launch without programmatic dependent launch, or both with it (``--pdl``, sm_90+).
 """
 
 from __future__ import annotations
@@ -305,9 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--list", action="store_true", help="list the cases and exit")
     parser.add_argument("--no-flashinfer", action="store_true", help="skip FlashInfer even if installed")
     parser.add_argument("--num-splits", type=int, default=None, help="force the split-KV count")
-    parser.add_argument("--no-pdl", action="store_true",
-                        help="launch both libraries without programmatic dependent launch (default: with it "
-                             "where the GPU supports it, as both libraries do by default)")
+    parser.add_argument("--pdl", action="store_true",
+                        help="launch both libraries with programmatic dependent launch (sm_90+)")
     parser.add_argument("--json", help="also write one JSON object per case to this file")
     args = parser.parse_args(argv)
     if args.list:
@@ -333,7 +331,9 @@ def main(argv: list[str] | None = None) -> int:
         prebuild_flashinfer(cases)
     from .runtime import supports_pdl
 
-    pdl = not args.no_pdl and supports_pdl(torch.device("cuda"))
+    pdl = args.pdl
+    if pdl and not supports_pdl(torch.device("cuda")):
+        parser.error("--pdl needs an sm_90+ GPU")
     copy_tbps = copy_bandwidth_tbps()
     read_tbps = read_bandwidth_tbps()
     results = []

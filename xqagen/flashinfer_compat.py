@@ -6,8 +6,10 @@ same signatures, same argument conventions (uint32 ``seq_lens``, uint16 masks, c
 workspace and semaphores), same results.  Differences, all of them relaxations:
 
 * any sm_80+ GPU (FlashInfer's XQA needs sm_90+), and sinks combine with speculative decoding;
-* ``sm_count`` only informs the split-KV heuristic; ``enable_pdl`` (programmatic dependent launch)
-  defaults, as in FlashInfer, to whether the GPU supports it (sm_90+);
+* ``sm_count`` only informs the split-KV heuristic;
+* ``enable_pdl`` (programmatic dependent launch, sm_90+) is honoured, but ``None`` means off where
+  FlashInfer turns it on: back-to-back decodes of both libraries measured slower with it on an H100
+  (docs/benchmarks.md);
 * every argument is validated before the launch (FlashInfer asserts on a few).
 """
 
@@ -66,7 +68,7 @@ def xqa(
     workspace = _workspace(workspace_buffer, semaphores)
     prepare_decode(q, k_cache, v_cache, page_table, seq_lens, out=output, kv_layout=kv_layout, q_scale=q_scale,
                    kv_scale=kv_scale, rcp_out_scale=rcp_out_scale, sinks=sinks, sliding_window=sliding_win_size,
-                   mask=mask, workspace=workspace, sm_count=sm_count, enable_pdl=enable_pdl).launch()
+                   mask=mask, workspace=workspace, sm_count=sm_count, enable_pdl=bool(enable_pdl)).launch()
 
 
 def xqa_batch_decode_with_kv_cache(
@@ -135,7 +137,7 @@ def xqa_batch_decode_with_kv_cache(
     prepare_decode(q, k_cache, v_cache, block_tables, seq_lens, out=out.unsqueeze(1), kv_layout=kv_layout,
                    q_scale=q_scale, kv_scale=kv_scale, rcp_out_scale=1.0 / o_scale, sinks=sinks_2d,
                    sliding_window=window_left + 1 if window_left >= 0 else 0, mask=mask,
-                   workspace=workspace, enable_pdl=enable_pdl).launch()
+                   workspace=workspace, enable_pdl=bool(enable_pdl)).launch()
     return out
 
 
