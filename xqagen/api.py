@@ -246,7 +246,7 @@ def prepare_decode(q, k_cache, v_cache, page_table, seq_lens, *, out=None, out_d
 
     workspace = default_workspace(device) if workspace is None else workspace
     if enable_pdl and not supports_pdl(device):
-        _fail("enable_pdl", "False or None on a GPU older than sm_90 (programmatic dependent launch needs sm_90+)",
+        _fail("enable_pdl", "False on a GPU older than sm_90 (programmatic dependent launch needs sm_90+)",
               f"True on {torch.cuda.get_device_name(device)}")
 
     # The KV range a CTA row walks: the whole sequence, or the window's last W positions.
