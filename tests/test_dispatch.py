@@ -53,3 +53,13 @@ def test_split_tile_keeps_every_other_field():
     split = split_variant(spec)
     assert split.tile.name == SPLIT_TILE
     assert {**split.to_dict(), "tile": None} == {**spec.to_dict(), "tile": None}
+
+
+def test_kv_range_is_the_window_when_there_is_one():
+    from xqagen.dispatch import kv_range
+
+    assert kv_range(32768, 0) == 32768
+    assert kv_range(32768, 4096) == 4096
+    assert kv_range(1024, 4096) == 1024
+    # a 4096-token window keeps the default tile where the page table alone would pick the split tile
+    assert choose_spec(FP8, 1, 8, kv_range(32768, 4096), H100_SMS).tile.name == "decode_fp8"

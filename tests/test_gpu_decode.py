@@ -76,14 +76,13 @@ class Case:
 
     def launched_spec(self, sm_count: int):
         """The variant xqa_decode runs for this case (the tile dispatch applied to its shape)."""
-        from xqagen.dispatch import choose_spec
+        from xqagen.dispatch import choose_spec, kv_range
 
         if self.tile:
             return self.spec()
-        max_pages = -(-max(self.seq_lens) // self.page_size)
-        kv_len = max_pages * self.page_size
-        kv_len = min(kv_len, self.window) if self.window else kv_len
-        return choose_spec(self.spec(), len(self.seq_lens), self.num_kv_heads, kv_len, sm_count)
+        page_capacity = -(-max(self.seq_lens) // self.page_size) * self.page_size  # make_paged_kv's table
+        return choose_spec(self.spec(), len(self.seq_lens), self.num_kv_heads,
+                           kv_range(page_capacity, self.window), sm_count)
 
 
 BASE = Case()
@@ -249,7 +248,7 @@ def test_sm80_code_path_through_ptx_jit(case: Case, monkeypatch):
         ptx = compile_ptx(kernel.emitted.source, kernel.emitted.kernel_name, "compute_80")
         library, function = runtime.load_function(ptx, kernel.emitted.kernel_name, index,
                                                   dynamic_smem_bytes=kernel.emitted.smem_bytes)
-        return runtime._Loaded(library, function, torch.cuda.get_device_properties(index).multi_processor_count)
+        return runtime._Loaded(library, function)
 
     monkeypatch.setattr(runtime.DecodeKernel, "_load", load_from_ptx)
     monkeypatch.setattr(runtime, "_handles", {})  # handles made here load PTX and leave with the test

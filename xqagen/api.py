@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .emitters.params import KernelParams
-from .dispatch import choose_spec
+from .dispatch import choose_spec, kv_range
 from .runtime import BoundLaunch, DecodeKernel, Workspace, default_workspace, get_kernel, supports_pdl
 from .spec import HEAD_DIMS, MAX_GROUP, MAX_Q_SEQ_LEN, PAGE_SIZES, KernelSpec, TileConfig
 
@@ -249,8 +249,7 @@ def prepare_decode(q, k_cache, v_cache, page_table, seq_lens, *, out=None, out_d
         _fail("enable_pdl", "False on a GPU older than sm_90 (programmatic dependent launch needs sm_90+)",
               f"True on {torch.cuda.get_device_name(device)}")
 
-    # The KV range a CTA row walks: the whole sequence, or the window's last W positions.
-    kv_len = min(max_seq_len, sliding_window) if sliding_window else max_seq_len
+    kv_len = kv_range(max_seq_len, sliding_window)
     if sm_count is None:
         sm_count = torch.cuda.get_device_properties(device).multi_processor_count
     if tile is None:
@@ -258,7 +257,7 @@ def prepare_decode(q, k_cache, v_cache, page_table, seq_lens, *, out=None, out_d
     kernel = get_kernel(spec, cache_dir=cache_dir)
     splits = num_splits
     if splits is None:
-        splits = kernel.choose_splits(batch, num_kv_heads, kv_len, device, workspace, sm_count=sm_count)
+        splits = kernel.choose_splits(batch, num_kv_heads, kv_len, sm_count, workspace)
     elif splits > kernel.max_splits(batch, num_kv_heads, workspace):
         _fail("num_splits", f"at most {kernel.max_splits(batch, num_kv_heads, workspace)} "
               "for this workspace and grid", splits)

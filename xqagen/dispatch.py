@@ -30,6 +30,12 @@ MAX_SPLITS = 128
 SPLIT_TILE = "split"
 
 
+def kv_range(page_capacity: int, sliding_window: int) -> int:
+    """The longest KV range one CTA row walks: the page table's capacity in tokens, or the
+    window's last ``sliding_window`` positions (0: no window)."""
+    return min(page_capacity, sliding_window) if sliding_window else page_capacity
+
+
 def split_variant(spec: KernelSpec) -> KernelSpec | None:
     """``spec`` on the split tile, or None where that tile does not fit the variant (a 16-bit
     head_dim 256 stage exceeds shared memory) or the variant is not on the generic path."""

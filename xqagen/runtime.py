@@ -60,7 +60,6 @@ def load_function(cubin: bytes, kernel_name: str, device_index: int, *,
 class _Loaded:
     library: driver.CUlibrary
     function: driver.CUfunction
-    sm_count: int
 
 
 class Workspace:
@@ -125,15 +124,14 @@ class DecodeKernel:
                                   cache_dir=self._cache_dir)
         library, function = load_function(compiled.cubin, self.emitted.kernel_name, index,
                                           dynamic_smem_bytes=self.emitted.smem_bytes)
-        return _Loaded(library, function, torch.cuda.get_device_properties(index).multi_processor_count)
+        return _Loaded(library, function)
 
     # ---- split-KV ----
-    def choose_splits(self, batch: int, num_kv_heads: int, kv_len: int, device: torch.device,
-                      workspace: Workspace | None = None, *, sm_count: int | None = None) -> int:
-        """xqagen.dispatch.auto_splits for this device (or ``sm_count`` SMs when a caller shares the
-        GPU), within what the workspace holds."""
-        splits = auto_splits(self.spec, batch, num_kv_heads, kv_len, sm_count or self.load(device).sm_count)
-        return min(splits, self.max_splits(batch, num_kv_heads, workspace))
+    def choose_splits(self, batch: int, num_kv_heads: int, kv_len: int, sm_count: int,
+                      workspace: Workspace | None = None) -> int:
+        """xqagen.dispatch.auto_splits on ``sm_count`` SMs, within what the workspace holds."""
+        return min(auto_splits(self.spec, batch, num_kv_heads, kv_len, sm_count),
+                   self.max_splits(batch, num_kv_heads, workspace))
 
     def max_splits(self, batch: int, num_kv_heads: int, workspace: Workspace | None) -> int:
         """Most splits the workspace can hold for this grid (1 without a workspace)."""
@@ -184,10 +182,13 @@ class BoundLaunch:
             config.attrs = [attribute]
             config.numAttrs = 1
         self._config = config
+        self._stream_handle = None  # the stream the config holds; set again only when it changes
 
     def __call__(self, stream: torch.cuda.Stream | None = None) -> None:
         stream = torch.cuda.current_stream(self.device) if stream is None else stream
-        self._config.hStream = stream.cuda_stream
+        if stream.cuda_stream != self._stream_handle:
+            self._stream_handle = stream.cuda_stream
+            self._config.hStream = self._stream_handle
         _check(driver.cuLaunchKernelEx(self._config, self._function, self._param_ptrs_address, 0))
 
 
