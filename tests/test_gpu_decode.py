@@ -16,12 +16,12 @@ from dataclasses import dataclass, replace
 import pytest
 import torch
 
+from xqagen.api import TORCH_DTYPES
 from xqagen.masks import causal_mask, random_tree_mask
 from xqagen.reference import FP8_VALUE_SCALE, make_paged_kv, relative_l2_error, xqa_reference
 
 pytestmark = pytest.mark.gpu
 
-TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "e4m3": torch.float8_e4m3fn}
 # Relative L2 error bounds (issue contract): bf16/fp16 rounding of the output and of P.
 TOLERANCE = {"16bit": 5e-3, "fp8": 1e-2, "fp8_out": 4e-2}
 

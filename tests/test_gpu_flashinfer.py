@@ -14,6 +14,7 @@ import math
 import pytest
 import torch
 
+from xqagen.api import TORCH_DTYPES
 from xqagen.masks import as_flashinfer_mask, causal_mask, random_tree_mask
 from xqagen.reference import FP8_VALUE_SCALE, make_paged_kv, relative_l2_error, xqa_reference
 
@@ -40,7 +41,7 @@ def _inputs(kv, out_dtype, head_dim, group, page, layout, q_seq_len, mask_kind, 
     device = torch.device("cuda")
     gen = torch.Generator(device=device).manual_seed(seed)
     num_kv_heads, lens = 2, [1500, 77, 3001]
-    dtype = {"bf16": torch.bfloat16, "e4m3": torch.float8_e4m3fn}[kv]
+    dtype = TORCH_DTYPES[kv]
     k, v, pt = make_paged_kv(len(lens), lens, num_kv_heads, head_dim, page, dtype, layout, generator=gen,
                              device=device)
     shape = (len(lens), 1, num_kv_heads * group, head_dim) if q_seq_len == 1 else \
@@ -57,7 +58,7 @@ def _inputs(kv, out_dtype, head_dim, group, page, layout, q_seq_len, mask_kind, 
         sinks=torch.randn(num_kv_heads, group, generator=gen, device=device) if sinks else None,
         sliding_win_size=window, q_scale=0.7, kv_scale=1.3 / FP8_VALUE_SCALE if kv == "e4m3" else 1.0,
         rcp_out_scale=2.0 if out_dtype == "e4m3" else 1.0,
-        out_dtype={"bf16": torch.bfloat16, "e4m3": torch.float8_e4m3fn}[out_dtype],
+        out_dtype=TORCH_DTYPES[out_dtype],
     )
 
 

@@ -19,7 +19,9 @@ from .dispatch import choose_spec, kv_range
 from .runtime import BoundLaunch, DecodeKernel, Workspace, default_workspace, get_kernel, supports_pdl
 from .spec import HEAD_DIMS, MAX_GROUP, MAX_Q_SEQ_LEN, PAGE_SIZES, KernelSpec, TileConfig
 
-DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float8_e4m3fn: "e4m3"}
+# The torch dtype of each KernelSpec dtype name, and back.
+TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "e4m3": torch.float8_e4m3fn}
+DTYPE_NAMES = {dtype: name for name, dtype in TORCH_DTYPES.items()}
 _INDEX_DTYPES = (torch.int32, torch.uint32)
 
 

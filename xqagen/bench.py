@@ -24,10 +24,9 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from .api import TORCH_DTYPES, prepare_decode
 from .masks import as_flashinfer_mask, causal_mask
 from .reference import FP8_VALUE_SCALE, make_paged_kv, relative_l2_error
-
-TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "e4m3": torch.float8_e4m3fn}
 
 
 @dataclass(frozen=True)
@@ -200,8 +199,6 @@ class _Inputs:
 
 def _run_xqagen(case: BenchCase, inputs: _Inputs, num_splits: int | None, pdl: bool):
     """(launch(i) on input copy i, output, split count); validation stays out of the timed loop."""
-    from .api import prepare_decode
-
     out = torch.empty_like(inputs.q)
     calls = [prepare_decode(inputs.q, k, v, pt, inputs.seq_lens, out=out, kv_scale=inputs.kv_scale,
                             sinks=inputs.sinks, sliding_window=case.window, mask=inputs.mask,
