@@ -1,27 +1,26 @@
-"""Emitters: render a KernelSpec into CuTe C++ source (importable as ``xqagen.emitters``)."""
+"""Emitters: render a KernelSpec into CuTe C++ source (importable as ``xqagen.emitters``).
+
+``PATHS`` is the registry of kernel paths (:class:`~xqagen.emitters.path.KernelPath`); everything
+outside this package asks a path, never a path's plan or tile class.  A new path is one module
+beside ``generic.py``, its templates, and one line here.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
 
-from xqagen.spec import KernelSpec
+from .generic import GenericPath
+from .path import EmittedKernel, KernelPath, LaunchShape, WorkspaceSize
 
+PATHS: Mapping[str, KernelPath] = {path.name: path for path in (GenericPath(),)}
 
-@dataclass(frozen=True)
-class EmittedKernel:
-    """Generated source plus the launch geometry the runtime needs."""
-
-    spec: KernelSpec
-    source: str
-    kernel_name: str
-    threads: int
-    smem_bytes: int
-    arches: tuple[str, ...]  # cubin targets built by default for this variant
+__all__ = ["PATHS", "EmittedKernel", "KernelPath", "LaunchShape", "WorkspaceSize", "emit", "path_of"]
 
 
-def emit(spec: KernelSpec) -> EmittedKernel:
-    if spec.path == "generic":
-        from .generic import emit_generic
+def path_of(spec) -> KernelPath:
+    """The path that emits and launches ``spec``."""
+    return PATHS[spec.path]
 
-        return emit_generic(spec)
-    raise NotImplementedError(f"path {spec.path!r} has no emitter yet")
+
+def emit(spec) -> EmittedKernel:
+    return path_of(spec).emit(spec)

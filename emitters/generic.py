@@ -1,20 +1,23 @@
-"""Generic-path emitter: renders a KernelSpec into a CuTe sm_80+ paged-KV decode kernel.
+"""The generic path: a CuTe sm_80+ paged-KV decode kernel (cp.async gather, ldmatrix, SM80 MMA atoms).
 
-The Python side owns every derived decision (warp layout, swizzles, shared-memory size,
-occupancy) in :class:`GenericPlan`; the template only spells them out, and the launcher reads the
-same plan for its grid and workspace.
+:class:`GenericPlan` owns every derived compile-time decision (warp layout, swizzles, shared
+memory, residency); the template only spells it out.  :class:`GenericPath` answers the launcher's
+questions (grid, workspace, tile and split choice by launch shape) from the same plan.
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
+import functools
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
-from xqagen.spec import KernelSpec, SpecError
+from xqagen.spec import KernelSpec, SpecError, check_choice, check_int_range
 
-from .params import c_declarations
-from .render import render
+from .params import KernelParams, SplitWorkspace
+from .path import EmittedKernel, KernelPath, LaunchShape, WorkspaceSize
+from .render import piece_context, render
 
 # Shared memory one CTA may use on sm_80/sm_90 (227 KiB opt-in), and per SM.
 MAX_SMEM_PER_CTA = 227 * 1024
@@ -32,9 +35,73 @@ REGISTERS_PER_EXTRA_TOKEN_GROUP = 8
 # are reloaded from shared memory for every KV tile.
 Q_IN_REGISTERS_MAX_HEAD_DIM = 128
 
-CTYPES = {"fp16": "cute::half_t", "bf16": "cute::bfloat16_t", "e4m3": "cute::float_e4m3_t"}
 ELEM_BYTES = {"fp16": 2, "bf16": 2, "e4m3": 1}
 MMA_OPS = {"fp16": "SM80_16x8x16_F32F16F16F32_TN", "bf16": "SM80_16x8x16_F32BF16BF16F32_TN"}
+
+# ---- launch-shape heuristics (H100 measurements in docs/benchmarks.md) ----
+# A memory-bound decode saturates HBM with about TARGET_WARPS_PER_SM warps per SM (2 CTAs of the
+# 4-warp tiles, 1 of the 8-warp split tile).  The last CTA of each output tile merges every split
+# alone, so more than MAX_AUTO_SPLITS cost more in that merge than they gain (H100, fp8 d128: batch
+# 8 x 32k best at 4 splits, batch 1 x 32k at 16).  A split keeps at least MIN_TILES_PER_SPLIT tiles.
+TARGET_WARPS_PER_SM = 8
+MAX_AUTO_SPLITS = 16
+MIN_TILES_PER_SPLIT = 4
+# A forced split count is capped here: past it every split holds a handful of tiles and the merge
+# reads more partials than the splits save.
+MAX_SPLITS = 128
+# Grids too small to fill the GPU even at MAX_AUTO_SPLITS splits of the default tile (batch 1-2 of
+# 8 KV heads on 132 SMs) run this tile instead: 8 warps over 128-token stages, one CTA per SM, so
+# that the GPU holds as many bytes in flight from a sixteenth of the CTAs (H100, fp8 d128 batch 1:
+# 14.3 / 32.2 / 99.4 us at 8k / 32k / 128k tokens against 15.3 / 34.8 / 107.2 us).
+SPLIT_TILE = "split"
+
+
+@dataclass(frozen=True)
+class GenericTile:
+    """How a CTA of the generic path walks the KV sequence.
+
+    kv_tile: KV tokens per pipeline stage (a multiple of 16 * warps along the tokens).
+    stages: depth of the cp.async pipeline, in KV tiles.
+    warps: warps per CTA; they split the query rows (16 per warp) and the tile's tokens.
+    max_rows: most query rows (group * q_seq_len) one CTA holds; larger groups tile over rows.
+    warp_rows: most query rows one warp computes (16 or 32): each K/V fragment a warp loads feeds
+      that many rows, at the cost of as many accumulators.
+    """
+
+    name: str
+    kv_tile: int = 64
+    stages: int = 3
+    warps: int = 4
+    max_rows: int = 64
+    warp_rows: int = 16
+
+    def __post_init__(self) -> None:
+        owner = f"GenericTile({self.name!r})"
+        if not isinstance(self.name, str) or not self.name.isidentifier():
+            raise SpecError(f"GenericTile.name = {self.name!r} is invalid; expected an identifier")
+        check_choice(owner, "warps", self.warps, (4, 8))
+        check_choice(owner, "kv_tile", self.kv_tile, (16, 32, 64, 128))
+        check_int_range(owner, "stages", self.stages, 2, 8)
+        check_choice(owner, "max_rows", self.max_rows, (16, 32, 64, 128))
+        check_choice(owner, "warp_rows", self.warp_rows, (16, 32))
+        if self.max_rows // self.warp_rows > self.warps:
+            raise SpecError(f"{owner}.max_rows = {self.max_rows} needs {self.max_rows // self.warp_rows} warps "
+                            f"({self.warp_rows} rows each); warps = {self.warps}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# The shipped catalogue (see GenericPath.default_tile); `deep` trades residency for a longer
+# pipeline, and `split` is what small batches of long sequences dispatch to.
+TILES: Mapping[str, GenericTile] = {tile.name: tile for tile in (
+    GenericTile("decode", kv_tile=64, stages=3, warps=4, max_rows=64),
+    GenericTile("decode_fp8", kv_tile=64, stages=3, warps=4, max_rows=64, warp_rows=32),
+    GenericTile("many_rows", kv_tile=64, stages=2, warps=4, max_rows=64),
+    GenericTile("deep", kv_tile=64, stages=5, warps=4, max_rows=64),
+    GenericTile("wide_head", kv_tile=64, stages=2, warps=4, max_rows=64),
+    GenericTile(SPLIT_TILE, kv_tile=128, stages=3, warps=8, max_rows=64),
+)}
 
 
 def _swizzle(row_elems: int, elem_bytes: int) -> tuple[int, int, int]:
@@ -46,10 +113,12 @@ def _swizzle(row_elems: int, elem_bytes: int) -> tuple[int, int, int]:
     return bits, base, int(math.log2(row_elems)) - base
 
 
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
 @dataclass(frozen=True)
 class GenericPlan:
-    kv_fp8: bool
-    out_fp8: bool
     mma_dtype: str
     mma_op: str
     rows_cta: int
@@ -63,13 +132,12 @@ class GenericPlan:
     smem_bytes: int
     min_blocks_per_sm: int
     q_in_registers: bool
-    rsqrt_head_dim: str
+    workspace: SplitWorkspace
 
     @classmethod
     def of(cls, spec: KernelSpec) -> "GenericPlan":
         tile = spec.tile
-        kv_fp8 = spec.kv_dtype == "e4m3"
-        mma_dtype = "fp16" if kv_fp8 else spec.q_dtype
+        mma_dtype = "fp16" if spec.kv_dtype == "e4m3" else spec.q_dtype
         # Rows per CTA, in 16-row MMA blocks: each warp takes up to tile.warp_rows of them (fewer
         # where their accumulators would not fit in registers); the warps that remain split each
         # tile's tokens.
@@ -118,30 +186,133 @@ class GenericPlan:
                           and base_registers + q_registers <= MAX_REGISTERS
                           and resident(base_registers + q_registers) == blocks)
         return cls(
-            kv_fp8=kv_fp8, out_fp8=spec.out_dtype == "e4m3", mma_dtype=mma_dtype, mma_op=MMA_OPS[mma_dtype],
+            mma_dtype=mma_dtype, mma_op=MMA_OPS[mma_dtype],
             rows_cta=rows_cta, row_tiles=-(-spec.rows // rows_cta), warp_blocks=warp_blocks, warps_m=warps_m,
             warps_n=warps_n,
             threads=32 * tile.warps,
             kv_swizzle=_swizzle(spec.head_dim, kv_bytes), q_swizzle=_swizzle(spec.head_dim, 2),
             smem_bytes=smem, min_blocks_per_sm=blocks,
             q_in_registers=q_in_registers,
-            rsqrt_head_dim=repr(1.0 / math.sqrt(spec.head_dim)),
+            workspace=SplitWorkspace(rows=rows_cta, head_dim=spec.head_dim),
         )
 
 
-def _round_up(x: int, m: int) -> int:
-    return -(-x // m) * m
+@functools.lru_cache(maxsize=None)
+def plan_of(spec: KernelSpec) -> GenericPlan:
+    """The plan of a spec, computed once per process."""
+    return GenericPlan.of(spec)
 
 
-def emit_generic(spec: KernelSpec):
-    from . import EmittedKernel
+class GenericPath(KernelPath):
+    name = "generic"
+    tile_type = GenericTile
+    arches = ("sm_80", "sm_90")
 
-    plan = GenericPlan.of(spec)
-    source = render(
-        "generic_decode.cu.j2",
-        spec=spec, tile=spec.tile, plan=plan, kernel_name=spec.name, ctype=CTYPES,
-        spec_json=json.dumps(spec.to_dict(), sort_keys=True),
-        params=c_declarations(),
-    )
-    return EmittedKernel(spec=spec, source=source, kernel_name=spec.name, threads=plan.threads,
-                         smem_bytes=plan.smem_bytes, arches=("sm_80", "sm_90"))
+    @property
+    def tiles(self) -> Mapping[str, GenericTile]:
+        return TILES
+
+    def default_tile(self, spec: KernelSpec) -> GenericTile:
+        """The shipped tile of a variant (H100 measurements in docs/benchmarks.md).
+
+        - fp8 KV: `decode_fp8`, whose warps take 32 rows each where there are that many, so that
+          every K/V fragment is converted from fp8 once for 32 rows (group 32: 0.398 against 0.457 ms).
+        - 16-bit head_dim 256: `wide_head`, 2 stages, since a 64-token stage is 64 KiB.
+        - 16-bit KV and more than 32 rows (speculative decoding): `many_rows`, 2 stages (q_seq_len
+          8: 0.367 against 0.377 ms).
+        - Otherwise `decode`: 3 stages of 64 tokens.
+        """
+        if spec.kv_dtype == "e4m3":
+            return TILES["decode_fp8"]
+        if spec.head_dim > 128:
+            return TILES["wide_head"]
+        return TILES["many_rows" if spec.rows > 32 else "decode"]
+
+    def unsupported(self, spec: KernelSpec) -> str | None:
+        try:
+            plan_of(spec)
+        except SpecError as err:
+            return str(err)
+        return None
+
+    def emit(self, spec: KernelSpec) -> EmittedKernel:
+        plan = plan_of(spec)
+        source = render("generic_decode.cu.j2", tile=spec.tile, plan=plan, kernel_name=spec.name,
+                        **piece_context(spec, mma_dtype=plan.mma_dtype, workspace=plan.workspace))
+        return EmittedKernel(spec=spec, source=source, kernel_name=spec.name, threads=plan.threads,
+                             smem_bytes=plan.smem_bytes, arches=self.arches)
+
+    def target_arch(self, device_arch: str) -> str | None:
+        major_minor = int(device_arch.removeprefix("sm_").rstrip("af"))
+        return device_arch if major_minor >= 80 else None
+
+    def sass_features(self, spec: KernelSpec, arch: str) -> Mapping[str, str]:
+        features = {"HMMA": "no tensor-core MMA", "LDSM": "operands are not loaded with ldmatrix",
+                    "LDGSTS": "the KV gather does not use cp.async"}
+        if spec.kv_dtype == "e4m3" and int(arch.removeprefix("sm_").rstrip("af")) >= 89:
+            features["F2FP"] = "fp8 conversion does not use the hardware converter"
+        return features
+
+    # ---- launch time ----
+    def block_threads(self, spec: KernelSpec) -> int:
+        return plan_of(spec).threads
+
+    def smem_bytes(self, spec: KernelSpec) -> int:
+        return plan_of(spec).smem_bytes
+
+    def grid(self, spec: KernelSpec, batch: int, num_kv_heads: int, num_splits: int) -> tuple[int, int, int]:
+        return num_splits, num_kv_heads * plan_of(spec).row_tiles, batch
+
+    def workspace_need(self, spec: KernelSpec, batch: int, num_kv_heads: int, num_splits: int) -> WorkspaceSize:
+        if num_splits == 1:
+            return WorkspaceSize(0, 0)
+        output_tiles = batch * num_kv_heads * plan_of(spec).row_tiles
+        return WorkspaceSize(plan_of(spec).workspace.floats(output_tiles, num_splits), output_tiles)
+
+    def pack(self, spec, problem, num_splits, workspace) -> tuple:
+        return (KernelParams(**problem.params(), workspace=workspace.scratch.data_ptr(),
+                             semaphores=workspace.semaphores.data_ptr(), num_splits=num_splits),)
+
+    def max_splits(self, spec: KernelSpec, batch: int, num_kv_heads: int, workspace: WorkspaceSize | None) -> int:
+        if workspace is None:
+            return 1
+        output_tiles = batch * num_kv_heads * plan_of(spec).row_tiles
+        if output_tiles > workspace.semaphores:
+            return 1
+        per_split = plan_of(spec).workspace.floats(output_tiles, 1)
+        return max(1, min(MAX_SPLITS, workspace.floats // per_split))
+
+    def _split_variant(self, spec: KernelSpec) -> KernelSpec | None:
+        """``spec`` on the split tile, or None where that tile does not fit the variant (a 16-bit
+        head_dim 256 stage exceeds shared memory)."""
+        if spec.tile.name == SPLIT_TILE:
+            return None
+        try:
+            return dataclasses.replace(spec, tile=TILES[SPLIT_TILE])
+        except SpecError:
+            return None
+
+    def launch_specs(self, spec: KernelSpec) -> list[KernelSpec]:
+        split = self._split_variant(spec)
+        return [spec] if split is None else [spec, split]
+
+    def choose_tile(self, spec: KernelSpec, shape: LaunchShape) -> KernelSpec:
+        """The split tile for grids that MAX_AUTO_SPLITS splits of ``spec``'s tile cannot fill and
+        whose KV range is long enough to give every one of those splits MIN_TILES_PER_SPLIT of its
+        tiles; ``spec`` otherwise."""
+        split = self._split_variant(spec)
+        if split is None:
+            return spec
+        base_warps = shape.batch * shape.num_kv_heads * plan_of(spec).row_tiles * spec.tile.warps
+        under_filled = base_warps * MAX_AUTO_SPLITS < TARGET_WARPS_PER_SM * shape.sm_count
+        long_enough = shape.kv_len >= MAX_AUTO_SPLITS * MIN_TILES_PER_SPLIT * split.tile.kv_tile
+        return split if under_filled and long_enough else spec
+
+    def auto_splits(self, spec: KernelSpec, shape: LaunchShape) -> int:
+        """Splits that bring the grid to about TARGET_WARPS_PER_SM warps per SM; 1 when the batch
+        already fills the GPU."""
+        base = shape.batch * shape.num_kv_heads * plan_of(spec).row_tiles
+        target = TARGET_WARPS_PER_SM * shape.sm_count / spec.tile.warps
+        tiles = max(1, math.ceil(shape.kv_len / spec.tile.kv_tile))
+        limit = min(MAX_AUTO_SPLITS, max(1, tiles // MIN_TILES_PER_SPLIT))
+        return max(1, min(limit, round(target / base)))

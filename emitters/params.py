@@ -1,9 +1,11 @@
-"""The kernel-parameter struct, declared once: the emitters render it as C++ and the runtime packs
-it with ctypes from the same list, so the two cannot drift apart."""
+"""What every path's kernel takes, declared once: the parameter struct (rendered as C++ by the
+emitters, packed with ctypes by the runtime from the same list) and the split-KV workspace layout
+(rendered into the kernels as constants, sized by the runtime from the same object)."""
 
 from __future__ import annotations
 
 import ctypes
+from dataclasses import dataclass
 
 # (field, C++ type, ctypes type).  Pointer element types that depend on the spec are written as
 # {q}, {kv}, {out} and filled in per variant.  Order: 8-byte fields first, so the C++ and ctypes
@@ -51,3 +53,26 @@ def c_declarations() -> list[tuple[str, str]]:
 
 class KernelParams(ctypes.Structure):
     _fields_ = [(name, ct) for name, _, ct in PARAMS]
+
+
+@dataclass(frozen=True)
+class SplitWorkspace:
+    """Layout of the split-KV scratch (fp32), per output tile (request, KV head, row tile), in
+    ``params.workspace``: first the un-normalised output rows of every split,
+    ``[num_splits][rows][head_dim]``, then their (max, sum) pairs, ``[num_splits][rows][2]``.
+    Output tile ``t`` starts at ``t * num_splits * floats_per_split``; its semaphore is
+    ``params.semaphores[t]``."""
+
+    rows: int
+    head_dim: int
+
+    @property
+    def o_floats_per_split(self) -> int:
+        return self.rows * self.head_dim
+
+    @property
+    def floats_per_split(self) -> int:
+        return self.rows * (self.head_dim + 2)
+
+    def floats(self, output_tiles: int, num_splits: int) -> int:
+        return output_tiles * num_splits * self.floats_per_split

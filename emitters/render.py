@@ -1,10 +1,17 @@
-"""Jinja environment shared by the emitters: strict (undefined names fail) and deterministic."""
+"""Jinja environment shared by the emitters (strict: undefined names fail; deterministic), and the
+context every path's template gives the shared pieces (templates/pieces/)."""
 
 from __future__ import annotations
 
+import json
+import math
 from functools import lru_cache
 
 import jinja2
+
+from .params import SplitWorkspace, c_declarations
+
+CTYPES = {"fp16": "cute::half_t", "bf16": "cute::bfloat16_t", "e4m3": "cute::float_e4m3_t"}
 
 
 @lru_cache(maxsize=1)
@@ -15,6 +22,14 @@ def _environment() -> jinja2.Environment:
         keep_trailing_newline=True,
         autoescape=False,
     )
+
+
+def piece_context(spec, *, mma_dtype: str, workspace: SplitWorkspace) -> dict:
+    """What the shared pieces read: the spec, C++ type names, the tensor-core operand type, the
+    parameter list and the split-KV workspace layout."""
+    return dict(spec=spec, spec_json=json.dumps(spec.to_dict(), sort_keys=True), ctype=CTYPES,
+                mma_dtype=mma_dtype, rsqrt_head_dim=repr(1.0 / math.sqrt(spec.head_dim)),
+                params=c_declarations(), workspace=workspace)
 
 
 def render(template: str, **context) -> str:

@@ -139,3 +139,29 @@ def test_flashinfer_batch_decode_checks_its_arguments():
         xqa_batch_decode_with_kv_cache(query, (k, v), workspace[:100], pt, lens, 512)
     with pytest.raises(ValueError, match="out: expected shape"):
         xqa_batch_decode_with_kv_cache(query, (k, v), workspace, pt, lens, 512, out=torch.empty(2, 16, 64))
+
+
+def test_the_problem_describes_either_layout_to_the_same_kernel():
+    """NHD and HND pools are one kernel variant: the layout only changes the strides packed."""
+    from xqagen.problem import describe
+
+    problems = {}
+    for layout in ("NHD", "HND"):
+        args, kwargs = _args(layout=layout)
+        problems[layout] = describe(*args, **kwargs)
+    nhd, hnd = problems["NHD"], problems["HND"]
+    assert nhd.spec() == hnd.spec() and "kv_layout" not in nhd.spec().to_dict()
+    assert (nhd.page_size, nhd.num_kv_heads, hnd.page_size, hnd.num_kv_heads) == (16, 2, 16, 2)
+    page, token, head = nhd.k_cache.stride()[:3]
+    assert (nhd.params()["kv_stride_token"], nhd.params()["kv_stride_head"]) == (token, head)
+    page, head, token = hnd.k_cache.stride()[:3]
+    assert (hnd.params()["kv_stride_token"], hnd.params()["kv_stride_head"]) == (token, head)
+
+
+def test_the_kv_range_a_cta_walks_is_the_window_when_there_is_one():
+    from xqagen.problem import describe
+
+    args, kwargs = _args(lens=(100, 37))  # page table of 7 pages of 16 tokens
+    assert describe(*args, **kwargs).kv_len == 112
+    assert describe(*args, **kwargs, sliding_window=40).kv_len == 40
+    assert describe(*args, **kwargs, sliding_window=500).kv_len == 112

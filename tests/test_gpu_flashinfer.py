@@ -1,10 +1,11 @@
-"""xqagen's FlashInfer-compatible entry points against FlashInfer 0.6.0 on the same inputs.
+"""xqagen's FlashInfer-compatible entry points against FlashInfer 0.7.2 on the same inputs (its
+module API forces each of its paths).
 
 Skipped without a GPU or without FlashInfer.  Both libraries are also compared with the float32
 reference, so a disagreement says which side is off.  Not compared: a sliding window together
-with speculative decoding, where FlashInfer 0.6.0 skips whole KV tiles before the window but
-compiles its in-tile window mask out (``#if SPEC_DEC`` in its mha.cu), so positions up to a tile
-before ``seq_len - W`` stay visible; xqagen applies the window exactly (see xqagen.reference).
+with speculative decoding, where the two define different windows: FlashInfer 0.7.2 gives each
+draft row its own window, xqagen (as FlashInfer 0.6.0 meant to) anchors every row's window at
+the end of the request (see xqagen.reference).
 """
 
 from __future__ import annotations
@@ -94,10 +95,10 @@ def test_xqa_matches_flashinfer(case, fi_path):
                                            a["sliding_win_size"] > 0, theirs.dtype, a["q_seq_len"])
     sm_count = torch.cuda.get_device_properties(0).multi_processor_count
     module.xqa(fi_path == "sm90", sm_count, a["num_kv_heads"], a["sliding_win_size"], a["q_scale"], theirs,
-               a["rcp_out_scale"], a["q"], a["sinks"], k_cache, v_cache, a["page_table"],
+               a["rcp_out_scale"], a["q"], a["sinks"], k_cache, v_cache, None, None, a["page_table"],
                a["page_table"].shape[1] * a["page_size"], a["seq_lens"].to(torch.uint32).unsqueeze(1),
                a["q"].shape[0], a["kv_scale"], torch.zeros(8 << 20, dtype=torch.uint32, device="cuda"),
-               torch.zeros(256 << 20, dtype=torch.uint8, device="cuda"), False, a["q_seq_len"],
+               torch.zeros(256 << 20, dtype=torch.uint8, device="cuda"), False, a["q_seq_len"], None,
                as_flashinfer_mask(a["mask"]) if a["mask"] is not None else None)
     torch.cuda.synchronize()
 

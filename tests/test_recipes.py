@@ -7,10 +7,11 @@ import re
 import pytest
 
 from xqagen.recipes import RecipeError, find_recipe, load_recipe, shipped_recipes, shipped_recipes_dir
-from xqagen.spec import KernelSpec, get_tile
+from xqagen.emitters.generic import TILES
+from xqagen.spec import KernelSpec
 
 # Each recipe variant ships its default tile and the split tile small batches dispatch to.
-SHIPPED = {"llama3-8b": 16, "llama3-70b-fp8": 8, "llama3.2-1b": 8, "llama3-70b-specdec": 8, "gpt-oss": 8}
+SHIPPED = {"llama3-8b": 8, "llama3-70b-fp8": 8, "llama3.2-1b": 4, "llama3-70b-specdec": 8, "gpt-oss": 8}
 
 
 @pytest.mark.parametrize("path", shipped_recipes(), ids=lambda path: path.stem)
@@ -88,13 +89,13 @@ def test_features_list_is_one_set_and_list_of_lists_expands(write_recipe):
 
 def test_defaults_apply_to_every_entry_and_entries_override_them(write_recipe):
     recipe = load_recipe(write_recipe("""
-        defaults: {page_size: [16, 64], kv_layout: HND, tile: decode}
+        defaults: {page_size: [16, 64], q_seq_len: 2, tile: decode}
         variants:
           - {q_dtype: bf16, kv_dtype: bf16}
-          - {q_dtype: fp16, kv_dtype: fp16, kv_layout: NHD}
+          - {q_dtype: fp16, kv_dtype: fp16, q_seq_len: 1}
         """))
-    assert [(s.q_dtype, s.page_size, s.kv_layout) for s in recipe.variants] == [
-        ("bf16", 16, "HND"), ("bf16", 64, "HND"), ("fp16", 16, "NHD"), ("fp16", 64, "NHD")]
+    assert [(s.q_dtype, s.page_size, s.q_seq_len) for s in recipe.variants] == [
+        ("bf16", 16, 2), ("bf16", 64, 2), ("fp16", 16, 1), ("fp16", 64, 1)]
 
 
 def test_duplicate_specs_are_kept_once_in_first_order(write_recipe):
@@ -107,26 +108,44 @@ def test_duplicate_specs_are_kept_once_in_first_order(write_recipe):
     assert [s.page_size for s in recipe.variants] == [16, 64, 32]
 
 
-def test_recipe_tiles_register_and_are_used(write_recipe):
+def test_recipe_tiles_are_the_recipes_own(write_recipe):
     recipe = load_recipe(write_recipe("""
         tiles:
-          recipe_test_deep8: {kv_tile: 128, stages: 4, warps: 8, max_rows: 128}
+          deep8: {kv_tile: 128, stages: 2, warps: 8, max_rows: 128}
         variants:
-          - {q_dtype: bf16, kv_dtype: bf16, page_size: 64, tile: [decode, recipe_test_deep8]}
+          - {q_dtype: bf16, kv_dtype: bf16, page_size: 64, tile: [decode, deep8]}
         """))
-    tile = get_tile("recipe_test_deep8")
-    assert (tile.kv_tile, tile.stages, tile.warps, tile.max_rows) == (128, 4, 8, 128)
-    assert [s.tile for s in recipe.variants] == [get_tile("decode"), tile]
-    assert "_recipe_test_deep8_" in recipe.variants[1].name
+    tile = recipe.variants[1].tile
+    assert (tile.name, tile.kv_tile, tile.stages, tile.warps, tile.max_rows) == ("deep8", 128, 2, 8, 128)
+    assert recipe.variants[0].tile == TILES["decode"]
+    assert "_deep8_" in recipe.variants[1].name
+    # another recipe, or a launch, never sees it
+    assert "deep8" not in TILES
+    other = write_recipe("variants: [{q_dtype: bf16, kv_dtype: bf16, page_size: 64, tile: deep8}]", name="other")
+    with pytest.raises(RecipeError, match="unknown tile configuration 'deep8'"):
+        load_recipe(other)
 
 
-def test_redefining_a_registered_tile_is_an_error(write_recipe):
+def test_two_recipes_may_define_a_tile_of_the_same_name(write_recipe):
+    first = load_recipe(write_recipe("""
+        tiles: {mine: {stages: 4}}
+        variants: [{q_dtype: bf16, kv_dtype: bf16, page_size: 64, tile: mine}]
+        """, name="first"))
+    second = load_recipe(write_recipe("""
+        tiles: {mine: {stages: 5}}
+        variants: [{q_dtype: bf16, kv_dtype: bf16, page_size: 64, tile: mine}]
+        """, name="second"))
+    assert (first.variants[0].tile.stages, second.variants[0].tile.stages) == (4, 5)
+    assert first.variants[0].name != second.variants[0].name
+
+
+def test_shadowing_a_shipped_tile_is_an_error(write_recipe):
     path = write_recipe("""
         tiles:
           decode: {kv_tile: 32}
         variants: [{q_dtype: bf16, kv_dtype: bf16, page_size: 64}]
         """)
-    with pytest.raises(RecipeError, match=rf"{re.escape(str(path))}: tiles\.decode: .*already registered"):
+    with pytest.raises(RecipeError, match=rf"{re.escape(str(path))}: tiles\.decode: 'decode' is a shipped generic tile"):
         load_recipe(path)
 
 
@@ -136,7 +155,13 @@ def test_invalid_tile_field_names_the_tile(write_recipe):
           recipe_test_bad: {kv_tile: 128, warps: 6}
         variants: [{q_dtype: bf16, kv_dtype: bf16, page_size: 64}]
         """)
-    with pytest.raises(RecipeError, match=r"tiles\.recipe_test_bad: TileConfig\('recipe_test_bad'\)\.warps = 6"):
+    with pytest.raises(RecipeError, match=r"tiles\.recipe_test_bad: GenericTile\('recipe_test_bad'\)\.warps = 6"):
+        load_recipe(path)
+
+
+def test_kv_layout_is_not_a_kernel_field(write_recipe):
+    path = write_recipe("variants: [{q_dtype: bf16, kv_dtype: bf16, page_size: 64, kv_layout: HND}]")
+    with pytest.raises(RecipeError, match=r"variants\[0\]: 'kv_layout' is not a kernel field"):
         load_recipe(path)
 
 

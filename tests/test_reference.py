@@ -350,7 +350,7 @@ INVALID = {
     "q_shape": (_with(0, lambda q: q[:, 0]), ValueError, r"q must have shape \[batch, 1, num_q_heads"),
     "q_beam": (_with(0, lambda q: q.expand(-1, 2, -1, -1, -1)), ValueError, "q must have shape"),
     "group": (_kw(num_kv_heads=3), ValueError, "num_q_heads = 10 .* multiple of num_kv_heads = 3"),
-    "kv_layout": (_kw(kv_layout="NDH"), ValueError, "kv_layout must be one of"),
+    "kv_layout": (_kw(kv_layout="NDH"), ValueError, "kv_layout: expected .NHD. or .HND."),
     "k_cache_heads": (_with(1, lambda k: k[:, :, :1]), ValueError, r"k_cache must have shape \[num_pages, page_size"),
     "k_cache_dtype": (_with(1, lambda k: k.float()), TypeError, "k_cache must be a tensor of dtype"),
     "v_cache_dtype": (_with(2, lambda v: v.to(FP8)), ValueError, "v_cache must match k_cache"),

@@ -208,7 +208,8 @@ def _run_xqagen(case: BenchCase, inputs: _Inputs, num_splits: int | None, pdl: b
 
 
 def _run_flashinfer(case: BenchCase, inputs: _Inputs, path: str, pdl: bool):
-    """(launch(i) on input copy i, output) of FlashInfer's XQA ``path`` ("generic" or "sm90")."""
+    """(launch(i) on input copy i, output) of FlashInfer's XQA ``path`` ("generic" or "sm90"),
+    through FlashInfer 0.7.2's module API (no scale-factor caches, no ragged q)."""
     fx = importlib.import_module("flashinfer.xqa")  # the package re-exports a function named xqa
     device = inputs.q.device
     out = torch.empty_like(inputs.q)
@@ -224,8 +225,8 @@ def _run_flashinfer(case: BenchCase, inputs: _Inputs, path: str, pdl: bool):
     def launch(i: int) -> None:
         k, v, pt = inputs.sets[i]
         module.xqa(path == "sm90", sm_count, case.num_kv_heads, case.window, 1.0, out, 1.0, inputs.q,
-                   inputs.sinks, k, v, pt, max_seq_len, seq_lens, case.batch, inputs.kv_scale, semaphores,
-                   workspace, pdl, case.q_seq_len, mask)
+                   inputs.sinks, k, v, None, None, pt, max_seq_len, seq_lens, case.batch, inputs.kv_scale,
+                   semaphores, workspace, pdl, case.q_seq_len, None, mask)
 
     return launch, out
 

@@ -198,7 +198,7 @@ def _describe(result: CompiledKernel) -> str:
 
 # ---- list ----
 
-LIST_COLUMNS = ("path", "q", "kv", "out", "page", "layout", "q_len", "features", "tile", "name")
+LIST_COLUMNS = ("path", "q", "kv", "out", "page", "q_len", "features", "tile", "name")
 
 
 def _list(args: argparse.Namespace) -> int:
@@ -210,7 +210,7 @@ def _list(args: argparse.Namespace) -> int:
               f"(group {model.group}), head_dim {model.head_dim}; {len(recipe.variants)} variants")
         if recipe.description:
             print(textwrap.fill(recipe.description, width=100, initial_indent="  ", subsequent_indent="  "))
-        rows = [(spec.path, spec.q_dtype, spec.kv_dtype, spec.out_dtype, str(spec.page_size), spec.kv_layout,
+        rows = [(spec.path, spec.q_dtype, spec.kv_dtype, spec.out_dtype, str(spec.page_size),
                  str(spec.q_seq_len), ",".join(sorted(spec.features)) or "-", spec.tile.name, spec.name)
                 for spec in recipe.variants]
         for line in _table(LIST_COLUMNS, rows):

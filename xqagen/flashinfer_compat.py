@@ -20,6 +20,7 @@ import math
 import torch
 
 from .api import prepare_decode
+from .layouts import kv_layout as kv_layout_named
 from .runtime import Workspace
 
 # FlashInfer's batch API reserves the first 8 MiB of its workspace for semaphores.
@@ -57,13 +58,13 @@ def xqa(
     inferred = q.shape[2] if q.dim() == 5 else 1
     if q_seq_len != inferred:
         raise ValueError(f"q_seq_len: expected {inferred} (q has shape {tuple(q.shape)}), got {q_seq_len}")
-    cache_dims = (1, 2) if kv_layout == "NHD" else (2, 1)  # (page_size, num_kv_heads) dimensions
+    layout = kv_layout_named(kv_layout)
     if isinstance(k_cache, torch.Tensor) and k_cache.dim() == 4:
-        if k_cache.shape[cache_dims[0]] != page_size:
-            raise ValueError(f"page_size: expected {k_cache.shape[cache_dims[0]]} (k_cache's {kv_layout} "
+        if layout.page_size(k_cache.shape) != page_size:
+            raise ValueError(f"page_size: expected {layout.page_size(k_cache.shape)} (k_cache's {kv_layout} "
                              f"shape {tuple(k_cache.shape)}), got {page_size}")
-        if k_cache.shape[cache_dims[1]] != num_kv_heads:
-            raise ValueError(f"num_kv_heads: expected {k_cache.shape[cache_dims[1]]} (k_cache's {kv_layout} "
+        if layout.num_kv_heads(k_cache.shape) != num_kv_heads:
+            raise ValueError(f"num_kv_heads: expected {layout.num_kv_heads(k_cache.shape)} (k_cache's {kv_layout} "
                              f"shape {tuple(k_cache.shape)}), got {num_kv_heads}")
     workspace = _workspace(workspace_buffer, semaphores)
     prepare_decode(q, k_cache, v_cache, page_table, seq_lens, out=output, kv_layout=kv_layout, q_scale=q_scale,
@@ -133,7 +134,7 @@ def xqa_batch_decode_with_kv_cache(
         raise ValueError(f"workspace_buffer: expected a tensor of more than {SEMAPHORE_BYTES} bytes")
     raw = workspace_buffer.view(torch.uint8)
     workspace = _workspace(raw[SEMAPHORE_BYTES:], raw[:SEMAPHORE_BYTES])
-    sinks_2d = sinks.reshape(k_cache.shape[2 if kv_layout == "NHD" else 1], -1) if sinks is not None else None
+    sinks_2d = sinks.reshape(kv_layout_named(kv_layout).num_kv_heads(k_cache.shape), -1) if sinks is not None else None
     prepare_decode(q, k_cache, v_cache, block_tables, seq_lens, out=out.unsqueeze(1), kv_layout=kv_layout,
                    q_scale=q_scale, kv_scale=kv_scale, rcp_out_scale=1.0 / o_scale, sinks=sinks_2d,
                    sliding_window=window_left + 1 if window_left >= 0 else 0, mask=mask,

@@ -8,16 +8,19 @@ A recipe is a YAML file named ``<recipe name>.yaml``::
       num_q_heads: 32
       num_kv_heads: 8
       head_dim: 128
-    tiles:                          # optional: new TileConfigs, registered by name
+    tiles:                          # optional: this recipe's own tiles (fields of the path's tile type)
       deep8: {kv_tile: 128, stages: 4, warps: 8, max_rows: 128}
     defaults:                       # optional: fields shared by every variant entry
       page_size: [16, 64]
     variants:                       # KernelSpec fields other than head_dim and group
-      - {q_dtype: bf16, kv_dtype: bf16, kv_layout: [NHD, HND]}
+      - {q_dtype: bf16, kv_dtype: bf16}
       - {q_dtype: bf16, kv_dtype: e4m3, features: [[sinks], [sinks, sliding_window]], tile: deep8}
 
-A variant without a ``tile`` ships every tile the runtime may dispatch it to
-(:func:`xqagen.dispatch.dispatch_specs`: its default tile, and the split tile for small batches).
+A variant without a ``tile`` ships every tile the runtime may dispatch it to (its path's
+``launch_specs``: for the generic path, its default tile and the split tile for small batches).
+A ``tile`` names one of the recipe's own ``tiles:`` or one of the path's shipped tiles; a recipe's
+tiles belong to that recipe alone (a ``path:`` key says whose tile type they are; default
+generic), so recipes never change what another recipe or a launch gets.
 A list value expands as a cartesian product.  ``features`` takes a list of feature names (one
 feature set); a list of such lists expands over several feature sets.  Identical specs produced
 by different entries are kept once, in order of first appearance.
@@ -40,9 +43,8 @@ from typing import Any, Literal
 
 import yaml
 
-from xqagen.dispatch import dispatch_specs
-from xqagen.emitters import EmittedKernel, emit
-from xqagen.spec import KernelSpec, SpecError, TileConfig, register_tile
+from xqagen.emitters import PATHS, EmittedKernel, emit, path_of
+from xqagen.spec import KernelSpec, SpecError
 
 RECIPE_SUFFIX = ".yaml"
 MANIFEST_NAME = "manifest.json"
@@ -52,8 +54,7 @@ TOP_LEVEL_KEYS = ("description", "model", "tiles", "defaults", "variants")
 MODEL_KEYS = ("name", "num_q_heads", "num_kv_heads", "head_dim")
 # KernelSpec fields a variant may set, in the order variants expand; head_dim and group come
 # from the model so that every variant of a recipe fits the model.
-VARIANT_KEYS = ("path", "q_dtype", "kv_dtype", "out_dtype", "page_size", "kv_layout", "q_seq_len",
-                "features", "tile")
+VARIANT_KEYS = ("path", "q_dtype", "kv_dtype", "out_dtype", "page_size", "q_seq_len", "features", "tile")
 MODEL_FIELDS = ("head_dim", "group")
 
 
@@ -111,7 +112,7 @@ def find_recipe(name_or_path: str | Path) -> Path:
 
 
 def load_recipe(path: str | Path) -> Recipe:
-    """Parse and validate a recipe file; registers its tiles and expands its variants."""
+    """Parse and validate a recipe file and expand its variants."""
     path = Path(path)
     where = str(path)
     try:
@@ -126,7 +127,7 @@ def load_recipe(path: str | Path) -> Recipe:
     if not isinstance(description, str):
         raise RecipeError(f"{where}: 'description' must be a string")
     model = _load_model(where, data.get("model"))
-    _register_tiles(where, data.get("tiles") or {})
+    tiles = _load_tiles(where, data.get("tiles") or {})
     defaults = data.get("defaults") or {}
     _check_entry(f"{where}: defaults", defaults)
     entries = data.get("variants")
@@ -139,13 +140,15 @@ def load_recipe(path: str | Path) -> Recipe:
         _check_entry(context, entry)
         for fields in _expand({**defaults, **entry}, context):
             spec_fields = {**fields, "head_dim": model.head_dim, "group": model.group}
+            if isinstance(fields.get("tile"), str) and fields["tile"] in tiles:
+                spec_fields["tile"] = tiles[fields["tile"]]
             try:
                 spec = KernelSpec.from_dict(spec_fields)
             except SpecError as err:
                 combination = ", ".join(f"{k}={v}" for k, v in fields.items())
                 raise RecipeError(f"{context} ({combination}): {err}") from err
             # Without a tile, ship every tile the runtime's dispatch may choose for the variant.
-            for shipped in ([spec] if "tile" in fields else dispatch_specs(spec)):
+            for shipped in ([spec] if "tile" in fields else path_of(spec).launch_specs(spec)):
                 variants[shipped] = None
     return Recipe(name=path.stem, model=model, description=description.strip(), variants=tuple(variants),
                   source_path=path)
@@ -179,24 +182,37 @@ def _load_model(where: str, model: Any) -> ModelGeometry:
     return ModelGeometry(**{key: model[key] for key in MODEL_KEYS})
 
 
-def _register_tiles(where: str, tiles: Any) -> None:
+def _load_tiles(where: str, tiles: Any) -> dict[str, Any]:
+    """The recipe's own tiles by name, each of its path's tile type."""
     if not isinstance(tiles, Mapping):
-        raise RecipeError(f"{where}: 'tiles' must map tile names to TileConfig fields")
-    tile_keys = tuple(f.name for f in dataclasses.fields(TileConfig) if f.name != "name")
+        raise RecipeError(f"{where}: 'tiles' must map tile names to tile fields")
+    loaded = {}
     for name, fields in tiles.items():
         context = f"{where}: tiles.{name}"
-        if not isinstance(fields, Mapping):
+        fields = dict(fields) if isinstance(fields, Mapping) else fields
+        path_name = fields.pop("path", "generic") if isinstance(fields, dict) else "generic"
+        path = PATHS.get(path_name)
+        if path is None:
+            raise RecipeError(f"{context}.path = {path_name!r} is invalid; allowed values: {', '.join(PATHS)}")
+        tile_keys = tuple(f.name for f in dataclasses.fields(path.tile_type) if f.name != "name")
+        if not isinstance(fields, dict):
             raise RecipeError(f"{context}: expected a mapping of {', '.join(tile_keys)}")
         _check_keys(context, fields, tile_keys)
+        if name in path.tiles:
+            raise RecipeError(f"{context}: {name!r} is a shipped {path.name} tile; give the recipe's tile its own name")
         try:
-            register_tile(TileConfig(name=name, **fields))
+            loaded[name] = path.tile_type(name=name, **fields)
         except SpecError as err:
             raise RecipeError(f"{context}: {err}") from err
+    return loaded
 
 
 def _check_entry(context: str, entry: Any) -> None:
     if not isinstance(entry, Mapping):
         raise RecipeError(f"{context}: expected a mapping of KernelSpec fields ({', '.join(VARIANT_KEYS)})")
+    if "kv_layout" in entry:
+        raise RecipeError(f"{context}: 'kv_layout' is not a kernel field: every kernel reads NHD and HND page "
+                          f"pools alike (a launch argument); remove it")
     for key in MODEL_FIELDS:
         if key in entry:
             raise RecipeError(f"{context}: {key!r} is set by the recipe's model section, not per variant")

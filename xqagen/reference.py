@@ -64,9 +64,9 @@ from typing import Sequence
 
 import torch
 
+from .layouts import kv_layout as _layout
 from .masks import _check_positive_int, _describe, unpack_mask, validate_mask
 
-KV_LAYOUTS = ("NHD", "HND")
 Q_DTYPES = (torch.float16, torch.bfloat16)
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max
@@ -198,18 +198,14 @@ def make_paged_kv(
         _check_positive_int(name, value)
     if dtype not in Q_DTYPES + (FP8,):
         raise TypeError(f"dtype must be one of {Q_DTYPES + (FP8,)}, got {dtype}")
-    if kv_layout not in KV_LAYOUTS:
-        raise ValueError(f"kv_layout must be one of {KV_LAYOUTS}, got {kv_layout!r}")
+    layout = _layout(kv_layout)
     if not isinstance(extra_pages, int) or extra_pages < 0:
         raise ValueError(f"extra_pages must be an integer >= 0, got {extra_pages!r}")
 
     pages_per_seq = [-(-n // page_size) for n in lengths]
     num_pages = sum(pages_per_seq) + extra_pages
     random_device = generator.device if generator is not None else device
-    if kv_layout == "NHD":
-        shape = (num_pages, page_size, num_kv_heads, head_dim)
-    else:
-        shape = (num_pages, num_kv_heads, page_size, head_dim)
+    shape = layout.shape(num_pages, page_size, num_kv_heads, head_dim)
 
     def random_cache() -> torch.Tensor:
         data = torch.randn(shape, generator=generator, device=random_device).to(device)
@@ -253,7 +249,7 @@ def _gather(cache: torch.Tensor, pages_row: torch.Tensor, seq_len: int, page_siz
     pages = pages_row[: -(-seq_len // page_size)].to(device=cache.device, dtype=torch.long)
     blocks = cache.index_select(0, pages)
     # To [num_kv_heads, pages, page_size, head_dim], so that merging the middle dims gives positions.
-    blocks = blocks.permute(2, 0, 1, 3) if kv_layout == "NHD" else blocks.transpose(0, 1)
+    blocks = _layout(kv_layout).heads_pages_tokens(blocks)
     return blocks.reshape(blocks.shape[0], -1, blocks.shape[-1])[:, :seq_len]
 
 
@@ -301,24 +297,19 @@ def _check_dtype(name: str, tensor: object, dtypes: tuple[torch.dtype, ...]) -> 
 def _check_caches(k_cache: torch.Tensor, v_cache: torch.Tensor, q: torch.Tensor, kv_layout: str,
                   num_kv_heads: int, head_dim: int) -> int:
     """Validate the page pools against q; return the page size."""
-    if kv_layout not in KV_LAYOUTS:
-        raise ValueError(f"kv_layout must be one of {KV_LAYOUTS}, got {kv_layout!r}")
+    layout = _layout(kv_layout)
     kv_dtypes = (q.dtype, FP8)
-    if kv_layout == "NHD":
-        dims, heads_dim = "[num_pages, page_size, num_kv_heads, head_dim]", 2
-    else:
-        dims, heads_dim = "[num_pages, num_kv_heads, page_size, head_dim]", 1
     for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
         _check_dtype(name, cache, kv_dtypes)
-        if cache.dim() != 4 or cache.shape[heads_dim] != num_kv_heads or cache.shape[3] != head_dim:
-            raise ValueError(f"{name} must have shape {dims} ({kv_layout}) with num_kv_heads = {num_kv_heads} "
+        if cache.dim() != 4 or layout.num_kv_heads(cache.shape) != num_kv_heads or cache.shape[3] != head_dim:
+            raise ValueError(f"{name} must have shape {layout.dims} ({kv_layout}) with num_kv_heads = {num_kv_heads} "
                              f"and head_dim = {head_dim} (from q), got {list(cache.shape)}")
         if cache.device != q.device:
             raise ValueError(f"{name} must be on q's device {q.device}, got {cache.device}")
     if v_cache.shape != k_cache.shape or v_cache.dtype != k_cache.dtype:
         raise ValueError(f"v_cache must match k_cache ({k_cache.dtype} {list(k_cache.shape)}), "
                          f"got {v_cache.dtype} {list(v_cache.shape)}")
-    return k_cache.shape[3 - heads_dim]  # page_size sits in the dim the heads do not
+    return layout.page_size(k_cache.shape)
 
 
 def _check_lengths(seq_lens: torch.Tensor, page_table: torch.Tensor, batch: int, q_seq_len: int, page_size: int,

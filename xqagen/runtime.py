@@ -1,8 +1,11 @@
-"""Launch handles: load a variant's cubin once per device and launch it on torch's current stream.
+"""The last step of a decode call: load a variant's cubin once per device, bind a launch, launch it
+on torch's current stream.
 
-The launch path does no host synchronisation and no allocation: it packs one parameter struct
-(``xqagen.emitters.params``) and calls ``cuLaunchKernelEx``, so launches can be captured in CUDA
-graphs.  Tensor validation happens one level up, in :mod:`xqagen.api`.
+The launch path does no host synchronisation and no allocation: the kernel's parameters are packed
+once (by the variant's path) and each launch is one ``cuLaunchKernelEx``, so launches can be
+captured in CUDA graphs.  Grid, block and shared memory come from the path
+(``xqagen.emitters``); validation and planning happen before, in :mod:`xqagen.problem` and
+:mod:`xqagen.plan`.
 """
 
 from __future__ import annotations
@@ -16,11 +19,9 @@ import torch
 from cuda.bindings import driver
 
 from .compiler import compile_kernel
-from .dispatch import MAX_SPLITS, auto_splits
-from .emitters import EmittedKernel, emit
-from .emitters.generic import GenericPlan
-from .emitters.params import KernelParams
+from .emitters import EmittedKernel, WorkspaceSize, path_of
 from .spec import KernelSpec
+
 
 class LaunchError(RuntimeError):
     """A CUDA driver call failed while loading or launching a kernel."""
@@ -78,6 +79,10 @@ class Workspace:
         self.scratch = raw[: raw.numel() // 4 * 4].view(torch.float32)
         self.semaphores = semaphores.reshape(-1).view(torch.int32)
 
+    @property
+    def size(self) -> WorkspaceSize:
+        return WorkspaceSize(self.scratch.numel(), self.semaphores.numel())
+
     @classmethod
     def allocate(cls, device: torch.device | str | int, scratch_bytes: int = 64 << 20,
                  num_semaphores: int = 1 << 16) -> "Workspace":
@@ -101,13 +106,12 @@ class DecodeKernel:
 
     def __init__(self, spec: KernelSpec, *, cache_dir: Path | None = None):
         self.spec = spec
-        self.emitted: EmittedKernel = emit(spec)
-        self.plan = GenericPlan.of(spec)
+        self.path = path_of(spec)
+        self.emitted: EmittedKernel = self.path.emit(spec)
         self._cache_dir = cache_dir
         self._loaded: dict[int, _Loaded] = {}
         self._lock = threading.Lock()
 
-    # ---- loading ----
     def load(self, device: torch.device) -> _Loaded:
         index = device.index if device.index is not None else torch.cuda.current_device()
         loaded = self._loaded.get(index)
@@ -120,35 +124,21 @@ class DecodeKernel:
 
     def _load(self, index: int) -> _Loaded:
         device = torch.device("cuda", index)
-        compiled = compile_kernel(self.emitted.source, self.emitted.kernel_name, device_arch(device),
-                                  cache_dir=self._cache_dir)
+        arch = self.path.target_arch(device_arch(device))
+        if arch is None:
+            raise LaunchError(f"the {self.path.name} path's kernels do not run on {torch.cuda.get_device_name(device)} "
+                              f"({device_arch(device)})")
+        compiled = compile_kernel(self.emitted.source, self.emitted.kernel_name, arch, cache_dir=self._cache_dir)
         library, function = load_function(compiled.cubin, self.emitted.kernel_name, index,
                                           dynamic_smem_bytes=self.emitted.smem_bytes)
         return _Loaded(library, function)
 
-    # ---- split-KV ----
-    def choose_splits(self, batch: int, num_kv_heads: int, kv_len: int, sm_count: int,
-                      workspace: Workspace | None = None) -> int:
-        """xqagen.dispatch.auto_splits on ``sm_count`` SMs, within what the workspace holds."""
-        return min(auto_splits(self.spec, batch, num_kv_heads, kv_len, sm_count),
-                   self.max_splits(batch, num_kv_heads, workspace))
-
-    def max_splits(self, batch: int, num_kv_heads: int, workspace: Workspace | None) -> int:
-        """Most splits the workspace can hold for this grid (1 without a workspace)."""
-        if workspace is None:
-            return 1
-        partials = batch * num_kv_heads * self.plan.row_tiles
-        if partials > workspace.semaphores.numel():
-            return 1
-        per_split = partials * self.plan.rows_cta * (self.spec.head_dim + 2)
-        return max(1, min(MAX_SPLITS, workspace.scratch.numel() // per_split))
-
-    # ---- launch ----
-    def bind(self, params: KernelParams, *, batch: int, num_kv_heads: int, num_splits: int,
-             device: torch.device, pdl: bool = False) -> "BoundLaunch":
-        """A ready-to-launch call with packed parameters; arguments must already be validated
-        (see xqagen.api).  ``pdl``: launch with programmatic dependent launch (sm_90+)."""
-        return BoundLaunch(self, params, (num_splits, num_kv_heads * self.plan.row_tiles, batch), device, pdl=pdl)
+    def bind(self, params: tuple, *, batch: int, num_kv_heads: int, num_splits: int, device: torch.device,
+             pdl: bool = False) -> "BoundLaunch":
+        """A ready-to-launch call with the kernel's packed parameters (the path's ``pack``);
+        arguments must already be validated.  ``pdl``: launch with programmatic dependent launch
+        (sm_90+)."""
+        return BoundLaunch(self, params, self.path.grid(self.spec, batch, num_kv_heads, num_splits), device, pdl=pdl)
 
 
 def supports_pdl(device: torch.device) -> bool:
@@ -164,11 +154,11 @@ class BoundLaunch:
     begin while the previous kernel on the stream finishes, and waits (``griddepcontrol.wait``)
     for that kernel's writes before it touches memory."""
 
-    def __init__(self, kernel: DecodeKernel, params: KernelParams, grid: tuple[int, int, int],
+    def __init__(self, kernel: DecodeKernel, params: tuple, grid: tuple[int, int, int],
                  device: torch.device, *, pdl: bool = False):
         self.device = device
-        self.params = params  # kept alive: the driver reads it through the pointer array below
-        self._param_ptrs = (ctypes.c_void_p * 1)(ctypes.addressof(params))  # kept alive likewise
+        self.params = params  # kept alive: the driver reads them through the pointer array below
+        self._param_ptrs = (ctypes.c_void_p * len(params))(*map(ctypes.addressof, params))  # kept alive likewise
         self._param_ptrs_address = ctypes.addressof(self._param_ptrs)
         self._function = kernel.load(device).function
         config = driver.CUlaunchConfig()

@@ -1,0 +1,85 @@
+"""Launch planning: the tile a decode runs and its split-KV count, chosen in xqagen.plan from the
+path's answers (no GPU needed)."""
+
+from __future__ import annotations
+
+import pytest
+
+from xqagen.emitters import LaunchShape, WorkspaceSize, path_of
+from xqagen.emitters.generic import MAX_AUTO_SPLITS, SPLIT_TILE
+from xqagen.plan import plan_launch
+from xqagen.spec import KernelSpec
+
+H100_SMS = 132
+FP8 = KernelSpec(q_dtype="bf16", kv_dtype="e4m3", head_dim=128, group=8, page_size=64)
+GENERIC = path_of(FP8)
+LARGE = WorkspaceSize(floats=64 << 20, semaphores=1 << 16)
+
+
+def shape(batch, kv_len, num_kv_heads=8, sm_count=H100_SMS):
+    return LaunchShape(batch=batch, num_kv_heads=num_kv_heads, kv_len=kv_len, sm_count=sm_count)
+
+
+@pytest.mark.parametrize("batch, kv_len, tile, splits", [
+    (1, 32768, SPLIT_TILE, 16),   # 8 CTAs without splits: 16 splits of the 8-warp tile, one CTA per SM
+    (2, 32768, SPLIT_TILE, 8),
+    (1, 8192, SPLIT_TILE, 16),    # just long enough for 16 splits of 4 x 128-token tiles
+    (1, 8191, "decode_fp8", 16),  # shorter: the default tile
+    (3, 32768, "decode_fp8", 11), # 16 splits would fill the GPU: the default tile, about 2 CTAs per SM
+    (8, 32768, "decode_fp8", 4),
+    (64, 8192, "decode_fp8", 1),  # the batch fills the GPU alone
+])
+def test_tile_and_split_choice_on_132_sms(batch, kv_len, tile, splits):
+    plan = plan_launch(FP8, shape(batch, kv_len), workspace=LARGE)
+    assert (plan.spec.tile.name, plan.num_splits) == (tile, splits)
+
+
+def test_splits_keep_four_tiles_each_and_stay_under_the_cap():
+    assert GENERIC.auto_splits(FP8, shape(1, 64 * 4 * 3)) == 3
+    assert GENERIC.auto_splits(FP8, shape(1, 1 << 20, num_kv_heads=1)) == MAX_AUTO_SPLITS
+    assert GENERIC.auto_splits(FP8, shape(1, 1)) == 1
+
+
+def test_fewer_sms_shift_the_split_tile_threshold():
+    assert GENERIC.choose_tile(FP8, shape(1, 32768, sm_count=64)).tile.name == "decode_fp8"  # 8 x 16 x 4 warps fill 64 SMs
+    assert GENERIC.choose_tile(FP8, shape(1, 32768, sm_count=160)).tile.name == SPLIT_TILE
+
+
+def test_split_tile_only_where_it_fits():
+    wide_16bit = KernelSpec(q_dtype="bf16", kv_dtype="bf16", head_dim=256, group=8, page_size=64)
+    assert GENERIC.launch_specs(wide_16bit) == [wide_16bit]  # three 128-token stages of 512-byte rows exceed shared memory
+    assert GENERIC.choose_tile(wide_16bit, shape(1, 1 << 16)) == wide_16bit
+    assert [s.tile.name for s in GENERIC.launch_specs(FP8)] == ["decode_fp8", SPLIT_TILE]
+    split = GENERIC.launch_specs(FP8)[1]
+    assert GENERIC.launch_specs(split) == [split]
+
+
+def test_split_tile_keeps_every_other_field():
+    spec = KernelSpec(q_dtype="fp16", kv_dtype="fp16", head_dim=64, group=5, page_size=16, q_seq_len=4,
+                      features=frozenset({"sinks", "sliding_window"}))
+    split = GENERIC.launch_specs(spec)[1]
+    assert split.tile.name == SPLIT_TILE
+    assert {**split.to_dict(), "tile": None} == {**spec.to_dict(), "tile": None}
+
+
+def test_a_named_tile_and_a_forced_split_count_are_kept():
+    plan = plan_launch(FP8, shape(1, 32768), tile_given=True, num_splits=5, workspace=LARGE)
+    assert (plan.spec, plan.num_splits) == (FP8, 5)
+
+
+def test_the_workspace_caps_the_splits():
+    per_split = GENERIC.workspace_need(FP8, 1, 8, 1)
+    assert per_split == WorkspaceSize(0, 0)  # one split needs no workspace
+    two = GENERIC.workspace_need(FP8, 1, 8, 2)
+    small = WorkspaceSize(floats=two.floats * 3 // 2, semaphores=two.semaphores)  # room for 3 splits
+    assert plan_launch(FP8, shape(1, 8191), workspace=small).num_splits == 3
+    assert plan_launch(FP8, shape(1, 8191), workspace=None).num_splits == 1
+    assert plan_launch(FP8, shape(1, 8191), workspace=WorkspaceSize(two.floats * 10, semaphores=7)).num_splits == 1
+    with pytest.raises(ValueError, match="num_splits: expected at most 3"):
+        plan_launch(FP8, shape(1, 8191), num_splits=4, workspace=small)
+
+
+def test_kv_len_is_the_window_when_there_is_one():
+    # a 4096-token window keeps the default tile where the page table alone would pick the split tile
+    assert GENERIC.choose_tile(FP8, shape(1, 4096)).tile.name == "decode_fp8"
+    assert GENERIC.choose_tile(FP8, shape(1, 32768)).tile.name == SPLIT_TILE
