@@ -56,17 +56,19 @@ def _identity(spec: dict, ignored: set[str]) -> str:
     return json.dumps({k: v for k, v in spec.items() if k not in ignored}, sort_keys=True)
 
 
-def _instructions(job: tuple[str, str, str]) -> list[str]:
+def _instructions(job: tuple[str, str, str]) -> tuple[int, list[str]]:
+    """(registers, normalised instruction lines) of one compiled variant."""
     from xqagen.compiler import compile_kernel, disassemble
 
     source, kernel_name, arch = job
-    sass = disassemble(compile_kernel(source, kernel_name, arch, use_pch=True).cubin)
+    compiled = compile_kernel(source, kernel_name, arch, use_pch=True)
+    sass = disassemble(compiled.cubin)
     lines = []
     for line in sass.splitlines():
         match = _INSTRUCTION.match(line)
         if match:
             lines.append(match[1].replace(kernel_name, "KERNEL"))
-    return lines
+    return compiled.resources.registers, lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,14 +97,15 @@ def main(argv: list[str] | None = None) -> int:
 
     differing = 0
     for index, (key, arch) in enumerate(pairs):
-        old, new = listings[2 * index], listings[2 * index + 1]
+        (old_regs, old), (new_regs, new) = listings[2 * index], listings[2 * index + 1]
         name = f"{head[key]['kernel_name']} {arch}"
         if old == new:
-            print(f"identical  {len(new):6d} instructions  {name}")
+            print(f"identical  {len(new):6d} instructions, {new_regs} registers  {name}")
             continue
         differing += 1
         first = next((i for i, (a, b) in enumerate(zip(old, new)) if a != b), min(len(old), len(new)))
-        print(f"DIFFERENT  {len(old)} -> {len(new)} instructions, first at {first}  {name}")
+        print(f"DIFFERENT  {len(old)} -> {len(new)} instructions, {old_regs} -> {new_regs} registers, "
+              f"first at {first}  {name}")
         for i in range(first, min(first + 3, max(len(old), len(new)))):
             print(f"    base: {old[i] if i < len(old) else '-'}\n    head: {new[i] if i < len(new) else '-'}")
     print(f"{len(pairs)} (variant, arch) pairs: {len(pairs) - differing} identical, {differing} different; "
