@@ -10,7 +10,7 @@
 #include <cute/arch/copy_sm75.hpp>
 #include <cute/arch/copy_sm80.hpp>
 #include <cute/arch/mma_sm80.hpp>
-#include <cute/atom/mma_atom.hpp>
+#include <cute/atom/mma_traits_sm80.hpp>
 #include <cutlass/numeric_conversion.h>
 
 namespace {
@@ -350,15 +350,17 @@ __device__ __forceinline__ void mma(float (&c)[4], uint32_t const (&a)[4], uint3
 
 // ---- accumulator coordinates ------------------------------------------------------------------
 // A warp's accumulators are kWarpBlocks 16-row blocks x n8 tiles of one SM80 MMA atom each:
-// acc[block][n8 tile][value].  Their (row, column) coordinates come from an identity tensor
-// partitioned like the atom's C operand: (value, block, n8 tile) -> (row, column) in the warp's
-// share of the rows and columns.
-using WarpMma = TiledMMA<MMA_Atom<MmaOp>, Layout<Shape<_1, _1, _1>>>;
-
+// acc[block][n8 tile][value].  Their (row, column) coordinates are an identity tensor over the
+// warp's rows and columns, tiled by the atom and partitioned by the atom's C layout, as
+// TiledMMA::partition_C would (without TiledMMA's compile time): (value, (block, n8 tile)) ->
+// (row, column) in the warp's share of the rows and columns.
 template <int Columns>
 __device__ __forceinline__ auto warp_accumulator_coords(int lane) {
-  auto rows_by_columns = make_identity_tensor(make_shape(Int<16 * kWarpBlocks>{}, Int<Columns>{}));
-  return WarpMma{}.get_slice(lane).partition_C(rows_by_columns);
+  using AtomC = typename MMA_Traits<MmaOp>::CLayout;  // (thread, value) -> m + 16 n of a 16x8 tile
+  auto tiles = zipped_divide(make_identity_tensor(make_shape(Int<16 * kWarpBlocks>{}, Int<Columns>{})),
+                             Shape<_16, _8>{});     // ((16, 8), (blocks, n8 tiles))
+  auto by_thread = tiles.compose(AtomC{}, _);       // ((thread, value), (blocks, n8 tiles))
+  return by_thread(make_coord(lane, _), _);         // (value, (blocks, n8 tiles))
 }
 
 // The head-dim element of output-accumulator column n.  fp8 V fragments come from a transposed
@@ -367,13 +369,13 @@ __device__ __forceinline__ auto warp_accumulator_coords(int lane) {
 using OutColumnOrder = conditional_t<kKvFp8, Layout<Shape<_2, _4, _2, Int<kHeadDim / 16>>, Stride<_2, _4, _1, _16>>,
                                      Layout<Int<kHeadDim>, _1>>;
 
-// Head-dim element of value (e, mb, t) of the output accumulator.  The order only moves bit fields
-// of n, so it distributes over the thread's first column plus the value's offset from it: the
-// offsets stay compile-time constants (and neighbouring elements merge into vector stores).
+// Head-dim element of value (e, (mb, t)) of the output accumulator.  The order only moves bit
+// fields of n, so it distributes over the thread's first column plus the value's offset from it:
+// the offsets stay compile-time constants (and neighbouring elements merge into vector stores).
 template <class Coords>
 __device__ __forceinline__ int out_dim(Coords const& out_coords, int e, int mb, int t) {
-  int const n0 = get<1>(out_coords(0, 0, 0));
-  return OutColumnOrder{}(n0) + OutColumnOrder{}(get<1>(out_coords(e, mb, t)) - n0);
+  int const n0 = get<1>(out_coords(0, make_coord(0, 0)));
+  return OutColumnOrder{}(n0) + OutColumnOrder{}(get<1>(out_coords(e, make_coord(mb, t))) - n0);
 }
 
 // ---- paged-KV gather: one tile of K and V into a pipeline stage -------------------------------
@@ -528,7 +530,7 @@ xqa_generic_qbf16_kve4m3_oe4m3_d128_g8_p64_s1_decode_fp8_96acf1b0(Params const p
   int const block0 = warp_m * kWarpBlocks;  // the warp's first 16-row block in the CTA
   int const warp_tok = warp_n * kTokensPerWarp;
   auto const score_coords = warp_accumulator_coords<kTokensPerWarp>(lane);  // -> (row in warp, token in warp)
-  auto const out_coords = warp_accumulator_coords<kHeadDim>(lane);          // -> (row in warp, column)
+  auto const out_coords = warp_accumulator_coords<kHeadDim>(lane);          // -> (row in warp, column n)
   Visibility const vis{range.seq_len, range.window_begin, range.seq_len - kQSeqLen,
                        p.mask + batch * kQSeqLen * p.mask_words_per_row, p.mask_words_per_row};
   uint32_t row_mask[kWarpBlocks][2];  // mask words of the thread's two rows (values 0-1, 2-3) of each block
@@ -537,7 +539,7 @@ xqa_generic_qbf16_kve4m3_oe4m3_d128_g8_p64_s1_decode_fp8_96acf1b0(Params const p
     for (int mb = 0; mb < kWarpBlocks; ++mb)
       CUTE_UNROLL
       for (int h = 0; h < 2; ++h)
-        row_mask[mb][h] = vis.row_mask(row_tile * kRowsCta + block0 * 16 + get<0>(score_coords(2 * h, mb, 0)));
+        row_mask[mb][h] = vis.row_mask(row_tile * kRowsCta + block0 * 16 + get<0>(score_coords(2 * h, make_coord(mb, 0))));
   }
   uint32_t q_frag[kWarpBlocks][kHeadDim / 16][4];  // kQInRegisters: the warp's Q operand, reused by every KV tile
   if constexpr (kQInRegisters) {
@@ -618,7 +620,7 @@ xqa_generic_qbf16_kve4m3_oe4m3_d128_g8_p64_s1_decode_fp8_96acf1b0(Params const p
         for (int t = 0; t < kScoreTiles; ++t)
           CUTE_UNROLL
           for (int e = 0; e < 4; ++e)
-            if (!vis(warp_pos0 + get<1>(score_coords(e, mb, t)), row_mask[mb][e / 2])) acc_s[mb][t][e] = kNegInf;
+            if (!vis(warp_pos0 + get<1>(score_coords(e, make_coord(mb, t))), row_mask[mb][e / 2])) acc_s[mb][t][e] = kNegInf;
     }
     float rescale[kWarpBlocks][2];
     bool any_rescale = false;
@@ -693,7 +695,7 @@ xqa_generic_qbf16_kve4m3_oe4m3_d128_g8_p64_s1_decode_fp8_96acf1b0(Params const p
       for (int h = 0; h < 2; ++h) {
         row_sum[mb][h] += __shfl_xor_sync(0xffffffffu, row_sum[mb][h], 1);
         row_sum[mb][h] += __shfl_xor_sync(0xffffffffu, row_sum[mb][h], 2);
-        int const r = block0 * 16 + get<0>(out_coords(2 * h, mb, 0));
+        int const r = block0 * 16 + get<0>(out_coords(2 * h, make_coord(mb, 0)));
         if (lane % 4 == 0) {
           smem.merge.m[warp_n][r] = row_max[mb][h];
           smem.merge.l[warp_n][r] = row_sum[mb][h];
