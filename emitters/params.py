@@ -19,10 +19,12 @@ PARAMS: tuple[tuple[str, str, type], ...] = (
     ("out", "{out}*", ctypes.c_void_p),
     ("sinks", "float const*", ctypes.c_void_p),
     ("mask", "uint32_t const*", ctypes.c_void_p),
+    ("q_cu_seq_lens", "int const*", ctypes.c_void_p),  # ragged q: [batch + 1] token offsets, or null
     ("q_scale_ptr", "float const*", ctypes.c_void_p),
     ("kv_scale_ptr", "float const*", ctypes.c_void_p),
     ("workspace", "float*", ctypes.c_void_p),
     ("semaphores", "int*", ctypes.c_void_p),
+    ("faults", "int*", ctypes.c_void_p),  # fault word (FAULT_* bits), or null
     ("q_stride_batch", "int64_t", ctypes.c_int64),
     ("q_stride_token", "int64_t", ctypes.c_int64),
     ("q_stride_head", "int64_t", ctypes.c_int64),
@@ -41,7 +43,16 @@ PARAMS: tuple[tuple[str, str, type], ...] = (
     ("window", "int", ctypes.c_int32),
     ("num_splits", "int", ctypes.c_int32),
     ("num_kv_heads", "int", ctypes.c_int32),
+    ("num_pages", "int", ctypes.c_int32),  # pages in the KV pool: page indices are checked against it
+    ("max_pages_per_seq", "int", ctypes.c_int32),  # the page table's width: lengths are checked against it
+    ("total_q_tokens", "int", ctypes.c_int32),  # ragged q: rows of the packed q; offsets are checked against it
 )
+
+# Bits a kernel ORs into the fault word when its inputs would make it read outside the page table
+# or the KV pool; it reads nothing there instead (see docs/design.md, "Memory safety").
+FAULT_SEQ_LEN = 1  # a length outside [0, max_pages_per_seq * page_size]: that request reads no KV
+FAULT_PAGE = 2  # a page index outside [0, num_pages): its tokens read as zeros
+FAULT_Q_TOKENS = 4  # ragged q: a request's tokens outside [0, q_seq_len] or the packed q: it computes nothing
 
 _ELEM = {"q": "QElem", "kv": "KVElem", "out": "OutElem"}
 

@@ -9,7 +9,7 @@ from functools import lru_cache
 
 import jinja2
 
-from .params import SplitWorkspace, c_declarations
+from .params import FAULT_PAGE, FAULT_Q_TOKENS, FAULT_SEQ_LEN, SplitWorkspace, c_declarations
 
 CTYPES = {"fp16": "cute::half_t", "bf16": "cute::bfloat16_t", "e4m3": "cute::float_e4m3_t"}
 
@@ -26,10 +26,11 @@ def _environment() -> jinja2.Environment:
 
 def piece_context(spec, *, mma_dtype: str, workspace: SplitWorkspace) -> dict:
     """What the shared pieces read: the spec, C++ type names, the tensor-core operand type, the
-    parameter list and the split-KV workspace layout."""
+    parameter list, the split-KV workspace layout and the fault bits."""
     return dict(spec=spec, spec_json=json.dumps(spec.to_dict(), sort_keys=True), ctype=CTYPES,
                 mma_dtype=mma_dtype, rsqrt_head_dim=repr(1.0 / math.sqrt(spec.head_dim)),
-                params=c_declarations(), workspace=workspace)
+                params=c_declarations(), workspace=workspace,
+                fault_bits=dict(seq_len=FAULT_SEQ_LEN, page=FAULT_PAGE, q_tokens=FAULT_Q_TOKENS))
 
 
 def render(template: str, **context) -> str:

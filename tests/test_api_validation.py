@@ -71,7 +71,7 @@ CASES = {
     "seq_lens shape": (_replace(4, lambda s: s[:, None].expand(2, 2)), "seq_lens: expected shape [2] or [2, 1]"),
     "seq_lens beyond table": (_replace(4, torch.tensor([100, 10_000], dtype=torch.int32)),
                               "seq_lens: expected every length <= page_table.shape[1] * page_size"),
-    "seq_lens zero": (_replace(4, torch.tensor([100, 0], dtype=torch.int32)), "seq_lens: expected every length >= q_seq_len"),
+    "seq_lens negative": (_replace(4, torch.tensor([100, -1], dtype=torch.int32)), "seq_lens: expected every length >= 0"),
     "page out of pool": (lambda a, k: a[3].__setitem__((1, 0), 10_000), "page_table: expected page indices in [0,"),
     "negative page": (lambda a, k: a[3].__setitem__((0, 3), -1), "page_table[0, 3] = -1"),
     "out dtype": (_set("out_dtype", torch.float16), "out_dtype: expected torch.bfloat16 or torch.float8_e4m3fn"),
@@ -165,3 +165,42 @@ def test_the_kv_range_a_cta_walks_is_the_window_when_there_is_one():
     assert describe(*args, **kwargs).kv_len == 112
     assert describe(*args, **kwargs, sliding_window=40).kv_len == 40
     assert describe(*args, **kwargs, sliding_window=500).kv_len == 112
+
+
+def test_padding_rows_and_short_requests_are_valid():
+    """Length 0 (a padding row) and lengths below q_seq_len pass validation: only the GPU is missing."""
+    args, kwargs = _args(q_seq_len=4)
+    args[4] = torch.tensor([0, 3], dtype=torch.int32)
+    assert NOT_ON_GPU in _error(args, kwargs)
+
+
+def _ragged_args(counts=(3, 0), q_seq_len=4):
+    args, kwargs = _args(q_seq_len=q_seq_len)
+    total = sum(counts)
+    args[0] = torch.randn(total, 16, 128).to(torch.bfloat16)
+    kwargs.update(q_cu_seq_lens=torch.tensor([0, counts[0], total], dtype=torch.int32), q_seq_len=q_seq_len,
+                  mask=causal_mask(1, q_seq_len)[0, :total] if total <= q_seq_len else None)
+    return args, kwargs
+
+
+def test_ragged_arguments_only_lack_a_gpu():
+    args, kwargs = _ragged_args()
+    assert NOT_ON_GPU in _error(args, kwargs)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda a, k: k.pop("q_seq_len"), "q_seq_len: expected the largest number of query tokens"),
+    (lambda a, k: k.update(q_seq_len=2), "q_cu_seq_lens: expected between 0 and q_seq_len = 2 tokens"),
+    (lambda a, k: k.update(q_cu_seq_lens=torch.tensor([0, 4, 3], dtype=torch.int32)),
+     "q_cu_seq_lens: expected between 0 and q_seq_len = 4 tokens per request, got -1 .. 4"),
+    (lambda a, k: k.update(q_cu_seq_lens=torch.tensor([1, 3, 3], dtype=torch.int32)),
+     "q_cu_seq_lens: expected offsets from 0 to q.shape\\[0\\] = 3"),
+    (lambda a, k: k.update(q_cu_seq_lens=torch.tensor([0, 3], dtype=torch.int32)), "page_table: expected shape \\[1,"),
+    (lambda a, k: k.update(mask=k["mask"][None]), "mask: expected 2 dimensions"),
+    (lambda a, k: a.__setitem__(0, a[0][None]), "q: expected 3 dimensions"),
+])
+def test_bad_ragged_argument_is_named(change, message):
+    args, kwargs = _ragged_args()
+    change(args, kwargs)
+    with pytest.raises(ValueError, match=message):
+        prepare_decode(*args, **kwargs)

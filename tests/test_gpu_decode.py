@@ -378,3 +378,97 @@ def test_case_ids_are_unique():
     ids = [c.id for c in CASES]
     assert len(ids) == len(set(ids)), [i for i in ids if ids.count(i) > 1]
 
+
+
+@pytest.mark.parametrize("case", [
+    replace(BASE, kv_dtype="e4m3", seq_lens=(0, 3000, 0, 17), num_splits=4, sinks=True),
+    replace(BASE, q_seq_len=4, mask="tree", window=300, seq_lens=(0, 2, 1000, 3, 4)),  # some shorter than q_seq_len
+], ids=["decode-split4", "specdec4-tree-window"])
+def test_padding_and_short_rows_in_a_graph(case):
+    """Rows of length 0 (a CUDA-graph batch's padding) give zeros and read no KV; requests shorter
+    than q_seq_len follow the documented contract (xqagen.reference); both inside a captured graph."""
+    from xqagen.api import prepare_decode
+
+    q, k_cache, v_cache, page_table, seq_lens, kwargs = _inputs(case, seed=21)
+    out = torch.full_like(q, float("nan"))
+    call = prepare_decode(q, k_cache, v_cache, page_table, seq_lens, out=out, num_splits=case.num_splits, **kwargs)
+    call.launch()  # loads the kernel outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call.launch()
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    ref = xqa_reference(q, k_cache, v_cache, page_table, seq_lens, num_kv_heads=case.num_kv_heads,
+                        out_dtype=torch.float32, **kwargs)
+    for b, length in enumerate(case.seq_lens):
+        if length == 0:
+            assert torch.equal(out[b].float(), torch.zeros_like(out[b].float())), f"padding row {b}"
+    assert relative_l2_error(out.float(), ref) < _tolerance(case)
+
+
+def test_corrupt_page_tables_and_lengths_read_nothing_outside_and_raise_the_fault_word():
+    """Without validation, lengths beyond the page table and page indices outside the pool read
+    nothing there (compute-sanitizer's memcheck runs this test), set the fault word's bits, and
+    leave the other requests' results exact."""
+    from xqagen.api import xqa_decode
+    from xqagen.emitters.params import FAULT_PAGE, FAULT_SEQ_LEN
+    from xqagen.runtime import Workspace
+
+    case = replace(BASE, kv_dtype="e4m3", seq_lens=(2000, 700, 1500, 900))
+    q, k_cache, v_cache, page_table, seq_lens, kwargs = _inputs(case, seed=23)
+    ref = xqa_reference(q, k_cache, v_cache, page_table, seq_lens, num_kv_heads=case.num_kv_heads,
+                        out_dtype=torch.float32, **kwargs)
+    bad_table, bad_lens = page_table.clone(), seq_lens.clone()
+    bad_lens[0] = page_table.shape[1] * case.page_size + 1  # beyond the table
+    bad_table[1, 3] = k_cache.shape[0]                     # one past the pool
+    bad_table[2, 0] = -7
+    workspace = Workspace.allocate(q.device)
+    for splits in (1, 4):
+        out = torch.full_like(q, float("nan"))
+        workspace.clear_faults()
+        xqa_decode(q, k_cache, v_cache, bad_table, bad_lens, out=out, num_splits=splits, workspace=workspace,
+                   validate=False, **kwargs)
+        assert workspace.fault_bits() == FAULT_SEQ_LEN | FAULT_PAGE
+        assert torch.isfinite(out.float()).all()
+        assert torch.equal(out[0].float(), torch.zeros_like(out[0].float())), "a bad length reads nothing"
+        assert relative_l2_error(out[3].float(), ref[3]) < _tolerance(case), "a healthy request"
+    workspace.clear_faults()
+    xqa_decode(q, k_cache, v_cache, page_table, seq_lens, workspace=workspace, **kwargs)
+    assert workspace.fault_bits() == 0
+
+
+@pytest.mark.parametrize("kv_dtype, q_seq_len, counts, sinks, window, splits", [
+    ("bf16", 4, (3, 0, 4, 1), False, 0, None),
+    ("e4m3", 8, (8, 2, 5, 0, 7), True, 300, 3),
+    ("bf16", 13, (13, 1, 9), True, 0, 1),
+], ids=["bf16-s4", "fp8-s8-sinks-window-split3", "bf16-s13-sinks"])
+def test_ragged_speculative_decoding(kv_dtype, q_seq_len, counts, sinks, window, splits):
+    """q_cu_seq_lens: each request its own number of draft tokens (0 allowed) in a packed q, out and
+    mask, against the reference; the same request run alone with a fixed q_seq_len agrees."""
+    from xqagen.api import xqa_decode
+
+    device = torch.device("cuda")
+    gen = torch.Generator(device=device).manual_seed(31)
+    num_kv_heads, group, head_dim = 2, 8, 128
+    lens = [1700, 33, 4000, 61, 2500][:len(counts)]
+    k_cache, v_cache, page_table = make_paged_kv(len(counts), lens, num_kv_heads, head_dim, 64,
+                                                 TORCH_DTYPES[kv_dtype], generator=gen, device=device)
+    cu = torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    total = int(cu[-1])
+    q = torch.randn(total, num_kv_heads * group, head_dim, generator=gen, device=device).to(torch.bfloat16)
+    tree = random_tree_mask(len(counts), q_seq_len, generator=torch.Generator().manual_seed(7)).to(device)
+    mask = torch.cat([tree[b, :n] for b, n in enumerate(counts)])  # rows packed like q
+    kwargs = dict(q_scale=0.7, mask=mask, sinks=torch.randn(num_kv_heads, group, generator=gen, device=device)
+                  if sinks else None, sliding_window=window)
+    if kv_dtype == "e4m3":
+        kwargs["kv_scale"] = 1.3 / FP8_VALUE_SCALE
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device=device)
+    out = torch.full_like(q, float("nan"))
+    xqa_decode(q, k_cache, v_cache, page_table, seq_lens, out=out, q_cu_seq_lens=cu, q_seq_len=q_seq_len,
+               num_splits=splits, **kwargs)
+    torch.cuda.synchronize()
+    ref = xqa_reference(q, k_cache, v_cache, page_table, seq_lens, num_kv_heads=num_kv_heads, q_cu_seq_lens=cu,
+                        out_dtype=torch.float32, **kwargs)
+    assert relative_l2_error(out.float(), ref) < TOLERANCE["fp8" if kv_dtype == "e4m3" else "16bit"]

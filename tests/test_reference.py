@@ -32,17 +32,19 @@ def naive_attention(q, k_cache, v_cache, page_table, seq_lens, *, num_kv_heads, 
         return (cache[page, row] if kv_layout == "NHD" else cache[page, :, row]).double()
 
     def sees(b, i, pos, seq_len):
-        first_new = seq_len - q_seq_len
+        first_new = seq_len - q_seq_len  # position of query token 0
         if mask is not None and pos >= first_new:
             bit = pos - first_new
             word = int(mask[b, i, bit // 32]) & 0xFFFFFFFF
             if not (word >> (bit % 32)) & 1:
                 return False
-        return not sliding_window or pos >= seq_len - sliding_window
+        return not sliding_window or pos > first_new + i - sliding_window
 
     out = torch.zeros(batch, q_seq_len, num_q_heads, head_dim, dtype=torch.float64)
     for b in range(batch):
         seq_len = int(seq_lens.flatten()[b])
+        if seq_len == 0:
+            continue  # a padding row: zeros
         keys = torch.stack([token_heads(k_cache, b, pos) for pos in range(seq_len)])
         values = torch.stack([token_heads(v_cache, b, pos) for pos in range(seq_len)])
         for i in range(q_seq_len):
@@ -198,9 +200,18 @@ def test_sliding_window_single_token():
     assert visible_positions(30, 1, sliding_window=30) == visible_positions(30, 1) == [list(range(30))]
 
 
-def test_sliding_window_is_anchored_at_the_end_of_the_request():
+def test_each_draft_token_has_its_own_window():
+    # tokens at p = 17, 18, 19 see (p - 4, p]: FlashInfer 0.7.2's semantics
     rows = visible_positions(20, 3, mask=causal_mask(1, 3), sliding_window=4)
-    assert rows == [[16, 17], [16, 17, 18], [16, 17, 18, 19]]
+    assert rows == [[14, 15, 16, 17], [15, 16, 17, 18], [16, 17, 18, 19]]
+
+
+def test_requests_shorter_than_q_seq_len():
+    """A request with fewer positions than query tokens: token i sits at p = L - q_seq_len + i,
+    mask bits before position 0 are ignored, tokens that see nothing get zeros; L = 0 gives zeros."""
+    assert visible_positions(2, 4, mask=causal_mask(1, 4)) == [[], [], [0], [0, 1]]
+    assert visible_positions(2, 4, mask=causal_mask(1, 4), sliding_window=1) == [[], [], [0], [1]]
+    assert visible_positions(0, 3, mask=causal_mask(1, 3)) == [[], [], []]
 
 
 def test_rows_with_nothing_visible_are_zero():
@@ -216,7 +227,9 @@ def test_rows_with_nothing_visible_are_zero():
         assert out[0, 0, 0].abs().min() > 0 and out[0, 0, 2].abs().min() > 0
     # With history, a window that leaves only new tokens the mask hides empties the row too.
     only_self = pack_mask(torch.eye(3, dtype=torch.bool)[None])
-    assert visible_positions(10, 3, mask=only_self, sliding_window=2) == [[], [8], [9]]
+    assert visible_positions(10, 3, mask=only_self, sliding_window=1) == [[7], [8], [9]]
+    no_self = pack_mask(~torch.eye(3, dtype=torch.bool)[None] & torch.ones(3, 3, dtype=torch.bool).tril()[None])
+    assert visible_positions(10, 3, mask=no_self, sliding_window=1) == [[], [], []]
 
 
 def test_sink_adds_to_the_denominator_only():
@@ -360,7 +373,7 @@ INVALID = {
     "seq_lens_shape": (_with(4, lambda s: s[None]), ValueError, r"seq_lens must have shape \[batch\]"),
     "seq_lens_dtype": (_with(4, lambda s: s.float()), TypeError, "seq_lens must be an integer tensor"),
     "seq_lens_too_long": (_with(4, torch.tensor([50, 81], dtype=torch.int32)), ValueError, r"seq_lens\[1\] = 81"),
-    "seq_lens_too_short": (_with(4, torch.tensor([2, 80], dtype=torch.int32)), ValueError, r"seq_lens\[0\] = 2"),
+    "seq_lens_negative": (_with(4, torch.tensor([-1, 80], dtype=torch.int32)), ValueError, r"seq_lens\[0\] = -1"),
     "mask_missing": (_kw(mask=None), ValueError, "mask is required when q_seq_len > 1"),
     "mask_shape": (_kw(mask=causal_mask(2, 4)), ValueError, r"mask must have shape .* = \[2, 3, 1\]"),
     "mask_dtype": (_kw(mask=causal_mask(2, 3).long()), TypeError, "mask must be an int32 or uint32 tensor"),

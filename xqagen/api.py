@@ -38,6 +38,8 @@ def xqa_decode(
     sinks: torch.Tensor | None = None,
     sliding_window: int = 0,
     mask: torch.Tensor | None = None,
+    q_cu_seq_lens: torch.Tensor | None = None,
+    q_seq_len: int | None = None,
     num_splits: int | None = None,
     workspace: Workspace | None = None,
     tile=None,
@@ -53,6 +55,10 @@ def xqa_decode(
     page_table: int32 ``[batch, max_pages]``.  seq_lens: int32/uint32 ``[batch]`` or ``[batch, 1]``.
     mask (q_seq_len > 1): packed words ``[batch, q_seq_len, ceil(q_seq_len / 32)]`` (int32/uint32),
     or FlashInfer's uint16 view of the same bytes.  sinks: float32 ``[num_kv_heads, group]``.
+    q_cu_seq_lens (ragged speculative decoding, FlashInfer 0.7.2's convention): int32 ``[batch + 1]``
+    offsets; request ``b`` owns tokens ``q_cu_seq_lens[b] .. q_cu_seq_lens[b + 1] - 1`` (0 allowed,
+    at most ``q_seq_len``, which is then required) of a packed q ``[total_q_tokens, num_q_heads,
+    head_dim]``, of ``out`` (same shape) and of the mask rows ``[total_q_tokens, words]``.
     num_splits: split-KV count (None: chosen from the grid, the SM count and max sequence length).
     tile: the kernel path's tile, a shipped tile's name or a mapping of tile fields (None: the path
     chooses by launch shape).
@@ -63,7 +69,8 @@ def xqa_decode(
     """
     return prepare_decode(q, k_cache, v_cache, page_table, seq_lens, out=out, out_dtype=out_dtype,
                           kv_layout=kv_layout, q_scale=q_scale, kv_scale=kv_scale, rcp_out_scale=rcp_out_scale,
-                          sinks=sinks, sliding_window=sliding_window, mask=mask, num_splits=num_splits,
+                          sinks=sinks, sliding_window=sliding_window, mask=mask, q_cu_seq_lens=q_cu_seq_lens,
+                          q_seq_len=q_seq_len, num_splits=num_splits,
                           workspace=workspace, tile=tile, enable_pdl=enable_pdl, validate=validate,
                           cache_dir=cache_dir).launch()
 
@@ -96,8 +103,8 @@ class DecodeCall:
 
 def prepare_decode(q, k_cache, v_cache, page_table, seq_lens, *, out=None, out_dtype=None, kv_layout="NHD",
                    q_scale=1.0, kv_scale=1.0, rcp_out_scale=1.0, sinks=None, sliding_window=0, mask=None,
-                   num_splits=None, workspace=None, tile=None, enable_pdl=False, validate=True, cache_dir=None,
-                   sm_count=None) -> DecodeCall:
+                   q_cu_seq_lens=None, q_seq_len=None, num_splits=None, workspace=None, tile=None,
+                   enable_pdl=False, validate=True, cache_dir=None, sm_count=None) -> DecodeCall:
     """Validate the arguments of :func:`xqa_decode`, plan its launch and bind it, without launching."""
     if not isinstance(enable_pdl, bool):
         fail("enable_pdl", "a bool", repr(enable_pdl))
@@ -107,7 +114,8 @@ def prepare_decode(q, k_cache, v_cache, page_table, seq_lens, *, out=None, out_d
         fail("num_splits", "None or an integer >= 1", repr(num_splits))
     problem = describe(q, k_cache, v_cache, page_table, seq_lens, out=out, out_dtype=out_dtype, kv_layout=kv_layout,
                        q_scale=q_scale, kv_scale=kv_scale, rcp_out_scale=rcp_out_scale, sinks=sinks,
-                       sliding_window=sliding_window, mask=mask, validate=validate)
+                       sliding_window=sliding_window, mask=mask, q_cu_seq_lens=q_cu_seq_lens, q_seq_len=q_seq_len,
+                       validate=validate)
     spec = problem.spec(tile=tile)
     # Every argument is checked first, so that a CPU tensor reports its real mistakes too.
     device = problem.device

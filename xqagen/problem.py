@@ -75,6 +75,7 @@ class DecodeProblem:
     out: torch.Tensor
     sinks: torch.Tensor | None
     mask: torch.Tensor | None
+    q_cu_seq_lens: torch.Tensor | None  # ragged q: [batch + 1] token offsets into the packed q
     layout: KvLayout
     batch: int
     num_kv_heads: int
@@ -101,7 +102,8 @@ class DecodeProblem:
     def spec(self, *, path: str = "generic", tile=None) -> KernelSpec:
         """The kernel variant these arguments need, on ``tile`` (None: the path's default)."""
         features = {name for name, on in (("sinks", self.sinks is not None),
-                                          ("sliding_window", self.sliding_window > 0)) if on}
+                                          ("sliding_window", self.sliding_window > 0),
+                                          ("ragged_q", self.q_cu_seq_lens is not None)) if on}
         return KernelSpec(q_dtype=DTYPE_NAMES[self.q.dtype], kv_dtype=DTYPE_NAMES[self.k_cache.dtype],
                           out_dtype=DTYPE_NAMES[self.out.dtype], head_dim=self.head_dim, group=self.group,
                           page_size=self.page_size, q_seq_len=self.q_seq_len, features=frozenset(features),
@@ -112,37 +114,58 @@ class DecodeProblem:
         fixes: pointers, strides, scales and features; the plan adds splits and workspace."""
         q, out = self.q, self.out
         stride_page, stride_token, stride_head = self.layout.strides(self.k_cache)
+        if self.q_cu_seq_lens is not None:  # packed [total_q_tokens, heads, head_dim]
+            token_strides = dict(q_stride_batch=0, q_stride_token=q.stride(0), out_stride_batch=0,
+                                 out_stride_token=out.stride(0))
+        else:
+            token_strides = dict(q_stride_batch=q.stride(0), q_stride_token=q.stride(2) if q.dim() == 5 else 0,
+                                 out_stride_batch=out.stride(0),
+                                 out_stride_token=out.stride(2) if out.dim() == 5 else 0)
         return dict(
             q=q.data_ptr(), k=self.k_cache.data_ptr(), v=self.v_cache.data_ptr(),
             page_table=self.page_table.data_ptr(), seq_lens=self.seq_lens.data_ptr(), out=out.data_ptr(),
             sinks=self.sinks.data_ptr() if self.sinks is not None else 0,
             mask=self.mask.data_ptr() if self.mask is not None else 0,
-            q_scale_ptr=self.q_scale[1], kv_scale_ptr=self.kv_scale[1],
-            q_stride_batch=q.stride(0), q_stride_token=q.stride(2) if q.dim() == 5 else 0, q_stride_head=q.stride(-2),
+            q_cu_seq_lens=self.q_cu_seq_lens.data_ptr() if self.q_cu_seq_lens is not None else 0,
+            q_scale_ptr=self.q_scale[1], kv_scale_ptr=self.kv_scale[1], **token_strides, q_stride_head=q.stride(-2),
             kv_stride_page=stride_page, kv_stride_token=stride_token, kv_stride_head=stride_head,
-            out_stride_batch=out.stride(0), out_stride_token=out.stride(2) if out.dim() == 5 else 0,
             out_stride_head=out.stride(-2), page_table_stride=self.page_table.stride(0),
             q_scale=self.q_scale[0], kv_scale=self.kv_scale[0], rcp_out_scale=self.rcp_out_scale,
             seq_lens_stride=self.seq_lens.stride(0), mask_words_per_row=(self.q_seq_len + 31) // 32,
             window=self.sliding_window, num_kv_heads=self.num_kv_heads,
+            num_pages=self.k_cache.shape[0], max_pages_per_seq=self.page_table.shape[1], total_q_tokens=q.shape[0],
         )
 
 
 def describe(q, k_cache, v_cache, page_table, seq_lens, *, out=None, out_dtype=None, kv_layout="NHD",
              q_scale=1.0, kv_scale=1.0, rcp_out_scale=1.0, sinks=None, sliding_window=0, mask=None,
-             validate=True) -> DecodeProblem:
+             q_cu_seq_lens=None, q_seq_len=None, validate=True) -> DecodeProblem:
     """Check the arguments of :func:`xqagen.api.xqa_decode` and describe the problem; allocates
     ``out`` when it is None."""
-    _check_tensor("q", q, device=None, dtypes=(torch.float16, torch.bfloat16), ndims=(4, 5))
+    ragged = q_cu_seq_lens is not None
+    _check_tensor("q", q, device=None, dtypes=(torch.float16, torch.bfloat16), ndims=(3,) if ragged else (4, 5))
     device = q.device
-    if q.shape[1] != 1:
-        fail("q", "beam width 1 (q.shape[1] == 1)", f"shape {tuple(q.shape)}")
-    batch, num_q_heads, head_dim = q.shape[0], q.shape[-2], q.shape[-1]
-    q_seq_len = q.shape[2] if q.dim() == 5 else 1
+    num_q_heads, head_dim = q.shape[-2], q.shape[-1]
+    if ragged:
+        _check_tensor("q_cu_seq_lens", q_cu_seq_lens, device=device, dtypes=_INDEX_DTYPES, ndims=(1,))
+        if q_cu_seq_lens.shape[0] < 2 or not q_cu_seq_lens.is_contiguous():
+            fail("q_cu_seq_lens", "a contiguous tensor of shape [batch + 1]", f"shape {tuple(q_cu_seq_lens.shape)}")
+        batch = q_cu_seq_lens.shape[0] - 1
+        if not isinstance(q_seq_len, int) or isinstance(q_seq_len, bool):
+            fail("q_seq_len", "the largest number of query tokens of a request (an int) with q_cu_seq_lens",
+                 repr(q_seq_len))
+    else:
+        if q.shape[1] != 1:
+            fail("q", "beam width 1 (q.shape[1] == 1)", f"shape {tuple(q.shape)}")
+        batch = q.shape[0]
+        inferred = q.shape[2] if q.dim() == 5 else 1
+        if q_seq_len is not None and q_seq_len != inferred:
+            fail("q_seq_len", f"{inferred} (q has shape {tuple(q.shape)}) or None", repr(q_seq_len))
+        q_seq_len = inferred
     if head_dim not in HEAD_DIMS:
         fail("q", f"head_dim (last dimension) in {HEAD_DIMS}", head_dim)
     if not 1 <= q_seq_len <= MAX_Q_SEQ_LEN:
-        fail("q", f"q_seq_len (dimension 2 of a 5-D q) in [1, {MAX_Q_SEQ_LEN}]", q_seq_len)
+        fail("q_seq_len" if ragged else "q", f"q_seq_len (dimension 2 of a 5-D q) in [1, {MAX_Q_SEQ_LEN}]", q_seq_len)
     if batch < 1 or batch > 65535:
         fail("q", "a batch size in [1, 65535]", batch)
     _check_rows_16b("q", q)
@@ -206,10 +229,12 @@ def describe(q, k_cache, v_cache, page_table, seq_lens, *, out=None, out_dtype=N
     if q_seq_len > 1:
         if mask is None:
             fail("mask", f"a packed speculative-decoding mask for q_seq_len = {q_seq_len}", None)
-        _check_tensor("mask", mask, device=device, dtypes=(torch.int32, torch.uint32, torch.uint16), ndims=(3,))
+        _check_tensor("mask", mask, device=device, dtypes=(torch.int32, torch.uint32, torch.uint16),
+                      ndims=(2,) if ragged else (3,))
         words = (q_seq_len + 31) // 32 * (2 if mask.dtype == torch.uint16 else 1)
-        if tuple(mask.shape) != (batch, q_seq_len, words) or not mask.is_contiguous():
-            fail("mask", f"a contiguous tensor of shape [{batch}, {q_seq_len}, {words}] ({mask.dtype})",
+        rows = (q.shape[0],) if ragged else (batch, q_seq_len)  # ragged: rows packed like q
+        if tuple(mask.shape) != (*rows, words) or not mask.is_contiguous():
+            fail("mask", f"a contiguous tensor of shape {list((*rows, words))} ({mask.dtype})",
                  f"shape {tuple(mask.shape)}")
     elif mask is not None:
         fail("mask", "None when q_seq_len == 1", f"a tensor of shape {tuple(mask.shape)}")
@@ -219,14 +244,16 @@ def describe(q, k_cache, v_cache, page_table, seq_lens, *, out=None, out_dtype=N
     if not isinstance(rcp_out_scale, (int, float)) or isinstance(rcp_out_scale, bool):
         raise TypeError(f"rcp_out_scale: expected a float, got {type(rcp_out_scale).__name__}")
     if validate and not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-        _check_values(seq_lens, page_table, page_size, num_pages, q_seq_len)
+        _check_values(seq_lens, page_table, page_size, num_pages)
+        if ragged:
+            _check_token_offsets(q_cu_seq_lens, q_seq_len, q.shape[0])
     return DecodeProblem(q=q, k_cache=k_cache, v_cache=v_cache, page_table=page_table, seq_lens=seq_lens, out=out,
-                         sinks=sinks, mask=mask, layout=layout, batch=batch, num_kv_heads=num_kv_heads, group=group,
+                         sinks=sinks, mask=mask, q_cu_seq_lens=q_cu_seq_lens, layout=layout, batch=batch, num_kv_heads=num_kv_heads, group=group,
                          head_dim=head_dim, q_seq_len=q_seq_len, page_size=page_size, sliding_window=sliding_window,
                          q_scale=q_scale, kv_scale=kv_scale, rcp_out_scale=float(rcp_out_scale))
 
 
-def _check_values(seq_lens, page_table, page_size, num_pages, q_seq_len) -> None:
+def _check_values(seq_lens, page_table, page_size, num_pages) -> None:
     """Sequence lengths within the page table, and the pages they use inside the pool (one sync)."""
     lens = seq_lens.reshape(-1).to(torch.int64)
     max_pages = page_table.shape[1]
@@ -236,11 +263,22 @@ def _check_values(seq_lens, page_table, page_size, num_pages, q_seq_len) -> None
     bad_page = in_use & ((page_table < 0) | (page_table >= num_pages))
     summary = torch.stack([lens.min(), lens.max(), bad_page.any().to(torch.int64)]).cpu()
     lo, hi, any_bad = (int(v) for v in summary)
-    if lo < q_seq_len:
-        fail("seq_lens", f"every length >= q_seq_len = {q_seq_len} (lengths include the new tokens)", lo)
+    if lo < 0:
+        fail("seq_lens", "every length >= 0 (lengths include the new tokens; 0: a padding row)", lo)
     if hi > max_pages * page_size:
         fail("seq_lens", f"every length <= page_table.shape[1] * page_size = {max_pages * page_size}", hi)
     if any_bad:
         row, col = (int(v) for v in bad_page.nonzero()[0].cpu())
         fail("page_table", f"page indices in [0, {num_pages}) for the pages a sequence uses",
              f"page_table[{row}, {col}] = {int(page_table[row, col])}")
+
+
+def _check_token_offsets(q_cu_seq_lens, q_seq_len, total_q_tokens) -> None:
+    """Ragged q: offsets from 0 to q's rows, each request at most q_seq_len tokens (one sync)."""
+    cu = q_cu_seq_lens.to(torch.int64)
+    counts = cu[1:] - cu[:-1]
+    first, last, lo, hi = (int(v) for v in torch.stack([cu[0], cu[-1], counts.min(), counts.max()]).cpu())
+    if first != 0 or last != total_q_tokens:
+        fail("q_cu_seq_lens", f"offsets from 0 to q.shape[0] = {total_q_tokens}", f"{first} .. {last}")
+    if lo < 0 or hi > q_seq_len:
+        fail("q_cu_seq_lens", f"between 0 and q_seq_len = {q_seq_len} tokens per request", f"{lo} .. {hi}")

@@ -32,9 +32,15 @@ Position ``j`` is visible to query token ``i`` when both hold:
 * mask: ``j < L - q_seq_len`` (the history), or bit ``j - (L - q_seq_len)`` of row ``i`` of the
   request's packed mask is set (layout in :mod:`xqagen.masks`).  ``q_seq_len > 1`` requires a
   mask; with ``q_seq_len == 1`` it is optional (no mask: everything is visible).
-* sliding window ``W > 0``: ``j >= L - W``.  As in FlashInfer 0.6.0 the window is anchored at the
-  end of the request, so all query tokens of a request share the same last ``W`` positions; with
-  ``q_seq_len == 1`` this is the usual window ``(p - W, p]``, ``p = L - 1``.  ``W = 0``: no window.
+* sliding window ``W > 0``: query token ``i`` sits at position ``p = L - q_seq_len + i`` and sees
+  ``j > p - W``, so with a causal or tree mask its window is ``(p - W, p]``: each draft token has
+  its own window, as in FlashInfer 0.7.2 (0.6.0 anchored every token's window at ``L - W``).  With
+  ``q_seq_len == 1``, ``p = L - 1``.  ``W = 0``: no window.
+
+Short and empty requests: ``L`` may be smaller than ``q_seq_len`` (a padding row of a CUDA-graph
+batch, or a request with fewer new tokens).  Positions are still ``0 .. L - 1``; query token ``i``
+sits at ``p = L - q_seq_len + i``, mask bits of positions before 0 are ignored, and a query token
+whose visible set is empty gets zeros.  ``L = 0`` reads no KV and gives zeros.
 
 Softmax, with an optional sink logit ``sink`` of head ``h``, over the visible set ``V``::
 
@@ -94,6 +100,7 @@ def xqa_reference(
     sinks: torch.Tensor | None = None,
     sliding_window: int = 0,
     mask: torch.Tensor | None = None,
+    q_cu_seq_lens: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
     compute_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
@@ -103,7 +110,17 @@ def xqa_reference(
     float32 ``[num_kv_heads, group]`` or ``[num_q_heads]``; ``mask`` holds packed int32/uint32 words
     ``[batch, q_seq_len, ceil(q_seq_len/32)]``.  Scores, softmax and ``P . V`` are computed in
     ``compute_dtype`` (float32 or float64).
+
+    Ragged q (``q_cu_seq_lens``, ``[batch + 1]`` offsets): request ``b`` has the
+    ``q_cu_seq_lens[b + 1] - q_cu_seq_lens[b]`` query tokens (0 allowed) at those rows of a packed
+    ``q`` ``[total_q_tokens, num_q_heads, head_dim]`` and of ``mask`` ``[total_q_tokens, words]``,
+    and is computed as a request with that many tokens.
     """
+    if q_cu_seq_lens is not None:
+        return _ragged_reference(q, k_cache, v_cache, page_table, seq_lens, q_cu_seq_lens, mask=mask,
+                                 out_dtype=out_dtype, num_kv_heads=num_kv_heads, kv_layout=kv_layout, q_scale=q_scale,
+                                 kv_scale=kv_scale, rcp_out_scale=rcp_out_scale, sinks=sinks,
+                                 sliding_window=sliding_window, compute_dtype=compute_dtype)
     _check_dtype("q", q, Q_DTYPES)
     if q.dim() not in (4, 5) or q.shape[1] != 1:
         raise ValueError("q must have shape [batch, 1, num_q_heads, head_dim] or "
@@ -147,6 +164,9 @@ def xqa_reference(
 
     out = torch.empty(batch, q_seq_len, num_q_heads, head_dim, dtype=compute_dtype, device=device)
     for b, seq_len in enumerate(lengths):
+        if seq_len == 0:  # a padding row: nothing to attend to
+            out[b] = 0
+            continue
         keys = _gather(k_cache, page_table[b], seq_len, page_size, kv_layout).to(compute_dtype)
         values = _gather(v_cache, page_table[b], seq_len, page_size, kv_layout).to(compute_dtype)
         # Heads h = kv_head * group + g, so [num_q_heads, ...] splits into [num_kv_heads, group, ...]:
@@ -162,6 +182,32 @@ def xqa_reference(
         # Saturate explicitly: torch's cast saturates on some paths but gives NaN on others.
         out = out.clamp(-FP8_MAX, FP8_MAX)
     return out.to(out_dtype).reshape(q.shape)
+
+
+def _ragged_reference(q, k_cache, v_cache, page_table, seq_lens, q_cu_seq_lens, *, mask, out_dtype,
+                      **kwargs) -> torch.Tensor:
+    """xqa_reference over a packed q: each request as one with its own number of tokens."""
+    if q.dim() != 3:
+        raise ValueError(f"q must have shape [total_q_tokens, num_q_heads, head_dim] with q_cu_seq_lens, "
+                         f"got {list(q.shape)}")
+    offsets = q_cu_seq_lens.flatten().tolist()
+    if offsets[0] != 0 or offsets[-1] != q.shape[0] or any(b < a for a, b in zip(offsets, offsets[1:])):
+        raise ValueError(f"q_cu_seq_lens must rise from 0 to q.shape[0] = {q.shape[0]}, got {offsets}")
+    out_dtype = q.dtype if out_dtype is None else out_dtype
+    out = torch.zeros(q.shape, dtype=out_dtype, device=q.device)
+    lens = seq_lens.flatten()
+    for b, (first, end) in enumerate(zip(offsets, offsets[1:])):
+        tokens = end - first
+        if tokens == 0:
+            continue
+        request_q = q[first:end].unsqueeze(0).unsqueeze(0)  # [1, 1, tokens, heads, head_dim]
+        request_mask = None if mask is None else mask[first:end].view(torch.int32).unsqueeze(0)
+        if tokens == 1:
+            request_q = request_q.squeeze(2)
+        result = xqa_reference(request_q, k_cache, v_cache, page_table[b:b + 1], lens[b:b + 1], mask=request_mask,
+                               out_dtype=out_dtype, **kwargs)
+        out[first:end] = result.reshape(tokens, *q.shape[1:])
+    return out
 
 
 def make_paged_kv(
@@ -192,8 +238,8 @@ def make_paged_kv(
     """
     _check_positive_int("batch", batch)
     lengths = [int(n) for n in (seq_lens.flatten().tolist() if isinstance(seq_lens, torch.Tensor) else seq_lens)]
-    if len(lengths) != batch or min(lengths) < 1:
-        raise ValueError(f"seq_lens must hold {batch} (batch) positive lengths, got {lengths}")
+    if len(lengths) != batch or min(lengths) < 0 or max(lengths) < 1:
+        raise ValueError(f"seq_lens must hold {batch} (batch) lengths >= 0, not all 0, got {lengths}")
     for name, value in (("num_kv_heads", num_kv_heads), ("head_dim", head_dim), ("page_size", page_size)):
         _check_positive_int(name, value)
     if dtype not in Q_DTYPES + (FP8,):
@@ -257,10 +303,13 @@ def _visibility(seq_len: int, q_seq_len: int, allowed: torch.Tensor | None, slid
                 device: torch.device) -> torch.Tensor:
     """``[q_seq_len, seq_len]`` bools: which KV positions each query token of the request sees."""
     visible = torch.ones(q_seq_len, seq_len, dtype=torch.bool, device=device)
+    first_new = seq_len - q_seq_len  # position of query token 0; negative for a short request
     if allowed is not None:
-        visible[:, seq_len - q_seq_len:] = allowed
+        visible[:, max(first_new, 0):] = allowed[:, max(-first_new, 0):]
     if sliding_window:
-        visible &= torch.arange(seq_len, device=device) >= seq_len - sliding_window
+        positions = torch.arange(seq_len, device=device)
+        token_positions = first_new + torch.arange(q_seq_len, device=device)
+        visible &= positions[None, :] > (token_positions - sliding_window)[:, None]
     return visible
 
 
@@ -328,9 +377,9 @@ def _check_lengths(seq_lens: torch.Tensor, page_table: torch.Tensor, batch: int,
     capacity = page_table.shape[1] * page_size
     table = page_table.cpu()
     for b, seq_len in enumerate(lengths):
-        if not q_seq_len <= seq_len <= capacity:
-            raise ValueError(f"seq_lens[{b}] = {seq_len} must be in [q_seq_len, max_pages_per_seq * page_size] "
-                             f"= [{q_seq_len}, {capacity}] (it includes the q_seq_len new tokens)")
+        if not 0 <= seq_len <= capacity:
+            raise ValueError(f"seq_lens[{b}] = {seq_len} must be in [0, max_pages_per_seq * page_size] "
+                             f"= [0, {capacity}] (it includes the new tokens)")
         pages = table[b, : -(-seq_len // page_size)]
         bad = ((pages < 0) | (pages >= num_pages)).nonzero()
         if len(bad):

@@ -64,12 +64,19 @@ class _Loaded:
 
 
 class Workspace:
-    """Split-KV scratch (fp32 partials) and semaphores for one device.
+    """Split-KV scratch (fp32 partials), semaphores and the fault word, for one device.
 
     The semaphores start at zero and every launch leaves them at zero (the last CTA of each
     output tile resets its own), so a workspace serves any number of launches and graph replays,
     one stream at a time.  A launch that would need more scratch than the workspace holds uses
     fewer splits rather than allocating.
+
+    The fault word (the semaphore buffer's last int32) collects ``FAULT_*`` bits
+    (``xqagen.emitters.params``): kernels set them when a length or a page index would have read
+    outside the page table or the KV pool, and read nothing there instead.  Nothing on the launch
+    path reads it; check it off the hot path, e.g. ``flag = workspace.faults.to("cpu",
+    non_blocking=True)`` into pinned memory and read after the step's event, or :meth:`fault_bits`
+    (a sync), and clear it with :meth:`clear_faults`.
     """
 
     def __init__(self, scratch: torch.Tensor, semaphores: torch.Tensor):
@@ -77,11 +84,19 @@ class Workspace:
         raw = scratch.reshape(-1).view(torch.uint8)
         self.device = scratch.device
         self.scratch = raw[: raw.numel() // 4 * 4].view(torch.float32)
-        self.semaphores = semaphores.reshape(-1).view(torch.int32)
+        words = semaphores.reshape(-1).view(torch.int32)
+        self.semaphores, self.faults = words[:-1], words[-1:]
 
     @property
     def size(self) -> WorkspaceSize:
         return WorkspaceSize(self.scratch.numel(), self.semaphores.numel())
+
+    def fault_bits(self) -> int:
+        """The fault word (0: no fault since the last clear); waits for the device."""
+        return int(self.faults.item())
+
+    def clear_faults(self) -> None:
+        self.faults.zero_()
 
     @classmethod
     def allocate(cls, device: torch.device | str | int, scratch_bytes: int = 64 << 20,

@@ -26,7 +26,7 @@ HEAD_DIMS = (64, 128, 256)
 PAGE_SIZES = (16, 32, 64, 128)
 MAX_GROUP = 32
 MAX_Q_SEQ_LEN = 32
-FEATURES = ("sinks", "sliding_window")
+FEATURES = ("sinks", "sliding_window", "ragged_q")
 
 
 class SpecError(ValueError):
@@ -110,6 +110,11 @@ class KernelSpec:
     @property
     def sliding_window(self) -> bool:
         return "sliding_window" in self.features
+
+    @property
+    def ragged_q(self) -> bool:
+        """Each request its own number of query tokens (q_cu_seq_lens), at most q_seq_len."""
+        return "ragged_q" in self.features
 
     def to_dict(self) -> dict:
         return {

@@ -4,8 +4,8 @@
 // of its query rows, so every KV byte is read once for the whole GQA group.  Pipeline: cp.async
 // gather of K/V pages into swizzled shared memory (3 stages of 128 tokens), ldmatrix into
 // SM80 tensor-core fragments, online softmax in fp32 registers, cross-warp and split-KV merges.
-// Shared pieces (xqagen.emitters, templates/pieces/): types, variant, softmax, kv_range,
-// visibility, epilogue, split_kv, pdl; this path's own: templates/generic/mainloop.
+// Shared pieces (xqagen.emitters, templates/pieces/): types, variant, faults, softmax, request,
+// kv_range, visibility, epilogue, split_kv, pdl; this path's own: templates/generic/mainloop.
 #include <cute/tensor.hpp>
 #include <cute/arch/copy_sm75.hpp>
 #include <cute/arch/copy_sm80.hpp>
@@ -46,7 +46,7 @@ __device__ __forceinline__ void fp8x4_to_mma_pairs(uint32_t packed, uint32_t& lo
 // ---- compile-time shape and features of this variant ------------------------------------------
 constexpr int kHeadDim = 64;
 constexpr int kGroup = 4;         // query heads per KV head
-constexpr int kQSeqLen = 1;      // query tokens per request (speculative decoding > 1)
+constexpr int kQSeqLen = 1;      // query tokens per request (speculative decoding > 1); ragged q: the most
 constexpr int kRows = kGroup * kQSeqLen;  // query rows per (request, KV head); row = token * kGroup + head
 constexpr int kPageSize = 64;
 constexpr bool kKvFp8 = false;
@@ -54,6 +54,7 @@ constexpr bool kOutFp8 = false;
 constexpr bool kHasMask = false;    // packed speculative-decoding mask
 constexpr bool kHasSinks = false;
 constexpr bool kHasWindow = false;
+constexpr bool kRaggedQ = false;   // q_cu_seq_lens: each request its own number of tokens
 
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kNegInf = -cute::numeric_limits<float>::infinity();
@@ -69,10 +70,12 @@ struct Params {
   OutElem* out;
   float const* sinks;
   uint32_t const* mask;
+  int const* q_cu_seq_lens;
   float const* q_scale_ptr;
   float const* kv_scale_ptr;
   float* workspace;
   int* semaphores;
+  int* faults;
   int64_t q_stride_batch;
   int64_t q_stride_token;
   int64_t q_stride_head;
@@ -91,9 +94,30 @@ struct Params {
   int window;
   int num_splits;
   int num_kv_heads;
+  int num_pages;
+  int max_pages_per_seq;
+  int total_q_tokens;
 };
 
 __device__ __forceinline__ float scalar_arg(float const* ptr, float value) { return ptr ? *ptr : value; }
+
+// ---- faults: inputs that would read outside the page table or the KV pool ----------------------
+// Bits of xqagen.emitters.params.FAULT_*, ORed into the caller's fault word (if any); the kernel
+// reads nothing there instead.
+constexpr int kFaultSeqLen = 1;
+constexpr int kFaultPage = 2;
+constexpr int kFaultQTokens = 4;
+
+__device__ __forceinline__ void record_fault(Params const& p, int bit) {
+  if (p.faults) atomicOr(p.faults, bit);
+}
+
+// Whether `page` is a page of the pool; a fault otherwise.
+__device__ __forceinline__ bool page_in_pool(Params const& p, int page) {
+  bool const in_pool = unsigned(page) < unsigned(p.num_pages);
+  if (!in_pool) record_fault(p, kFaultPage);
+  return in_pool;
+}
 
 // ---- softmax in the log2 domain, with the scale inside the exponent ---------------------------
 // Scores stay unscaled until the exponent, exp2(s * score_scale - max): the max over raw scores is
@@ -133,17 +157,62 @@ __device__ __forceinline__ float lse_rescale(float m_part, float m) {
   return m == kNegInf ? 0.f : exp2f(m_part - m);
 }
 
+// ---- one request's query tokens and rows -------------------------------------------------------
+// Fixed q_seq_len: token i of request b is q[b, 0, i] and mask row b * kQSeqLen + i.  Ragged q
+// (q_cu_seq_lens): request b owns tokens cu[b] .. cu[b + 1] - 1 of the packed q, out and mask
+// rows, at most kQSeqLen of them; offsets outside that (or the packed q) are a fault, and the
+// request computes nothing.
+struct Request {
+  int batch;
+  int first_token;  // packed index of token 0, in q / out (ragged) and in the mask rows
+  int tokens;       // its query tokens
+  int rows;         // tokens * kGroup: its query rows per KV head; row = token * kGroup + head
+
+  __device__ Request(Params const& p, int b) : batch(b) {
+    if constexpr (kRaggedQ) {
+      first_token = p.q_cu_seq_lens[b];
+      tokens = p.q_cu_seq_lens[b + 1] - first_token;
+      if (tokens < 0 || tokens > kQSeqLen || first_token < 0 || first_token + tokens > p.total_q_tokens) {
+        record_fault(p, kFaultQTokens);
+        tokens = 0;
+      }
+    } else {
+      first_token = b * kQSeqLen;
+      tokens = kQSeqLen;
+    }
+    rows = tokens * kGroup;
+  }
+
+  // Element offsets of (token, head) in q and out.
+  __device__ int64_t q_offset(Params const& p, int token, int head) const {
+    int64_t const t = kRaggedQ ? int64_t(first_token + token) * p.q_stride_token
+                               : batch * p.q_stride_batch + token * p.q_stride_token;
+    return t + head * p.q_stride_head;
+  }
+  __device__ int64_t out_offset(Params const& p, int token, int head) const {
+    int64_t const t = kRaggedQ ? int64_t(first_token + token) * p.out_stride_token
+                               : batch * p.out_stride_batch + token * p.out_stride_token;
+    return t + head * p.out_stride_head;
+  }
+};
+
 // ---- the KV tiles one CTA walks: its split's share of the visible tiles ------------------------
+// A length outside [0, the page table's capacity] is a fault: recorded in the fault word, and the
+// request reads nothing (zeros out).  Tiles before the first query token's window are skipped.
 template <int KvTile>
 struct KvRange {
   int seq_len;
-  int window_begin;  // first position the sliding window shows (0 without a window)
   int tile_begin, tile_end;
 
-  __device__ KvRange(Params const& p, int batch, int split) {
-    seq_len = p.seq_lens[batch * p.seq_lens_stride];
-    window_begin = (kHasWindow && p.window > 0 && seq_len > p.window) ? seq_len - p.window : 0;
-    int const first_tile = window_begin / KvTile;
+  __device__ KvRange(Params const& p, Request const& request, int split) {
+    seq_len = p.seq_lens[request.batch * p.seq_lens_stride];
+    if (seq_len < 0 || seq_len > p.max_pages_per_seq * kPageSize) {
+      record_fault(p, kFaultSeqLen);
+      seq_len = 0;
+    }
+    int const first_window = seq_len - request.tokens + 1 - p.window;  // token 0's window start
+    int const first_visible = (kHasWindow && p.window > 0 && first_window > 0) ? first_window : 0;
+    int const first_tile = first_visible / KvTile;
     int const num_tiles = (seq_len + KvTile - 1) / KvTile - first_tile;
     int const tiles_per_split = (num_tiles + p.num_splits - 1) / p.num_splits;
     tile_begin = first_tile + split * tiles_per_split;
@@ -153,31 +222,45 @@ struct KvRange {
 
 // ---- visibility of a score: sequence end, sliding window, speculative-decoding mask -----------
 // Coordinates, not registers: a main loop asks about (query row, KV position) pairs it gets from
-// CuTe identity tensors partitioned like its score accumulator.
+// CuTe identity tensors partitioned like its score accumulator.  Query token i of a request sits
+// at position mask_begin + i (mask_begin = seq_len - tokens, negative for a request shorter than
+// its tokens, whose mask bits before position 0 are then ignored).
 struct Visibility {
   int seq_len;
-  int window_begin;  // first visible position (0 without a window)
-  int mask_begin;    // seq_len - kQSeqLen: positions from here on follow the packed mask
+  int rows;  // the request's query rows (> 0)
+  int mask_begin;
+  int window;  // W > 0: token i at p sees positions > p - W (its own window); 0: no window
   uint32_t const* mask;  // this request's mask rows
   int mask_words_per_row;
 
-  // The mask word of query row `row` (row = token * kGroup + head; rows past kRows, which only pad
-  // an MMA block, read the last row's).
-  __device__ uint32_t row_mask(int row) const {
-    return kHasMask ? mask[(min(row, kRows - 1) / kGroup) * mask_words_per_row] : 0u;
+  // What one query row needs: its mask word and the first position its window shows.
+  struct Row {
+    uint32_t mask;
+    int first_visible;
+  };
+
+  // Row `row` = token * kGroup + head; rows past the request's, which only pad an MMA block, act as
+  // its last.
+  __device__ Row row(int row) const {
+    int const token = kQSeqLen == 1 ? 0 : min(row, rows - 1) / kGroup;
+    Row r{0u, 0};
+    if constexpr (kHasMask) r.mask = mask[token * mask_words_per_row];
+    if constexpr (kHasWindow) r.first_visible = window > 0 ? mask_begin + token + 1 - window : 0;
+    return r;
   }
 
-  // Whether any position of KV tokens [tok0, tok0 + tokens) may be hidden from some row.
+  // Whether KV tokens [tok0, tok0 + tokens) may hold a position some row does not see: past the
+  // end or among the new tokens (the mask), or before the last token's window.
   __device__ bool tile_needs_mask(int tok0, int tokens) const {
-    return tok0 < window_begin || tok0 + tokens > mask_begin;
+    return tok0 + tokens > mask_begin || (kHasWindow && window > 0 && tok0 < seq_len - window);
   }
 
-  // Whether a query row whose mask word is `row_mask` sees KV position `pos`.
-  __device__ bool operator()(int pos, uint32_t row_mask) const {
-    bool visible = pos < seq_len && pos >= window_begin;
+  __device__ bool operator()(int pos, Row const& r) const {
+    bool visible = pos < seq_len;
+    if constexpr (kHasWindow) visible = visible && pos >= r.first_visible;
     if constexpr (kHasMask) {
       int const j = pos - mask_begin;
-      visible = visible && (j < 0 || ((row_mask >> j) & 1u));
+      visible = visible && (j < 0 || ((r.mask >> j) & 1u));
     }
     return visible;
   }
@@ -186,13 +269,14 @@ struct Visibility {
 // ---- final normalisation: sink, 1 / denominator, output scales, store --------------------------
 struct Epilogue {
   Params const& p;
-  int batch, kv_head;
+  Request const& request;
+  int kv_head;
   float out_scale;
 
   // `row` is a query row of the (request, KV head); m and l are its max (log2 units) and
   // denominator, o 4 of its head-dim elements from d0 on, not yet normalised.
   __device__ void operator()(int row, int d0, float m, float l, float (&o)[4]) const {
-    if (row >= kRows) return;
+    if (row >= request.rows) return;
     int const token = row / kGroup, head = kv_head * kGroup + row % kGroup;
     if constexpr (kHasSinks) {
       // exp(sink - m) joins the denominator only, once per row.
@@ -209,7 +293,7 @@ struct Epilogue {
     CUTE_UNROLL
     for (int i = 0; i < 4; ++i) vals[i] = o[i] * inv;
     auto packed = convert(vals);
-    OutElem* dst = p.out + batch * p.out_stride_batch + token * p.out_stride_token + head * p.out_stride_head + d0;
+    OutElem* dst = p.out + request.out_offset(p, token, head) + d0;
     *reinterpret_cast<decltype(packed)*>(dst) = packed;
   }
 };
@@ -391,7 +475,11 @@ struct KvGather {
     auto sV = make_tensor(make_smem_ptr(smem.pipe.v[stage]), KvTileLayout{});
     int const tok0 = tile * kKvTile;
     int tile_page = 0;
-    if constexpr (kPageSize >= kKvTile) tile_page = pages[tok0 / kPageSize];  // tok0 < seq_len here
+    bool tile_page_ok = true;
+    if constexpr (kPageSize >= kKvTile) {
+      tile_page = pages[tok0 / kPageSize];  // tok0 < seq_len here
+      tile_page_ok = page_in_pool(p, tile_page);
+    }
     CUTE_UNROLL
     for (int i = 0; i < (kKvChunksPerTile + kThreads - 1) / kThreads; ++i) {
       int const c = threadIdx.x + i * kThreads;
@@ -399,9 +487,14 @@ struct KvGather {
       int const row = c / kKvChunksPerRow;
       int const col = (c % kKvChunksPerRow) * kKvElemsPerChunk;
       int const tok = tok0 + row;
-      bool const valid = tok < seq_len;  // past the end: zero-fill, never read the page table
+      bool valid = tok < seq_len;  // past the end: zero-fill, never read the page table
       int page = tile_page;
-      if constexpr (kPageSize < kKvTile) page = valid ? pages[tok / kPageSize] : 0;
+      if constexpr (kPageSize < kKvTile) {
+        page = valid ? pages[tok / kPageSize] : 0;
+        valid = valid && page_in_pool(p, page);  // outside the pool: zero-fill, never read it
+      } else {
+        valid = valid && tile_page_ok;
+      }
       int64_t const slot = int64_t(page) * p.kv_stride_page + int64_t(tok % kPageSize) * p.kv_stride_token;
       SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<uint128_t>::copy(
           *reinterpret_cast<uint128_t const*>(valid ? k + slot + col : k),
@@ -481,7 +574,9 @@ xqa_generic_qbf16_kvbf16_d64_g4_p64_s1_split_a0771959(Params const p) {
   int const batch = blockIdx.z;
   pdl_wait_for_inputs();
 
-  KvRange<kKvTile> const range(p, batch, split);
+  Request const request(p, batch);
+  if (row_tile * kRowsCta >= request.rows) return;  // ragged q: no rows here (every split agrees)
+  KvRange<kKvTile> const range(p, request, split);
   KvGather const gather{p.k + kv_head * p.kv_stride_head, p.v + kv_head * p.kv_stride_head,
                         p.page_table + batch * p.page_table_stride, p, range.seq_len};
   CUTE_UNROLL
@@ -491,7 +586,7 @@ xqa_generic_qbf16_kvbf16_d64_g4_p64_s1_split_a0771959(Params const p) {
   }
   ScoreScale const scale(p);
 
-  // ---- Q rows of this CTA -> shared memory as MMA operands (zero rows past kRows) ----
+  // ---- Q rows of this CTA -> shared memory as MMA operands (zero rows past the request's) ----
   {
     auto sQ = make_tensor(make_smem_ptr(smem.q), QTileLayout{});
     constexpr int kQVec = 8;
@@ -500,10 +595,9 @@ xqa_generic_qbf16_kvbf16_d64_g4_p64_s1_split_a0771959(Params const p) {
       int const row = row_tile * kRowsCta + r;
       cutlass::Array<QElem, kQVec> qv;
       qv.clear();
-      if (row < kRows) {
+      if (row < request.rows) {
         qv = *reinterpret_cast<cutlass::Array<QElem, kQVec> const*>(
-            p.q + batch * p.q_stride_batch + (row / kGroup) * p.q_stride_token +
-            (kv_head * kGroup + row % kGroup) * p.q_stride_head + d0);
+            p.q + request.q_offset(p, row / kGroup, kv_head * kGroup + row % kGroup) + d0);
       }
       cutlass::NumericArrayConverter<MmaElem, QElem, kQVec> convert;
       auto mv = convert(qv);
@@ -531,16 +625,14 @@ xqa_generic_qbf16_kvbf16_d64_g4_p64_s1_split_a0771959(Params const p) {
   int const warp_tok = warp_n * kTokensPerWarp;
   auto const score_coords = warp_accumulator_coords<kTokensPerWarp>(lane);  // -> (row in warp, token in warp)
   auto const out_coords = warp_accumulator_coords<kHeadDim>(lane);          // -> (row in warp, column n)
-  Visibility const vis{range.seq_len, range.window_begin, range.seq_len - kQSeqLen,
-                       p.mask + batch * kQSeqLen * p.mask_words_per_row, p.mask_words_per_row};
-  uint32_t row_mask[kWarpBlocks][2];  // mask words of the thread's two rows (values 0-1, 2-3) of each block
-  if constexpr (kHasMask) {
+  Visibility const vis{range.seq_len, request.rows, range.seq_len - request.tokens, kHasWindow ? p.window : 0,
+                       p.mask + request.first_token * p.mask_words_per_row, p.mask_words_per_row};
+  Visibility::Row row_vis[kWarpBlocks][2];  // the thread's two rows (values 0-1, 2-3) of each block
+  CUTE_UNROLL
+  for (int mb = 0; mb < kWarpBlocks; ++mb)
     CUTE_UNROLL
-    for (int mb = 0; mb < kWarpBlocks; ++mb)
-      CUTE_UNROLL
-      for (int h = 0; h < 2; ++h)
-        row_mask[mb][h] = vis.row_mask(row_tile * kRowsCta + block0 * 16 + get<0>(score_coords(2 * h, make_coord(mb, 0))));
-  }
+    for (int h = 0; h < 2; ++h)
+      row_vis[mb][h] = vis.row(row_tile * kRowsCta + block0 * 16 + get<0>(score_coords(2 * h, make_coord(mb, 0))));
   uint32_t q_frag[kWarpBlocks][kHeadDim / 16][4];  // kQInRegisters: the warp's Q operand, reused by every KV tile
   if constexpr (kQInRegisters) {
     __syncthreads();  // Q is in shared memory
@@ -620,7 +712,7 @@ xqa_generic_qbf16_kvbf16_d64_g4_p64_s1_split_a0771959(Params const p) {
         for (int t = 0; t < kScoreTiles; ++t)
           CUTE_UNROLL
           for (int e = 0; e < 4; ++e)
-            if (!vis(warp_pos0 + get<1>(score_coords(e, make_coord(mb, t))), row_mask[mb][e / 2])) acc_s[mb][t][e] = kNegInf;
+            if (!vis(warp_pos0 + get<1>(score_coords(e, make_coord(mb, t))), row_vis[mb][e / 2])) acc_s[mb][t][e] = kNegInf;
     }
     float rescale[kWarpBlocks][2];
     bool any_rescale = false;
@@ -709,7 +801,7 @@ xqa_generic_qbf16_kvbf16_d64_g4_p64_s1_split_a0771959(Params const p) {
   }
   __syncthreads();
 
-  Epilogue const epilogue{p, batch, kv_head, scale.kv_scale * (kOutFp8 ? p.rcp_out_scale : 1.f)};
+  Epilogue const epilogue{p, request, kv_head, scale.kv_scale * (kOutFp8 ? p.rcp_out_scale : 1.f)};
   SplitPartials const partials(p, (batch * p.num_kv_heads + kv_head) * kRowTiles + row_tile);
   auto sO = make_tensor(make_smem_ptr(smem.merge.o), MergeLayout{});
   for (int i = threadIdx.x; i < kRowsCta * kHeadDim / 4; i += kThreads) {
@@ -727,13 +819,13 @@ xqa_generic_qbf16_kvbf16_d64_g4_p64_s1_split_a0771959(Params const p) {
     }
     if (p.num_splits == 1) {
       epilogue(row_tile * kRowsCta + r, d0, m, l, o);
-    } else if (row_tile * kRowsCta + r < kRows) {  // padding rows are never merged
+    } else if (row_tile * kRowsCta + r < request.rows) {  // padding rows are never merged
       partials.store(split, r, d0, m, l, o);
     }
   }
   if (p.num_splits == 1 || !partials.arrive_last(smem.is_last_split)) return;
 
-  int const valid_rows = min(kRowsCta, kRows - row_tile * kRowsCta);
+  int const valid_rows = min(kRowsCta, request.rows - row_tile * kRowsCta);
   for (int i = threadIdx.x; i < valid_rows * (kHeadDim / 4); i += kThreads) {
     int const r = i / (kHeadDim / 4), d0 = (i % (kHeadDim / 4)) * 4;
     float m, l, o[4];
