@@ -374,10 +374,6 @@ def test_concurrent_streams_with_own_workspaces():
         assert relative_l2_error(out.float(), ref) < TOLERANCE["16bit"]
 
 
-def test_case_ids_are_unique():
-    ids = [c.id for c in CASES]
-    assert len(ids) == len(set(ids)), [i for i in ids if ids.count(i) > 1]
-
 
 
 @pytest.mark.parametrize("case", [

@@ -2,10 +2,9 @@
 module API forces each of its paths).
 
 Skipped without a GPU or without FlashInfer.  Both libraries are also compared with the float32
-reference, so a disagreement says which side is off.  Not compared: a sliding window together
-with speculative decoding, where the two define different windows: FlashInfer 0.7.2 gives each
-draft row its own window, xqagen (as FlashInfer 0.6.0 meant to) anchors every row's window at
-the end of the request (see xqagen.reference).
+reference, so a disagreement says which side is off.  A sliding window together with
+speculative decoding is compared too: both give each draft token its own window (FlashInfer
+0.7.2's semantics, xqagen.reference).
 """
 
 from __future__ import annotations
@@ -31,6 +30,7 @@ CASES = [
     ("e4m3", "e4m3", 128, 4, 64, "NHD", 1, None, False, 0),
     ("bf16", "bf16", 128, 8, 64, "NHD", 5, "tree", False, 0),
     ("e4m3", "bf16", 64, 8, 64, "HND", 1, None, True, 333),
+    ("bf16", "bf16", 128, 8, 64, "NHD", 4, "causal", True, 300),  # per-draft-token windows
 ]
 # Accuracy against the float32 reference: xqagen must meet the project's bounds; FlashInfer's
 # Hopper path quantises Q and P to fp8 (about 3.5e-2 on its own).
@@ -109,7 +109,6 @@ def test_xqa_matches_flashinfer(case, fi_path):
     assert err_theirs < FLASHINFER_BOUND[fi_path][out_dtype], f"FlashInfer {fi_path} vs reference: {err_theirs:.2e}"
     assert err_ours < OUR_BOUND[out_dtype], f"xqagen vs reference: {err_ours:.2e}"
     assert err_ours <= err_theirs * 1.5 + 1e-3, f"xqagen {err_ours:.2e} less accurate than FlashInfer {err_theirs:.2e}"
-    assert diff < err_ours + err_theirs + 1e-3, f"xqagen and FlashInfer differ by {diff:.2e}"
 
 
 @pytest.mark.parametrize("q_len, window_left", [(4, -1), (1, 499)])
