@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+from ._torch import torch
 
 from .emitters.params import KernelParams
 from .dispatch import choose_spec, kv_range

@@ -62,7 +62,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-import torch
+from ._torch import torch
 
 from .masks import _check_positive_int, _describe, unpack_mask, validate_mask
 
