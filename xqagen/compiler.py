@@ -65,6 +65,7 @@ import shutil
 import site
 import struct
 import subprocess
+import sys
 import sysconfig
 import tempfile
 import threading
@@ -390,9 +391,11 @@ def _portable_option(option: str) -> str:
 
 @functools.cache
 def _site_roots() -> tuple[Path, ...]:
-    """The folders pip installs packages into, as this interpreter sees them, deepest first."""
-    roots = {*site.getsitepackages(), site.getusersitepackages(), *(sysconfig.get_paths()[key]
-                                                                   for key in ("purelib", "platlib"))}
+    """The folders pip installs packages into, as this interpreter sees them, deepest first: its
+    own, and those of other environments on ``sys.path`` (a ``.pth`` file, ``PYTHONPATH``)."""
+    roots = {*site.getsitepackages(), site.getusersitepackages(),
+             *(sysconfig.get_paths()[key] for key in ("purelib", "platlib")),
+             *(entry for entry in sys.path if Path(entry).name in ("site-packages", "dist-packages"))}
     return tuple(sorted((Path(root) for root in roots), key=lambda root: len(root.parts), reverse=True))
 
 
