@@ -394,11 +394,11 @@ def test_build_fails_on_compile_error(write_recipe, fake_compiler, capsys):
 
 
 def test_build_reports_an_unsupported_arch_as_a_failure(write_recipe, cache_dir, capsys):
-    argv = ["build", str(write_recipe(TWO_VARIANTS)), "--arch", "sm_70", "-j", "1", "--cache-dir", str(cache_dir)]
+    argv = ["build", str(write_recipe(TWO_VARIANTS)), "--arch", "sm_35", "-j", "1", "--cache-dir", str(cache_dir)]
     assert main(argv) == 1
     captured = capsys.readouterr()
     assert captured.out.count(": FAILED\n") == 2
-    assert "sm_70: invalid arch 'sm_70'" in captured.err
+    assert "sm_35: invalid arch 'sm_35'" in captured.err
 
 
 def test_build_fails_once_when_the_cache_cannot_be_written(write_recipe, fake_compiler, tmp_path, capsys):

@@ -169,8 +169,8 @@ class CompiledKernel:
 # ---- toolchain discovery ----
 
 def include_dirs() -> list[str]:
-    """Include directories for CuTe kernels: CUTLASS, CCCL, the folder holding ``cccl/`` (CuTe
-    writes ``<cccl/cuda/std/...>``) and the CUDA runtime headers."""
+    """Include directories for CuTe kernels: CUTLASS, CCCL, with CUDA 13 the folder holding
+    ``cccl/`` (CuTe writes ``<cccl/cuda/std/...>``), and the CUDA runtime headers."""
     return list(_include_dirs())
 
 
@@ -181,11 +181,11 @@ def _include_dirs() -> tuple[str, ...]:
                if cutlass_spec and cutlass_spec.submodule_search_locations else None)
     if cutlass is None or not (cutlass / "cute" / "tensor.hpp").is_file():
         raise ToolNotFoundError(f"CUTLASS/CuTe headers not found: {INSTALL_HINT}")
-    # CUDA 13 wheels put CCCL under include/cccl (CUTLASS then writes <cccl/cuda/std/...>); the
-    # CUDA 12 wheel has it directly under include/.  The parent folder serves the first layout.
+    # CUDA 13 puts CCCL under include/cccl, and CUTLASS then writes <cccl/cuda/std/...>, which the
+    # parent folder serves; the CUDA 12 wheel has it directly under include/.
     cccl = _header_dir("cccl")
-    cudart = _header_dir("cudart")
-    return tuple(dict.fromkeys([str(cutlass), cccl, os.path.dirname(cccl), cudart]))
+    cccl_parent = [os.path.dirname(cccl)] if os.path.basename(cccl) == "cccl" else []
+    return tuple(dict.fromkeys([str(cutlass), cccl, *cccl_parent, _header_dir("cudart")]))
 
 
 def _header_dir(libname: str) -> str:
