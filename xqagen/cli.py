@@ -14,6 +14,7 @@ import logging
 import multiprocessing
 import os
 import re
+import signal
 import sys
 import tempfile
 import textwrap
@@ -54,6 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_LogFormatter())
     logger.addHandler(handler)
+    level = logger.level
     try:
         logger.setLevel(_log_level())
         return _run(argv)
@@ -72,6 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     finally:
         logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def _run(argv: list[str]) -> int:
@@ -118,7 +121,8 @@ def _log_level() -> int:
 
 
 def _init_worker(level: int) -> None:
-    """Build workers log like the main process."""
+    """Build workers log like the main process and leave Ctrl-C to it, which stops the pool."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_LogFormatter())
     logger = logging.getLogger("xqagen")
@@ -279,6 +283,11 @@ def _build(args: argparse.Namespace) -> int:
                 continue
             compiled.append(result)
             progress.print(f"[{done}/{len(jobs)}] {job.label}: {_describe(result)}")
+    except KeyboardInterrupt:
+        # A compile cannot be interrupted; stop the workers rather than wait for theirs to end.
+        for worker in multiprocessing.active_children():
+            worker.terminate()
+        raise
     finally:
         progress.clear()
         pool.shutdown(cancel_futures=True)  # on Ctrl-C, do not wait for the queued compiles
