@@ -562,14 +562,15 @@ def _key_lock(entry_path: Path) -> Iterator[bool]:
     try:
         entry_path.parent.mkdir(parents=True, exist_ok=True)
         lock.acquire()
+        locked = True
     except OSError as err:
         _warn_cache_unusable(entry_path.parent, err)
-        yield False
-        return
+        locked = False
     try:
-        yield True
+        yield locked
     finally:
-        lock.release()
+        if locked:
+            lock.release()
 
 
 def _write_entry(path: Path, data: bytes) -> bool:
