@@ -201,13 +201,14 @@ def test_unwritable_out_is_an_error(write_recipe, tmp_path, capsys):
     assert str(blocker) in _one_error_line(capsys.readouterr().err)
 
 
-def test_missing_toolchain_is_one_error(write_recipe, monkeypatch, cache_dir, capsys):
+@pytest.mark.parametrize("probe", ["nvrtc_version", "include_dirs"])
+def test_missing_toolchain_is_one_error(probe, write_recipe, monkeypatch, cache_dir, capsys):
     from xqagen import compiler
 
     def missing():
-        raise compiler.ToolNotFoundError(f"the NVRTC library is not installed: {compiler.INSTALL_HINT}")
+        raise compiler.ToolNotFoundError(f"not installed: {compiler.INSTALL_HINT}")
 
-    monkeypatch.setattr(compiler, "nvrtc_version", missing)
+    monkeypatch.setattr(compiler, probe, missing)
     assert main(["build", str(write_recipe(TWO_VARIANTS)), "--cache-dir", str(cache_dir)]) == 2
     assert "pip install 'xqagen[cu13]'" in _one_error_line(capsys.readouterr().err)
 

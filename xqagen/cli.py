@@ -254,7 +254,9 @@ def _build(args: argparse.Namespace) -> int:
     jobs = _compile_jobs(_selected_recipes(args), args.arch)
     from xqagen import compiler
 
-    compiler.nvrtc_version()  # a missing toolchain is one error, not one failure per kernel
+    # A missing toolchain is one error, not one failure per kernel.
+    compiler.nvrtc_version()
+    compiler.include_dirs()
     cache_dir = args.cache_dir or compiler.default_cache_dir()
     _check_writable(cache_dir)
     workers = min(args.jobs, len(jobs))
