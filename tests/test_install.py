@@ -49,6 +49,19 @@ def test_generate_list_and_the_compiler_work_without_torch(tmp_path):
     assert compiled.returncode == 0 and int(compiled.stdout) > 0, compiled.stderr
 
 
+def test_without_the_cuda_toolchain_generate_works_and_build_names_the_extras(tmp_path):
+    recipe = tmp_path / "one.yaml"
+    recipe.write_text(ONE_VARIANT)
+    cli = ("import sys; sys.modules['cuda.bindings'] = sys.modules['cuda.core'] = None; "
+           "from xqagen.cli import main; sys.exit(main(sys.argv[1:]))")
+    generated = _run([sys.executable, "-c", cli, "generate", str(recipe), "--out", str(tmp_path / "out")])
+    assert generated.returncode == 0, generated.stderr
+    built = _run([sys.executable, "-c", cli, "build", str(recipe), "--cache-dir", str(tmp_path / "cache")])
+    assert (built.returncode, built.stderr) == (2, "xqagen: error: NVRTC bindings (cuda-bindings) not installed: "
+                                                   "pip install 'xqagen[cu13]' (CUDA 13 driver) or 'xqagen[cu12]' "
+                                                   "(CUDA 12 driver)\n")
+
+
 @pytest.mark.parametrize("module", ["xqagen.api", "xqagen.flashinfer_compat", "xqagen.runtime"])
 def test_launch_modules_without_torch_say_how_to_install_it(module):
     result = _run([sys.executable, "-c", NO_TORCH + f"import {module}"])
