@@ -419,7 +419,6 @@ def test_build_fails_once_when_the_cache_cannot_be_written(write_recipe, fake_co
 
 @pytest.mark.slow
 def test_build_compiles_for_real_in_worker_processes_then_hits_the_cache(write_recipe, cache_dir, capsys):
-    pytest.importorskip("xqagen.compiler")
     recipe_path = str(write_recipe("variants: [{q_dtype: bf16, kv_dtype: e4m3, page_size: [16, 64], tile: decode}]"))
     argv = ["build", recipe_path, "--arch", "sm_80", "--jobs", "2", "--cache-dir", str(cache_dir)]
     assert main(argv) == 0, capsys.readouterr().err

@@ -116,6 +116,7 @@ def test_wheel_installs_and_runs_from_another_folder(repo_root, read_tree, tmp_p
     listed = run("list")
     assert [line.split(":")[0] for line in listed.splitlines() if re.match(r"\S", line)] == [
         path.stem for path in shipped_recipes()]
+    assert run("list", "llama3-8b").startswith("llama3-8b: ")  # a shipped recipe by name
     run("generate", "--all")
     assert read_tree(elsewhere / "generated") == read_tree(repo_root / "generated")
 
