@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -12,6 +14,7 @@ from pathlib import Path
 import pytest
 
 import xqagen
+from xqagen import recipes as recipes_module
 from xqagen.cli import main
 from xqagen.recipes import load_recipe, shipped_recipes, shipped_recipes_dir
 from xqagen.spec import KernelSpec
@@ -68,18 +71,43 @@ def test_generate_removes_stale_sources_only(write_recipe, tmp_path, capsys):
     assert len(list((out / "test").glob("*.cu"))) == 1
 
 
-def test_generate_all_prunes_folders_of_removed_recipes(tmp_path):
+def test_generate_all_leaves_the_folders_of_other_recipes_alone(write_recipe, read_tree, tmp_path):
     out = tmp_path / "out"
-    old = out / "renamed-recipe"
-    old.mkdir(parents=True)
-    (old / "manifest.json").write_text("{}\n")
-    (old / "xqa_old.cu").write_text("// old\n")
-    unrelated = out / "notes"
-    unrelated.mkdir()
+    assert main(["generate", str(write_recipe(TWO_VARIANTS, name="mine")), "--out", str(out)]) == 0
+    mine = read_tree(out / "mine")
     assert main(["generate", "--all", "--out", str(out)]) == 0
-    assert not old.exists()
-    assert unrelated.is_dir()
-    assert {path.parent.name for path in out.glob("*/manifest.json")} == {path.stem for path in shipped_recipes()}
+    assert read_tree(out / "mine") == mine
+    assert {path.parent.name for path in out.glob("*/manifest.json")} == {
+        "mine", *(path.stem for path in shipped_recipes())}
+
+
+def test_generate_deletes_only_sources_its_manifest_names(write_recipe, tmp_path, capsys):
+    out = tmp_path / "out"
+    main(["generate", str(write_recipe(TWO_VARIANTS)), "--out", str(out)])
+    handwritten = out / "test" / "xqa_handwritten.cu"
+    handwritten.write_text("// mine\n")
+    manifest = out / "test" / "manifest.json"
+    edited = json.loads(manifest.read_text())
+    edited["variants"].append({"file": "../outside.cu"})
+    manifest.write_text(json.dumps(edited))
+    outside = out / "outside.cu"
+    outside.write_text("// not in the recipe's folder\n")
+
+    recipe_path = write_recipe("variants: [{q_dtype: bf16, kv_dtype: bf16, page_size: 16, tile: decode}]")
+    assert main(["generate", str(recipe_path), "--out", str(out)]) == 0
+    removed = re.findall(r"^  removed (\S+)$", capsys.readouterr().out, re.M)
+    assert len(removed) == 1 and "_p64_" in removed[0]
+    assert handwritten.exists() and outside.exists()
+
+
+def test_generate_all_without_shipped_recipes_is_an_error(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(recipes_module, "shipped_recipes_dir", lambda: tmp_path / "empty")
+    out = tmp_path / "out"
+    (out / "kept").mkdir(parents=True)
+    for argv in (["list"], ["generate", "--all", "--out", str(out)], ["build", "--all"]):
+        assert main(argv) == 2
+        assert capsys.readouterr().err.startswith("xqagen: error: no shipped recipes in ")
+    assert (out / "kept").is_dir()
 
 
 def test_check_reports_stale_missing_and_extra_files_and_writes_nothing(write_recipe, tmp_path, capsys):
@@ -95,6 +123,10 @@ def test_check_reports_stale_missing_and_extra_files_and_writes_nothing(write_re
     deleted.unlink()
     extra = out / "test" / "xqa_gone.cu"
     extra.write_text("// from an older recipe\n")
+    manifest = out / "test" / "manifest.json"
+    old_manifest = json.loads(manifest.read_text())
+    old_manifest["variants"].append({"file": extra.name})
+    manifest.write_text(json.dumps(old_manifest))
     capsys.readouterr()
     assert main(["generate", recipe_path, "--out", str(out), "--check"]) == 1
     report = capsys.readouterr().err
@@ -102,6 +134,7 @@ def test_check_reports_stale_missing_and_extra_files_and_writes_nothing(write_re
     assert re.search(rf"stale\s+{re.escape(str(edited))}", report)
     assert re.search(rf"missing\s+{re.escape(str(deleted))}", report)
     assert re.search(rf"extra\s+{re.escape(str(extra))}", report)
+    assert re.search(rf"stale\s+{re.escape(str(manifest))}", report)
     assert edited.read_text().endswith("// hand edit\n") and not deleted.exists() and extra.exists()
 
 
@@ -140,6 +173,111 @@ def test_unknown_recipe_is_an_error(capsys):
     assert "xqagen: error: no recipe 'no-such-model'" in capsys.readouterr().err
 
 
+def _one_error_line(err: str) -> str:
+    assert err.startswith("xqagen: error: ") and err.count("\n") == 1, err
+    return err
+
+
+@pytest.mark.parametrize("command", ["list", "generate", "build"])
+@pytest.mark.parametrize("variant, message", [
+    ("{path: hopper, q_dtype: bf16, kv_dtype: e4m3, page_size: 64}", "path 'hopper' has no emitter yet"),
+    ("{q_dtype: bf16, kv_dtype: bf16, page_size: 64, tile: huge}", "tile 'huge' needs 528512 bytes of shared memory"),
+], ids=["hopper-path", "tile-too-big"])
+def test_a_variant_without_a_kernel_names_the_file_and_variant(command, variant, message, write_recipe, tmp_path,
+                                                               capsys):
+    path = write_recipe(f"tiles: {{huge: {{kv_tile: 128, stages: 8, warps: 8, max_rows: 128}}}}\n"
+                        f"variants: [{variant}]\n")
+    (spec,) = load_recipe(path).variants
+    assert main([command, str(path), *(["--out", str(tmp_path / "out")] if command == "generate" else [])]) == 2
+    err = _one_error_line(capsys.readouterr().err)
+    assert f"{path}: variant {spec.name}: {message}" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_unwritable_out_is_an_error(write_recipe, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert main(["generate", str(write_recipe(TWO_VARIANTS)), "--out", str(blocker / "out")]) == 1
+    assert str(blocker) in _one_error_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("probe", ["nvrtc_version", "include_dirs"])
+def test_missing_toolchain_is_one_error(probe, write_recipe, monkeypatch, cache_dir, capsys):
+    from xqagen import compiler
+
+    def missing():
+        raise compiler.ToolNotFoundError(f"not installed: {compiler.INSTALL_HINT}")
+
+    monkeypatch.setattr(compiler, probe, missing)
+    assert main(["build", str(write_recipe(TWO_VARIANTS)), "--cache-dir", str(cache_dir)]) == 2
+    assert "pip install 'xqagen[cu13]'" in _one_error_line(capsys.readouterr().err)
+
+
+def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys):
+    from xqagen import cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_selected_recipes", interrupted)
+    assert main(["list"]) == 130
+    assert capsys.readouterr().err == "xqagen: interrupted\n"
+
+
+def test_closed_pipe_ends_quietly(tmp_path):
+    # `xqagen list | head -1`: the reader is gone before xqagen writes
+    reader, writer = os.pipe()
+    os.close(reader)
+    result = subprocess.run([sys.executable, "-m", "xqagen.cli", "list"], stdout=writer, stderr=subprocess.PIPE,
+                            text=True, check=False)
+    os.close(writer)
+    assert (result.returncode, result.stderr) == (141, "")
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as caught:
+        main(["--version"])
+    assert caught.value.code == 0
+    assert capsys.readouterr().out == f"xqagen {xqagen.__version__}\n"
+
+
+def test_bad_log_level_is_an_error(monkeypatch, capsys):
+    monkeypatch.setenv("XQAGEN_LOG_LEVEL", "loud")
+    assert main(["list"]) == 2
+    assert "XQAGEN_LOG_LEVEL='LOUD' is not a log level" in _one_error_line(capsys.readouterr().err)
+
+
+def test_env_reports_toolchain_driver_and_cache(monkeypatch, tmp_path, capsys):
+    from xqagen import compiler
+
+    monkeypatch.setenv("XQAGEN_CACHE_DIR", str(tmp_path / "cache"))
+    assert main(["env"]) == 0
+    rows: dict[str, list[str]] = {}
+    for line in capsys.readouterr().out.splitlines():
+        key, value = line.split(":", 1)
+        rows.setdefault(key, []).append(value.strip())
+    assert rows["xqagen"] == [xqagen.__version__]
+    assert rows["nvrtc"] == ["%d.%d" % compiler.nvrtc_version()]
+    assert "sm_80" in rows["nvrtc archs"][0].split() and "sm_90" in rows["nvrtc archs"][0].split()
+    assert rows["cache dir"] == [str(tmp_path / "cache")]
+    assert rows["driver"][0].startswith(("CUDA ", "not found"))
+    assert rows["include dir"] == compiler.include_dirs()
+
+
+def test_cache_info_and_clear(tmp_path, capsys):
+    from xqagen import compiler
+
+    cache = tmp_path / "cache"
+    compiler.compile_kernel('extern "C" __global__ void k(int* p) { *p = 1; }\n', "k", "sm_80", cache_dir=cache)
+    (cache / "notes.txt").write_text("not an entry")
+    size = compiler.cache_entries(cache)[0].stat().st_size
+    assert main(["cache", "info", "--cache-dir", str(cache)]) == 0
+    assert capsys.readouterr().out == f"{cache}: 1 entries, {size / 1e6:.1f} MB\n"
+    assert main(["cache", "clear", "--cache-dir", str(cache)]) == 0
+    assert capsys.readouterr().out == f"{cache}: removed 1 entries\n"
+    assert [path.name for path in cache.iterdir()] == ["notes.txt"]
+
+
 def test_bench_passes_its_arguments_through(monkeypatch):
     received = []
     bench = types.ModuleType("xqagen.bench")
@@ -152,38 +290,36 @@ def test_bench_passes_its_arguments_through(monkeypatch):
 # ---- build ----
 
 @pytest.fixture
-def fake_compiler(monkeypatch):
-    """Replaces xqagen.compiler in this process (so builds run with -j 1): records calls, fails for kernel
-    names in `.failing`, and reports a cache hit for a (name, arch) it built before."""
-    module = types.ModuleType("xqagen.compiler")
+def fake_compiler(monkeypatch, cache_dir):
+    """Replaces compile_kernel in this process (so builds run with -j 1) and points the cache at a private
+    folder: records calls, fails for kernel names in `.failing`, reports a cache hit for a (name, arch) it
+    built before.  For output and error handling; test_build_for_real_* check what gets compiled."""
+    from xqagen import compiler
 
-    class CompileError(RuntimeError):
-        pass
+    fake = types.SimpleNamespace(calls=[], built=set(), failing=set(), spills={}, unstored=False)
 
     def compile_kernel(source, kernel_name, arch, *, options=(), cache_dir=None, use_pch=False):
-        module.calls.append((kernel_name, arch, cache_dir))
+        fake.calls.append((kernel_name, arch, cache_dir))
         if not arch.startswith(("sm_80", "sm_90")):
             raise ValueError(f"invalid arch {arch!r}")
-        if kernel_name in module.failing:
-            raise CompileError(f'{kernel_name}.cu(7): error: identifier "oops" is undefined')
-        cache_hit = (kernel_name, arch) in module.built
-        module.built.add((kernel_name, arch))
-        spills = module.spills.get(kernel_name, 0)
-        resources = types.SimpleNamespace(registers=96, spill_stores=spills, spill_loads=spills, stack_bytes=0,
-                                          shared_bytes=0)
-        return types.SimpleNamespace(cubin=b"", kernel_name=kernel_name, arch=arch, resources=resources, log="",
-                                     cache_hit=cache_hit, path=Path("/cache") / arch / f"{kernel_name}.cubin",
-                                     compile_seconds=1.5)
+        if kernel_name in fake.failing:
+            raise compiler.CompileError(f'{kernel_name}.cu(7): error: identifier "oops" is undefined',
+                                        kernel_name=kernel_name, arch=arch, log="")
+        cache_hit = (kernel_name, arch) in fake.built
+        fake.built.add((kernel_name, arch))
+        spills = fake.spills.get(kernel_name, 0)
+        resources = compiler.ResourceUsage(registers=96, spill_stores=spills, spill_loads=spills, stack_bytes=0,
+                                           shared_bytes=0)
+        path = None if fake.unstored else Path(cache_dir) / f"{kernel_name}-{arch}.entry"
+        return compiler.CompiledKernel(b"", kernel_name, arch, resources, "", cache_hit=cache_hit, path=path,
+                                       compile_seconds=1.5)
 
-    module.CompileError = CompileError
-    module.compile_kernel = compile_kernel
-    module.calls, module.built, module.failing, module.spills = [], set(), set(), {}
-    monkeypatch.setitem(sys.modules, "xqagen.compiler", module)
-    monkeypatch.setattr(xqagen, "compiler", module, raising=False)
-    return module
+    monkeypatch.setattr(compiler, "compile_kernel", compile_kernel)
+    monkeypatch.setenv("XQAGEN_CACHE_DIR", str(cache_dir))
+    return fake
 
 
-def test_build_shows_progress_then_summary(write_recipe, fake_compiler, capsys):
+def test_build_shows_progress_then_summary(write_recipe, fake_compiler, cache_dir, capsys):
     recipe_path = str(write_recipe(TWO_VARIANTS))
     assert main(["build", recipe_path, "-j", "1"]) == 0
     lines = capsys.readouterr().out.splitlines()
@@ -191,7 +327,7 @@ def test_build_shows_progress_then_summary(write_recipe, fake_compiler, capsys):
     assert all(re.fullmatch(progress.format(r"1\.5 s"), line) for line in lines[:4]), lines
     assert sorted(int(re.match(r"\[(\d)", line).group(1)) for line in lines[:4]) == [1, 2, 3, 4]
     assert re.fullmatch(r"4 cubins in \d+\.\d s: 4 compiled, 0 cached, 0 failed", lines[4])
-    assert lines[5] == "cubins under /cache"
+    assert lines[5] == f"cubins under {cache_dir}"
     assert sorted(arch for _, arch, _ in fake_compiler.calls) == ["sm_80", "sm_80", "sm_90", "sm_90"]
 
     assert main(["build", recipe_path, "-j", "1"]) == 0
@@ -200,7 +336,7 @@ def test_build_shows_progress_then_summary(write_recipe, fake_compiler, capsys):
     assert "0 compiled, 4 cached, 0 failed" in lines[4]
 
 
-def test_build_arch_jobs_and_cache_dir_options(write_recipe, fake_compiler, tmp_path, capsys):
+def test_build_builds_a_variant_shared_by_two_recipes_once(write_recipe, fake_compiler, tmp_path, capsys):
     first = write_recipe(TWO_VARIANTS, name="first")
     second = write_recipe("variants: [{q_dtype: bf16, kv_dtype: bf16, page_size: [64, 128], tile: decode}]",
                           name="second")
@@ -210,6 +346,32 @@ def test_build_arch_jobs_and_cache_dir_options(write_recipe, fake_compiler, tmp_
     assert len(fake_compiler.calls) == 3
     assert {(arch, cache_dir) for _, arch, cache_dir in fake_compiler.calls} == {("sm_90a", cache)}
     assert "[3/3]" in capsys.readouterr().out
+
+
+def test_build_for_real_compiles_the_arch_asked_for_and_logs_it(write_recipe, cache_dir, monkeypatch, capsys):
+    from xqagen import compiler
+
+    monkeypatch.setenv("XQAGEN_LOG_LEVEL", "info")
+    recipe = load_recipe(write_recipe("variants: [{q_dtype: bf16, kv_dtype: bf16, page_size: 16, tile: decode}]"))
+    argv = ["build", str(recipe.source_path), "--arch", "sm_90a", "-j", "1", "--cache-dir", str(cache_dir)]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "1 compiled, 0 cached, 0 failed" in captured.out
+    assert re.fullmatch(rf"xqagen: info: compiled {recipe.variants[0].name}\w* for sm_90a in \d+\.\d s\n", captured.err)
+    (entry,) = compiler.cache_entries(cache_dir)
+    cubin = entry.read_bytes()[entry.read_bytes().index(b"\x7fELF"):]
+    assert re.search(r"code for sm_90a\b", compiler.disassemble(cubin))
+
+
+def test_build_shows_a_status_line_on_a_terminal_only(write_recipe, fake_compiler, monkeypatch, capsys):
+    recipe_path = str(write_recipe(TWO_VARIANTS))
+    assert main(["build", recipe_path, "-j", "1"]) == 0
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert main(["build", recipe_path, "-j", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "\rbuilding: 0/4 cubins done, 0 s" in err and "\rbuilding: 3/4 cubins done" in err
+    assert err.endswith("\r\x1b[K")
 
 
 def test_build_reports_spills(write_recipe, fake_compiler, capsys):
@@ -232,16 +394,31 @@ def test_build_fails_on_compile_error(write_recipe, fake_compiler, capsys):
     assert len(fake_compiler.calls) == 4, "one failure does not stop the other compiles"
 
 
-def test_build_reports_an_unsupported_arch_as_a_failure(write_recipe, fake_compiler, capsys):
-    assert main(["build", str(write_recipe(TWO_VARIANTS)), "--arch", "sm_70", "-j", "1"]) == 1
+def test_build_reports_an_unsupported_arch_as_a_failure(write_recipe, cache_dir, capsys):
+    argv = ["build", str(write_recipe(TWO_VARIANTS)), "--arch", "sm_35", "-j", "1", "--cache-dir", str(cache_dir)]
+    assert main(argv) == 1
     captured = capsys.readouterr()
     assert captured.out.count(": FAILED\n") == 2
-    assert "sm_70: invalid arch 'sm_70'" in captured.err
+    assert "sm_35: invalid arch 'sm_35'" in captured.err
+
+
+def test_build_fails_once_when_the_cache_cannot_be_written(write_recipe, fake_compiler, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert main(["build", str(write_recipe(TWO_VARIANTS)), "--cache-dir", str(blocker / "cache")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"xqagen: error: cannot write the cubin cache {blocker / 'cache'} ") and err.count("\n") == 1
+    assert not fake_compiler.calls
+
+    fake_compiler.unstored = True  # the disk fills up during the build
+    assert main(["build", str(write_recipe(TWO_VARIANTS)), "-j", "1"]) == 1
+    captured = capsys.readouterr()
+    assert "4 compiled, 0 cached, 0 failed" in captured.out and "cubins under" not in captured.out
+    assert captured.err.count("xqagen: error: 4 of the cubins could not be written to the cache") == 1
 
 
 @pytest.mark.slow
 def test_build_compiles_for_real_in_worker_processes_then_hits_the_cache(write_recipe, cache_dir, capsys):
-    pytest.importorskip("xqagen.compiler")
     recipe_path = str(write_recipe("variants: [{q_dtype: bf16, kv_dtype: e4m3, page_size: [16, 64], tile: decode}]"))
     argv = ["build", recipe_path, "--arch", "sm_80", "--jobs", "2", "--cache-dir", str(cache_dir)]
     assert main(argv) == 0, capsys.readouterr().err

@@ -6,8 +6,11 @@ module; cache and error handling use a kernel without includes, which compiles i
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import logging
 import multiprocessing
+import os
 import pickle
 import re
 import time
@@ -69,7 +72,9 @@ def probe(request: pytest.FixtureRequest) -> CompiledKernel:
 def test_include_dirs_hold_cute_cccl_and_the_cuda_runtime():
     dirs = [Path(path) for path in compiler.include_dirs()]
     assert all(path.is_absolute() and path.is_dir() for path in dirs)
-    for header in ("cute/tensor.hpp", "cccl/cuda/std/cstdint", "cuda/std/cstdint", "cuda_runtime.h"):
+    # CUTLASS includes <cccl/cuda/std/...> with CUDA 13, <cuda/std/...> with CUDA 12.
+    cccl_headers = ["cccl/cuda/std/cstdint"] if compiler.nvrtc_version() >= (13, 0) else []
+    for header in ("cute/tensor.hpp", *cccl_headers, "cuda/std/cstdint", "cuda_runtime.h"):
         assert any((path / header).is_file() for path in dirs), header
 
 
@@ -127,7 +132,7 @@ def test_errors_in_cutlass_headers_quote_the_instantiating_generated_lines(tmp_p
     assert "cute/" in message and "static assertion failed" in message  # the log, from the header
     assert f"at line {bad_line} of mma_probe.cu" in message
     assert re.search(rf"^> {bad_line} \| .*size<5>\(ga\.layout\(\)\)", message, re.M)
-    assert not list(tmp_path.iterdir()), "a failed compile leaves no cache entry"
+    assert not compiler.cache_entries(tmp_path), "a failed compile leaves no cache entry"
 
 
 def _compile_probe_twice_with_pch(cache_dir: Path) -> tuple[CompiledKernel, CompiledKernel]:
@@ -209,35 +214,51 @@ def _wrong_resources(data: bytes) -> bytes:
     return data.replace(b'"resources": {', b'"resources": {"bogus": 1, ', 1).replace(b'"registers"', b'"regs"', 1)
 
 
+def _huge_header_size(data: bytes) -> bytes:
+    return data[:8] + b"\xff\xff\xff\x7f" + data[12:]
+
+
 @pytest.mark.parametrize("corrupt", [_truncate, _flip_cubin_byte, _bad_magic, _garbled_header, _extra_bytes,
-                                     _wrong_resources, lambda data: b""],
-                         ids=["truncated", "flipped", "magic", "header", "extra", "resources", "empty"])
-def test_corrupt_entries_are_rebuilt(cache_dir: Path, corrupt, caplog):
+                                     _wrong_resources, _huge_header_size, lambda data: b""],
+                         ids=["truncated", "flipped", "magic", "header", "extra", "resources", "header-size", "empty"])
+def test_corrupt_entries_are_reported_in_one_line_and_rebuilt(cache_dir: Path, corrupt, caplog):
     original = compile_kernel(TINY_SOURCE, "tiny", "sm_80", cache_dir=cache_dir)
     assert original.path is not None
     original.path.write_bytes(corrupt(original.path.read_bytes()))
     rebuilt = compile_kernel(TINY_SOURCE, "tiny", "sm_80", cache_dir=cache_dir)
     assert not rebuilt.cache_hit
-    assert "discarding corrupt cache entry" in caplog.text
+    (warning,) = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    assert warning.startswith(f"discarding corrupt cache entry {original.path}: ")
+    assert len(warning) < len(str(original.path)) + 100 and "\n" not in warning
     assert (rebuilt.cubin, rebuilt.resources) == (original.cubin, original.resources)
     assert compile_kernel(TINY_SOURCE, "tiny", "sm_80", cache_dir=cache_dir).cache_hit
 
 
-def _compile_tiny(cache_dir: Path) -> tuple[str, str]:
+def _compile_tiny_slowly(cache_dir: Path) -> tuple[bool, str, str]:
+    """Compiles that take a second, so that without the key lock both processes would compile."""
+    run_nvrtc = compiler._run_nvrtc
+
+    def slow_run_nvrtc(*args, **kwargs):
+        time.sleep(1.0)
+        return run_nvrtc(*args, **kwargs)
+
+    compiler._run_nvrtc = slow_run_nvrtc
     compiled = compile_kernel(TINY_SOURCE, "tiny", "sm_80", cache_dir=cache_dir)
-    return hashlib.sha256(compiled.cubin).hexdigest(), str(compiled.path)
+    return compiled.cache_hit, hashlib.sha256(compiled.cubin).hexdigest(), str(compiled.path)
 
 
-def test_two_processes_building_one_kernel_leave_one_valid_entry(cache_dir: Path):
+def test_two_processes_wanting_one_kernel_compile_it_once(cache_dir: Path):
     context = multiprocessing.get_context("spawn")
     barrier = context.Barrier(2)  # both workers are up before either looks at the cache
     with ProcessPoolExecutor(2, mp_context=context, initializer=barrier.wait) as pool:
-        outcomes = list(pool.map(_compile_tiny, [cache_dir, cache_dir]))
-    assert outcomes[0] == outcomes[1]
-    entry = Path(outcomes[0][1])
-    assert list(cache_dir.iterdir()) == [entry], "no temporary files are left behind"
+        outcomes = list(pool.map(_compile_tiny_slowly, [cache_dir, cache_dir]))
+    assert sorted(hit for hit, _, _ in outcomes) == [False, True], "one compiles, the other waits and loads it"
+    assert outcomes[0][1:] == outcomes[1][1:]
+    entry = Path(outcomes[0][2])
+    assert compiler.cache_entries(cache_dir) == [entry]
+    assert not list(cache_dir.glob(".*.tmp")), "no temporary files are left behind"
     again = compile_kernel(TINY_SOURCE, "tiny", "sm_80", cache_dir=cache_dir)
-    assert again.cache_hit and hashlib.sha256(again.cubin).hexdigest() == outcomes[0][0]
+    assert again.cache_hit and hashlib.sha256(again.cubin).hexdigest() == outcomes[0][1]
 
 
 def test_compiles_from_a_thread_pool(cache_dir: Path):
@@ -245,15 +266,85 @@ def test_compiles_from_a_thread_pool(cache_dir: Path):
     with ThreadPoolExecutor(4) as pool:
         results = list(pool.map(lambda source: compile_kernel(source, "tiny", "sm_80", cache_dir=cache_dir), sources))
     assert [result.cubin for result in results[:3]] == [result.cubin for result in results[3:]]
-    assert len(list(cache_dir.iterdir())) == 3
+    assert len(compiler.cache_entries(cache_dir)) == 3
 
 
-def test_unwritable_cache_still_returns_the_cubin(tmp_path, caplog):
+def test_unwritable_cache_compiles_in_memory_with_one_warning(tmp_path, caplog):
     blocker = tmp_path / "file-not-dir"
     blocker.write_text("")
-    compiled = compile_kernel(TINY_SOURCE, "tiny", "sm_80", cache_dir=blocker / "cache")
-    assert compiled.cubin and compiled.path is None
-    assert "cannot write cache entry" in caplog.text
+    for source in (TINY_SOURCE, TINY_SOURCE.replace("* 3", "* 5")):
+        compiled = compile_kernel(source, "tiny", "sm_80", cache_dir=blocker / "cache")
+        assert compiled.cubin and compiled.path is None and not compiled.cache_hit
+    warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    assert len(warnings) == 1 and f"cubin cache {blocker / 'cache'} is not usable" in warnings[0], warnings
+
+
+def test_full_cache_compiles_in_memory_with_one_warning(cache_dir: Path, monkeypatch, caplog):
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(compiler.tempfile, "mkstemp", disk_full)
+    for source in (TINY_SOURCE, TINY_SOURCE.replace("* 3", "* 5")):
+        compiled = compile_kernel(source, "tiny", "sm_80", cache_dir=cache_dir)
+        assert compiled.cubin and compiled.path is None
+    assert caplog.text.count("is not usable (No space left on device)") == 1
+    assert not compiler.cache_entries(cache_dir)
+
+
+def test_corrupt_entry_in_a_read_only_cache_is_reported_and_compiled_around(cache_dir: Path, monkeypatch, caplog):
+    original = compile_kernel(TINY_SOURCE, "tiny", "sm_80", cache_dir=cache_dir)
+    original.path.write_bytes(original.path.read_bytes()[:40])
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+
+    monkeypatch.setattr(Path, "unlink", read_only)
+    monkeypatch.setattr(compiler.filelock.FileLock, "acquire", read_only)
+    rebuilt = compile_kernel(TINY_SOURCE, "tiny", "sm_80", cache_dir=cache_dir)
+    assert rebuilt.cubin == original.cubin and rebuilt.path is None
+    assert "discarding corrupt cache entry" in caplog.text and "is not usable (Permission denied)" in caplog.text
+
+
+def test_cache_keys_do_not_depend_on_where_the_toolchain_is_installed(monkeypatch, tmp_path):
+    keys = []
+    for venv in ("venv-a", "venv-b"):
+        site_packages = tmp_path / venv / "lib" / "python3.11" / "site-packages"
+        dirs = (str(site_packages / "cutlass_library/source/include"), str(site_packages / "nvidia/cu13/include"))
+        monkeypatch.setattr(compiler, "_include_dirs", lambda dirs=dirs: dirs)
+        monkeypatch.setattr(compiler, "_site_roots", lambda root=site_packages: (root,))
+        keys.append(compiler._cache_key(TINY_SOURCE, "tiny", "sm_80", compiler._nvrtc_options("sm_80", [])))
+    assert keys[0] == keys[1]
+    # Headers outside site-packages (a CUDA toolkit) are identified by their path.
+    monkeypatch.setattr(compiler, "_include_dirs", lambda: ("/usr/local/cuda/include",))
+    toolkit = compiler._cache_key(TINY_SOURCE, "tiny", "sm_80", compiler._nvrtc_options("sm_80", []))
+    monkeypatch.setattr(compiler, "_include_dirs", lambda: ("/opt/cuda-13.0/include",))
+    assert compiler._cache_key(TINY_SOURCE, "tiny", "sm_80", compiler._nvrtc_options("sm_80", [])) != toolkit
+
+
+def test_compiles_are_logged_at_info(cache_dir: Path, caplog):
+    caplog.set_level(logging.INFO, logger="xqagen")
+    compile_kernel(TINY_SOURCE, "tiny", "sm_80", cache_dir=cache_dir)
+    compile_kernel(TINY_SOURCE, "tiny", "sm_80", cache_dir=cache_dir)  # a hit compiles nothing
+    assert [record.name for record in caplog.records] == ["xqagen.compiler"]
+    assert re.fullmatch(r"compiled tiny for sm_80 in \d+\.\d s", caplog.records[0].getMessage())
+
+
+INTERNAL_SYMBOL_SOURCE = """namespace { __device__ int scale(int x) { return 3 * x; } }
+extern "C" __global__ void internal(int* out) { out[threadIdx.x] = scale(threadIdx.x); }
+"""
+
+
+def test_recompiles_differ_only_in_internal_symbol_names(tmp_path):
+    first, second = (compile_kernel(INTERNAL_SYMBOL_SOURCE, "internal", "sm_80", cache_dir=tmp_path / name,
+                                    options=["-G"])  # keeps the callee a function of its own
+                     for name in ("a", "b"))
+    assert first.resources == second.resources
+
+    def masked(cubin: bytes) -> str:
+        return re.sub(r"_INTERNAL_[0-9a-f_]+", "_INTERNAL_", disassemble(cubin))
+
+    assert masked(first.cubin) == masked(second.cubin)
+    assert "_INTERNAL_" in masked(first.cubin)
 
 
 # ---- resource usage ----
@@ -329,7 +420,7 @@ def test_invalid_option_is_a_compile_error(cache_dir: Path):
         compile_kernel(TINY_SOURCE, "tiny", "sm_80", cache_dir=cache_dir, options=["--no-such-flag"])
 
 
-@pytest.mark.parametrize("arch", ["sm_70", "sm_80a", "sm_90f", "compute_90", "90", "sm80", "SM_90"])
+@pytest.mark.parametrize("arch", ["sm_35", "sm_80a", "sm_90f", "compute_90", "90", "sm80", "SM_90"])
 def test_invalid_arch_is_rejected(arch: str, cache_dir: Path):
     with pytest.raises(ValueError, match=rf"invalid arch '{arch}'.*sm_<N>a"):
         compile_kernel(TINY_SOURCE, "tiny", arch, cache_dir=cache_dir)

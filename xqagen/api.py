@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+from ._torch import torch
 
 from .emitters import LaunchShape
 from .plan import LaunchPlan, plan_launch

@@ -22,7 +22,7 @@ import statistics
 import sys
 from dataclasses import asdict, dataclass, field
 
-import torch
+from ._torch import torch
 
 from .api import TORCH_DTYPES, prepare_decode
 from .masks import as_flashinfer_mask, causal_mask

@@ -9,15 +9,24 @@ the log refers to.
 
 NVRTC is driven through ``cuda.bindings.nvrtc``; ``cuda.core.ProgramOptions`` formats the typed
 options.  ``cuda.core.Program`` is not used because it cannot pass the caller's extra raw flags
-and it reports a failed compile's log only inside its exception text.
+and it reports a failed compile's log only inside its exception text.  Both are imported on first
+use, so that this module (and the cache functions) import without the CUDA toolchain; a missing
+toolchain raises :class:`ToolNotFoundError` naming the extra to install.  The CUDA 12 and CUDA 13
+wheels both work: :mod:`cuda.pathfinder` finds their libraries and headers.
+
+CUBINs are not byte-for-byte reproducible: NVRTC gives internal symbols a per-compile random
+suffix, so two compiles of one source differ in a few bytes of the symbol table while their SASS
+and resource usage are the same.  The cache, not the bytes, makes a build repeatable.
 
 Cache
 -----
 Entries live in ``cache_dir`` (default: :func:`default_cache_dir`), one file per entry named
 ``<key>.entry``.  The key is the SHA-256 of a JSON document holding :data:`CACHE_FORMAT_VERSION`,
 the NVRTC version, the versions of the NVRTC, CUDA runtime, CCCL and CUTLASS packages, the
-architecture, the kernel name, every NVRTC option (include paths included, in order) and the
-source.  An entry file is::
+architecture, the kernel name, every NVRTC option in order and the source.  Include paths enter
+the key relative to the site-packages folder that holds them (their packages' versions are in the
+key), so that venvs with the same toolchain share entries; a CUDA toolkit's include path enters
+as it is.  An entry file is::
 
     magic         8 bytes   b"XQAGCUB1"
     header_size   4 bytes   little-endian unsigned
@@ -26,19 +35,24 @@ source.  An entry file is::
     cubin         cubin_size bytes
 
 A hit is checked against all of it (magic, sizes, checksum, header fields); an entry that fails
-a check is deleted and rebuilt, never returned.  Entries are written to a temporary file in the
-cache directory, flushed to disk and renamed over the entry, so a reader sees a whole entry or
-none; processes that build the same key at once each rename a complete, identical file.
+a check is reported in one line, deleted and rebuilt, never returned.  Entries are written to a
+temporary file in the cache directory, flushed to disk and renamed over the entry, so a reader
+sees a whole entry or none.  A miss takes the key's lock file (``<key>.lock``) before compiling
+and looks again once it holds it, so that processes wanting the same kernel compile it once.  A
+cache that cannot be read or written costs one warning per process and directory; compiles then
+happen in memory and their :attr:`CompiledKernel.path` is None.
 
 Concurrency
 -----------
 Every function here may be called from several threads.  NVRTC itself runs one compile at a time
 per process (two threads take as long as two compiles in a row), so compile in several
-processes to use several cores.
+processes to use several cores.  Each compile logs an INFO record (kernel, arch, seconds) on the
+``xqagen.compiler`` logger.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib.metadata
@@ -48,19 +62,21 @@ import logging
 import os
 import re
 import shutil
+import site
 import struct
 import subprocess
+import sys
+import sysconfig
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from cuda.bindings import nvrtc
-from cuda.core import ProgramOptions
-from cuda.pathfinder import find_nvidia_binary_utility, find_nvidia_header_directory
+import filelock
+from cuda.pathfinder import DynamicLibNotFoundError, find_nvidia_binary_utility, find_nvidia_header_directory
 
 __all__ = [
     "CACHE_FORMAT_VERSION",
@@ -68,22 +84,30 @@ __all__ = [
     "CompiledKernel",
     "ResourceUsage",
     "ToolNotFoundError",
+    "cache_entries",
+    "clear_cache",
     "compile_kernel",
     "default_cache_dir",
     "disassemble",
     "include_dirs",
     "nvrtc_version",
+    "supported_archs",
 ]
 
 logger = logging.getLogger(__name__)
 
 #: Part of every cache key: bump it when the entry format or the meaning of an entry changes.
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2
 
 _ENTRY_MAGIC = b"XQAGCUB1"
 _HEADER_SIZE = struct.Struct("<I")
-# Packages whose contents shape the CUBIN without showing up in the option list.
-_TOOLCHAIN_PACKAGES = ("nvidia-cuda-nvrtc", "nvidia-cuda-runtime", "nvidia-cuda-cccl", "nvidia-cutlass")
+_ENTRY_SUFFIX = ".entry"
+_CACHE_FILE_RE = re.compile(r"[0-9a-f]{64}\.(entry|lock)|\.[0-9a-f]{64}\.entry\..*\.tmp")
+# Packages whose contents shape the CUBIN without showing up in the option list (CUDA 13 and 12 names).
+_TOOLCHAIN_PACKAGES = ("nvidia-cuda-nvrtc", "nvidia-cuda-runtime", "nvidia-cuda-cccl",
+                       "nvidia-cuda-nvrtc-cu12", "nvidia-cuda-runtime-cu12", "nvidia-cuda-cccl-cu12",
+                       "nvidia-cutlass")
+INSTALL_HINT = "pip install 'xqagen[cu13]' (CUDA 13 driver) or 'xqagen[cu12]' (CUDA 12 driver)"
 # Automatic precompiled headers: NVRTC warns when a PCH made for other options (629) or another
 # include prefix (630) does not fit and makes a new one; expected with several arches per process.
 _PCH_OPTIONS: dict[str, Any] = {"pch": True, "pch_messages": False, "diag_suppress": [629, 630]}
@@ -97,7 +121,7 @@ _MAX_QUOTED_LINES = 10  # referenced lines a CompileError quotes; the full log i
 
 
 class ToolNotFoundError(RuntimeError):
-    """A CUDA toolchain component (header package or binary utility) is not installed."""
+    """A CUDA toolchain component (NVRTC, a header package or a binary utility) is not installed."""
 
 
 class CompileError(RuntimeError):
@@ -145,8 +169,8 @@ class CompiledKernel:
 # ---- toolchain discovery ----
 
 def include_dirs() -> list[str]:
-    """Include directories for CuTe kernels: CUTLASS, CCCL, the folder holding ``cccl/`` (CuTe
-    writes ``<cccl/cuda/std/...>``) and the CUDA runtime headers."""
+    """Include directories for CuTe kernels: CUTLASS, CCCL, with CUDA 13 the folder holding
+    ``cccl/`` (CuTe writes ``<cccl/cuda/std/...>``), and the CUDA runtime headers."""
     return list(_include_dirs())
 
 
@@ -156,29 +180,50 @@ def _include_dirs() -> tuple[str, ...]:
     cutlass = (Path(cutlass_spec.submodule_search_locations[0]) / "source" / "include"
                if cutlass_spec and cutlass_spec.submodule_search_locations else None)
     if cutlass is None or not (cutlass / "cute" / "tensor.hpp").is_file():
-        raise ToolNotFoundError("CUTLASS/CuTe headers not found: pip install nvidia-cutlass")
-    cccl = _header_dir("cccl", "nvidia-cuda-cccl")
-    cudart = _header_dir("cudart", "nvidia-cuda-runtime")
-    return tuple(dict.fromkeys([str(cutlass), cccl, os.path.dirname(cccl), cudart]))
+        raise ToolNotFoundError(f"CUTLASS/CuTe headers not found: {INSTALL_HINT}")
+    # CUDA 13 puts CCCL under include/cccl, and CUTLASS then writes <cccl/cuda/std/...>, which the
+    # parent folder serves; the CUDA 12 wheel has it directly under include/.
+    cccl = _header_dir("cccl")
+    cccl_parent = [os.path.dirname(cccl)] if os.path.basename(cccl) == "cccl" else []
+    return tuple(dict.fromkeys([str(cutlass), cccl, *cccl_parent, _header_dir("cudart")]))
 
 
-def _header_dir(libname: str, package: str) -> str:
+def _header_dir(libname: str) -> str:
     found = find_nvidia_header_directory(libname)
     if found is None:
-        raise ToolNotFoundError(f"{libname} headers not found: pip install {package}")
+        raise ToolNotFoundError(f"{libname} headers not found: {INSTALL_HINT}")
     return found
+
+
+@functools.cache
+def _nvrtc() -> Any:
+    """``cuda.bindings.nvrtc`` with its library loaded."""
+    try:
+        from cuda.bindings import nvrtc
+    except ImportError:
+        raise ToolNotFoundError(f"NVRTC bindings (cuda-bindings) not installed: {INSTALL_HINT}") from None
+    try:
+        nvrtc.nvrtcVersion()
+    except DynamicLibNotFoundError:
+        raise ToolNotFoundError(f"the NVRTC library is not installed: {INSTALL_HINT}") from None
+    return nvrtc
 
 
 @functools.cache
 def nvrtc_version() -> tuple[int, int]:
     """(major, minor) of the NVRTC library in use."""
-    major, minor = _check(nvrtc.nvrtcVersion())
+    major, minor = _check(_nvrtc().nvrtcVersion())
     return major, minor
+
+
+def supported_archs() -> list[str]:
+    """The ``sm_<N>`` targets this NVRTC compiles for."""
+    return [f"sm_{number}" for number in _supported_arch_numbers()]
 
 
 @functools.cache
 def _supported_arch_numbers() -> tuple[int, ...]:
-    return tuple(_check(nvrtc.nvrtcGetSupportedArchs()))
+    return tuple(_check(_nvrtc().nvrtcGetSupportedArchs()))
 
 
 @functools.cache
@@ -201,6 +246,7 @@ def default_cache_dir() -> Path:
 
 def _check(result: tuple) -> Any:
     """The value(s) of a cuda.bindings NVRTC call, which returns (status, *values)."""
+    nvrtc = _nvrtc()
     status, *values = result
     if status != nvrtc.nvrtcResult.NVRTC_SUCCESS:
         raise RuntimeError(f"NVRTC call failed: {nvrtc.nvrtcGetErrorString(status)[1].decode()}")
@@ -225,8 +271,8 @@ def compile_kernel(source: str, kernel_name: str, arch: str, *, options: Sequenc
     and options.  Making the PCH costs 1-2 s more than a plain compile; each later compile of a
     CuTe kernel then takes about 1 s instead of 4 s.  Use it when one process builds several
     kernels per architecture.  It assumes the headers do not change while the process runs, and
-    each PCH takes about 450 MB in a temporary folder until the process exits.  The CUBIN is the
-    same either way.
+    each PCH takes about 450 MB in a temporary folder until the process exits.  The code is the
+    same either way (the bytes too, but for internal symbol names: see the module docstring).
 
     Raises :class:`CompileError` when NVRTC fails or ``kernel_name`` is not an entry function,
     ``ValueError`` for a malformed ``arch`` or ``kernel_name``.
@@ -235,26 +281,33 @@ def compile_kernel(source: str, kernel_name: str, arch: str, *, options: Sequenc
     _validate(kernel_name, arch, options)
     nvrtc_options = _nvrtc_options(arch, options)  # without the PCH flags, which change no CUBIN
     entry_path = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / (
-        _cache_key(source, kernel_name, arch, nvrtc_options) + ".entry")
+        _cache_key(source, kernel_name, arch, nvrtc_options) + _ENTRY_SUFFIX)
 
-    cached = _read_entry(entry_path, kernel_name, arch)
-    if cached is not None:
+    def hit(cached: tuple[bytes, ResourceUsage, str]) -> CompiledKernel:
         cubin, resources, log = cached
         return CompiledKernel(cubin, kernel_name, arch, resources, log, cache_hit=True, path=entry_path,
                               compile_seconds=time.perf_counter() - start)
 
-    if use_pch:
-        _reserve_pch_heap()
-        nvrtc_options = _nvrtc_options(arch, options, use_pch=True)
-    cubin, log = _run_nvrtc(source, kernel_name, arch, nvrtc_options)
-    try:
-        resources = _parse_resources(log, kernel_name)
-    except LookupError as err:
-        raise CompileError(f"kernel {kernel_name!r} ({arch}): {err}; declare the kernel extern \"C\"",
-                           kernel_name=kernel_name, arch=arch, log=log) from None
-    stored = _write_entry(entry_path, _encode_entry(cubin, kernel_name, arch, resources, log))
+    if (cached := _read_entry(entry_path, kernel_name, arch)) is not None:
+        return hit(cached)
+    with _key_lock(entry_path) as locked:
+        # Whoever held the lock before us may have just built this kernel.
+        if locked and (cached := _read_entry(entry_path, kernel_name, arch)) is not None:
+            return hit(cached)
+        if use_pch:
+            _reserve_pch_heap()
+            nvrtc_options = _nvrtc_options(arch, options, use_pch=True)
+        cubin, log = _run_nvrtc(source, kernel_name, arch, nvrtc_options)
+        try:
+            resources = _parse_resources(log, kernel_name)
+        except LookupError as err:
+            raise CompileError(f"kernel {kernel_name!r} ({arch}): {err}; declare the kernel extern \"C\"",
+                               kernel_name=kernel_name, arch=arch, log=log) from None
+        stored = locked and _write_entry(entry_path, _encode_entry(cubin, kernel_name, arch, resources, log))
+    seconds = time.perf_counter() - start
+    logger.info("compiled %s for %s in %.1f s", kernel_name, arch, seconds)
     return CompiledKernel(cubin, kernel_name, arch, resources, log, cache_hit=False,
-                          path=entry_path if stored else None, compile_seconds=time.perf_counter() - start)
+                          path=entry_path if stored else None, compile_seconds=seconds)
 
 
 def compile_ptx(source: str, kernel_name: str, arch: str = "compute_80", *, options: Sequence[str] = ()) -> bytes:
@@ -291,6 +344,9 @@ def _validate(kernel_name: str, arch: str, options: Sequence[str]) -> None:
 
 
 def _nvrtc_options(arch: str, extra: Sequence[str], *, use_pch: bool = False, target: str = "cubin") -> list[str]:
+    _nvrtc()  # a missing toolchain is reported before cuda.core fails to import its bindings
+    from cuda.core import ProgramOptions
+
     program_options = ProgramOptions(
         arch=arch,
         std="c++17",
@@ -313,14 +369,39 @@ def _cache_key(source: str, kernel_name: str, arch: str, nvrtc_options: list[str
         "packages": _package_versions(),
         "arch": arch,
         "kernel_name": kernel_name,
-        "options": nvrtc_options,
+        "options": [_portable_option(option) for option in nvrtc_options],
         "source": source,
     }
     return hashlib.sha256(json.dumps(document, sort_keys=True).encode()).hexdigest()
 
 
+_INCLUDE_PATH_OPTION = "--include-path="
+
+
+def _portable_option(option: str) -> str:
+    """``option``, with a toolchain include path inside site-packages made relative to it."""
+    if not option.startswith(_INCLUDE_PATH_OPTION) or option[len(_INCLUDE_PATH_OPTION):] not in _include_dirs():
+        return option
+    path = Path(option[len(_INCLUDE_PATH_OPTION):])
+    for root in _site_roots():
+        if path.is_relative_to(root):
+            return f"{_INCLUDE_PATH_OPTION}<site-packages>/{path.relative_to(root).as_posix()}"
+    return option
+
+
+@functools.cache
+def _site_roots() -> tuple[Path, ...]:
+    """The folders pip installs packages into, as this interpreter sees them, deepest first: its
+    own, and those of other environments on ``sys.path`` (a ``.pth`` file, ``PYTHONPATH``)."""
+    roots = {*site.getsitepackages(), site.getusersitepackages(),
+             *(sysconfig.get_paths()[key] for key in ("purelib", "platlib")),
+             *(entry for entry in sys.path if Path(entry).name in ("site-packages", "dist-packages"))}
+    return tuple(sorted((Path(root) for root in roots), key=lambda root: len(root.parts), reverse=True))
+
+
 def _reserve_pch_heap() -> None:
     # Resizing the heap would invalidate the PCHs already in it, so it only ever grows, once.
+    nvrtc = _nvrtc()
     with _pch_heap_lock:
         if _check(nvrtc.nvrtcGetPCHHeapSize()) < _PCH_HEAP_BYTES:
             _check(nvrtc.nvrtcSetPCHHeapSize(_PCH_HEAP_BYTES))
@@ -329,6 +410,7 @@ def _reserve_pch_heap() -> None:
 def _run_nvrtc(source: str, kernel_name: str, arch: str, options: list[str], *,
                target: str = "cubin") -> tuple[bytes, str]:
     """(CUBIN or PTX, log) of one NVRTC compile; raises CompileError when it fails."""
+    nvrtc = _nvrtc()
     program_name = f"{kernel_name}.cu"
     encoded = [option.encode() for option in options]
     program = _check(nvrtc.nvrtcCreateProgram(source.encode(), program_name.encode(), 0, [], []))
@@ -443,7 +525,8 @@ def _decode_entry(data: bytes, kernel_name: str, arch: str) -> tuple[bytes, Reso
                                      for field in fields(ResourceUsage)})
         identity = (header["kernel_name"], header["arch"])
     except (ValueError, TypeError, KeyError) as err:
-        raise _CorruptEntry(f"unreadable header ({err!r})") from None
+        # The type only: a decode error's text can quote the whole entry.
+        raise _CorruptEntry(f"unreadable header ({type(err).__name__})") from None
     if identity != (kernel_name, arch) or not isinstance(log, str):
         raise _CorruptEntry("header does not describe this kernel")
     cubin = data[prefix + header_size:]
@@ -461,21 +544,39 @@ def _read_entry(path: Path, kernel_name: str, arch: str) -> tuple[bytes, Resourc
     except FileNotFoundError:
         return None
     except OSError as err:
-        logger.warning("cannot read cache entry %s (%s); compiling", path, err)
+        _warn_cache_unusable(path.parent, err)
         return None
     try:
         return _decode_entry(data, kernel_name, arch)
     except _CorruptEntry as err:
         logger.warning("discarding corrupt cache entry %s: %s", path, err)
-        path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a read-only cache keeps it; the compile still happens
+            path.unlink(missing_ok=True)
         return None
+
+
+@contextlib.contextmanager
+def _key_lock(entry_path: Path) -> Iterator[bool]:
+    """Holds the entry's lock file; yields False, having warned, when the cache is not writable."""
+    lock = filelock.FileLock(entry_path.with_suffix(".lock"))
+    try:
+        entry_path.parent.mkdir(parents=True, exist_ok=True)
+        lock.acquire()
+        locked = True
+    except OSError as err:
+        _warn_cache_unusable(entry_path.parent, err)
+        locked = False
+    try:
+        yield locked
+    finally:
+        if locked:
+            lock.release()
 
 
 def _write_entry(path: Path, data: bytes) -> bool:
     """Atomically store ``data`` at ``path``; False (with a warning) when the cache is not writable."""
     temp_name: str | None = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
         fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as temp:
             os.fchmod(temp.fileno(), 0o644)  # mkstemp makes the file private; entries are no secret
@@ -485,10 +586,49 @@ def _write_entry(path: Path, data: bytes) -> bool:
         os.replace(temp_name, path)
         return True
     except OSError as err:
-        logger.warning("cannot write cache entry %s (%s); the cubin is not cached", path, err)
+        _warn_cache_unusable(path.parent, err)
         if temp_name is not None:
-            Path(temp_name).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                os.unlink(temp_name)
         return False
+
+
+_unusable_cache_dirs: set[Path] = set()
+_unusable_lock = threading.Lock()
+
+
+def _warn_cache_unusable(cache_dir: Path, err: OSError) -> None:
+    with _unusable_lock:
+        if cache_dir in _unusable_cache_dirs:
+            return
+        _unusable_cache_dirs.add(cache_dir)
+    reason = f"{err.strerror or err}" + (f": {err.filename}" if err.filename else "")
+    logger.warning("cubin cache %s is not usable (%s); compiling without it", cache_dir, reason)
+
+
+def cache_entries(cache_dir: Path | None = None) -> list[Path]:
+    """The entry files in ``cache_dir`` (default: :func:`default_cache_dir`)."""
+    directory = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    if not directory.is_dir():
+        return []
+    return sorted(path for path in directory.iterdir() if _CACHE_FILE_RE.fullmatch(path.name)
+                  and path.suffix == _ENTRY_SUFFIX)
+
+
+def clear_cache(cache_dir: Path | None = None) -> int:
+    """Delete the entries, lock and temporary files of ``cache_dir``; returns how many entries went.
+
+    Other files in the folder are left alone, so a mistaken ``cache_dir`` loses nothing else.
+    """
+    directory = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    if not directory.is_dir():
+        return 0
+    removed = 0
+    for path in directory.iterdir():
+        if _CACHE_FILE_RE.fullmatch(path.name):
+            path.unlink(missing_ok=True)
+            removed += path.suffix == _ENTRY_SUFFIX
+    return removed
 
 
 # ---- SASS ----

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 
-import torch
+from ._torch import torch
 
 from .api import prepare_decode
 from .layouts import kv_layout as kv_layout_named

@@ -20,7 +20,7 @@ the same bytes viewed as ``uint16`` with twice the columns (:func:`as_flashinfer
 
 from __future__ import annotations
 
-import torch
+from ._torch import torch
 
 WORD_BITS = 32
 WORD_DTYPES = (torch.int32, torch.uint32)

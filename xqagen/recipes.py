@@ -25,6 +25,9 @@ A list value expands as a cartesian product.  ``features`` takes a list of featu
 feature set); a list of such lists expands over several feature sets.  Identical specs produced
 by different entries are kept once, in order of first appearance.
 
+Shipped recipes are package data (:data:`SHIPPED_RECIPES_PACKAGE`, the repository's ``recipes/``
+folder), so they come with every kind of install.
+
 Generated sources live in ``<out>/<recipe name>/``: one ``<spec name>.cu`` per variant plus a
 ``manifest.json`` describing them; :func:`sync_generated` writes or checks that tree.
 """
@@ -34,6 +37,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import hashlib
+import importlib.resources
 import itertools
 import json
 from collections.abc import Iterator, Mapping, Sequence
@@ -46,6 +50,7 @@ import yaml
 from xqagen.emitters import PATHS, EmittedKernel, emit, path_of
 from xqagen.spec import KernelSpec, SpecError
 
+SHIPPED_RECIPES_PACKAGE = "xqagen.recipe_files"
 RECIPE_SUFFIX = ".yaml"
 MANIFEST_NAME = "manifest.json"
 SOURCE_SUFFIX = ".cu"
@@ -89,12 +94,17 @@ class Recipe:
 
 
 def shipped_recipes_dir() -> Path:
-    """The repository's ``recipes/`` folder, next to the package."""
-    return Path(__file__).resolve().parent.parent / "recipes"
+    """The folder of the shipped recipes: ``recipes/`` in a source tree, installed as package data."""
+    # pip installs wheels unpacked, so the package is a folder on disk, not a zip.
+    return Path(str(importlib.resources.files(SHIPPED_RECIPES_PACKAGE)))
 
 
 def shipped_recipes() -> list[Path]:
-    return sorted(shipped_recipes_dir().glob(f"*{RECIPE_SUFFIX}"))
+    """The shipped recipe files, sorted; RecipeError when there are none (a broken installation)."""
+    found = sorted(shipped_recipes_dir().glob(f"*{RECIPE_SUFFIX}"))
+    if not found:
+        raise RecipeError(f"no shipped recipes in {shipped_recipes_dir()}: the xqagen installation is incomplete")
+    return found
 
 
 def find_recipe(name_or_path: str | Path) -> Path:
@@ -107,7 +117,7 @@ def find_recipe(name_or_path: str | Path) -> Path:
         shipped = shipped_recipes_dir() / f"{name_or_path}{RECIPE_SUFFIX}"
         if shipped.is_file():
             return shipped
-    names = ", ".join(p.stem for p in shipped_recipes()) or "none"
+    names = ", ".join(p.stem for p in sorted(shipped_recipes_dir().glob(f"*{RECIPE_SUFFIX}"))) or "none"
     raise RecipeError(f"no recipe {str(name_or_path)!r}: not a file, nor a shipped recipe ({names})")
 
 
@@ -278,13 +288,13 @@ class FileChange:
     path: Path
 
 
-def sync_generated(out_dir: str | Path, recipes: Sequence[Recipe], *, prune_recipes: bool = False,
-                   check: bool = False) -> list[FileChange]:
+def sync_generated(out_dir: str | Path, recipes: Sequence[Recipe], *, check: bool = False) -> list[FileChange]:
     """Bring ``out_dir`` in line with ``recipes`` (or, with ``check``, only report what differs).
 
-    Files whose bytes already match are left untouched.  Stale sources of each recipe are removed;
-    with ``prune_recipes`` so are the folders of recipes not given (those holding a manifest).
-    Returns the changes made, or that would be made.
+    Files whose bytes already match are left untouched.  The only files deleted are sources that a
+    recipe folder's manifest names and the recipe no longer produces: files put there by anyone
+    else, and the folders of other recipes, are never touched.  Returns the changes made, or that
+    would be made.
     """
     out_dir = Path(out_dir)
     expected: dict[Path, bytes] = {}
@@ -298,13 +308,8 @@ def sync_generated(out_dir: str | Path, recipes: Sequence[Recipe], *, prune_reci
 
     changes = [FileChange("missing" if not path.exists() else "stale", path)
                for path, data in expected.items() if not path.is_file() or path.read_bytes() != data]
-    owned_dirs = set(recipe_dirs)
-    if prune_recipes and out_dir.is_dir():
-        owned_dirs |= {manifest.parent for manifest in out_dir.glob(f"*/{MANIFEST_NAME}")}
-    for recipe_dir in sorted(owned_dirs):
-        for path in sorted([*recipe_dir.glob(f"*{SOURCE_SUFFIX}"), recipe_dir / MANIFEST_NAME]):
-            if path.is_file() and path not in expected:
-                changes.append(FileChange("extra", path))
+    for recipe_dir in sorted(recipe_dirs):
+        changes.extend(FileChange("extra", path) for path in _manifest_sources(recipe_dir) if path not in expected)
 
     if not check:
         for change in changes:
@@ -313,7 +318,16 @@ def sync_generated(out_dir: str | Path, recipes: Sequence[Recipe], *, prune_reci
             else:
                 change.path.parent.mkdir(parents=True, exist_ok=True)
                 change.path.write_bytes(expected[change.path])
-        for recipe_dir in owned_dirs - recipe_dirs:
-            if recipe_dir.is_dir() and not any(recipe_dir.iterdir()):
-                recipe_dir.rmdir()
     return changes
+
+
+def _manifest_sources(recipe_dir: Path) -> list[Path]:
+    """The existing source files that ``recipe_dir``'s manifest (as it is on disk) says it wrote."""
+    try:
+        variants = json.loads((recipe_dir / MANIFEST_NAME).read_bytes())["variants"]
+        names = {name for name in (variant["file"] for variant in variants) if isinstance(name, str)}
+    except (OSError, ValueError, TypeError, KeyError):
+        return []  # no readable manifest: nothing here is known to be generated
+    # Plain file names only: a hand-edited manifest must not reach outside its folder.
+    return sorted(recipe_dir / name for name in names
+                  if name.endswith(SOURCE_SUFFIX) and Path(name).name == name and (recipe_dir / name).is_file())

@@ -68,7 +68,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-import torch
+from ._torch import torch
 
 from .layouts import kv_layout as _layout
 from .masks import _check_positive_int, _describe, unpack_mask, validate_mask

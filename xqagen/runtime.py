@@ -15,7 +15,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+from ._torch import torch
 from cuda.bindings import driver
 
 from .compiler import compile_kernel

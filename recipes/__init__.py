@@ -1,0 +1,1 @@
+"""The shipped recipes, installed as the package data of ``xqagen.recipe_files``."""
