@@ -28,7 +28,6 @@ from typing import TYPE_CHECKING
 import xqagen
 from xqagen.emitters import EmittedKernel, emit
 from xqagen.recipes import Recipe, RecipeError, find_recipe, load_recipe, shipped_recipes, sync_generated
-from xqagen.spec import KernelSpec, SpecError
 
 if TYPE_CHECKING:
     from xqagen.compiler import CompiledKernel
@@ -199,22 +198,9 @@ def _positive_int(text: str) -> int:
 
 
 def _selected_recipes(args: argparse.Namespace) -> list[Recipe]:
-    """The recipes named (or all shipped ones), each variant checked by emitting its kernel."""
+    """The recipes named (or all shipped ones); loading one checks that a path implements each variant."""
     paths = shipped_recipes() if args.all or not args.recipes else [find_recipe(r) for r in args.recipes]
-    recipes = [load_recipe(path) for path in dict.fromkeys(path.resolve() for path in paths)]
-    for recipe in recipes:
-        for spec in recipe.variants:
-            _emit(recipe, spec)
-    return recipes
-
-
-def _emit(recipe: Recipe, spec: KernelSpec) -> EmittedKernel:
-    # A spec can be valid on its own and still have no kernel: a path with no emitter yet, or a
-    # tile whose shared memory does not fit its head_dim.
-    try:
-        return emit(spec)
-    except (SpecError, NotImplementedError) as err:
-        raise RecipeError(f"{recipe.source_path}: variant {spec.name}: {err}") from err
+    return [load_recipe(path) for path in dict.fromkeys(path.resolve() for path in paths)]
 
 
 # ---- generate ----
@@ -347,7 +333,7 @@ class _Progress:
 
 def _compile_jobs(recipes: Sequence[Recipe], arches: tuple[str, ...] | None) -> list[_CompileJob]:
     """One job per (variant, arch); a variant shared by several recipes is built once."""
-    kernels = {spec: _emit(recipe, spec) for recipe in recipes for spec in recipe.variants}
+    kernels = {spec: emit(spec) for recipe in recipes for spec in recipe.variants}
     return [_CompileJob(kernel, arch) for kernel in kernels.values() for arch in arches or kernel.arches]
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ._torch import torch
-
 from .layouts import KvLayout, kv_layout as _kv_layout
 from .spec import HEAD_DIMS, MAX_GROUP, MAX_Q_SEQ_LEN, PAGE_SIZES, KernelSpec
 
