@@ -620,7 +620,7 @@ xqa_generic_qbf16_kvbf16_d64_g4_p64_s1_split_a0771959(Params const p) {
     }
   }
 
-  // ---- this thread's accumulator coordinates; per-row softmax state and mask words ----
+  // ---- this thread's accumulator coordinates; per-row visibility and softmax state ----
   int const block0 = warp_m * kWarpBlocks;  // the warp's first 16-row block in the CTA
   int const warp_tok = warp_n * kTokensPerWarp;
   auto const score_coords = warp_accumulator_coords<kTokensPerWarp>(lane);  // -> (row in warp, token in warp)
