@@ -102,10 +102,11 @@ def xqa_batch_decode_with_kv_cache(
     (its first 8 MiB hold the split-KV semaphores).  The scales map onto the kernel's as
     ``kv_scale = bmm2_scale * o_scale``, ``q_scale = bmm1_scale / kv_scale * sqrt(head_dim)``,
     ``rcp_out_scale = 1 / o_scale``.  Float scales cost nothing per call.  A tensor scale is read by
-    the kernel on the device (no sync), but the mapping is tensor arithmetic: one elementwise kernel
-    for ``bmm2_scale * o_scale`` (none when ``o_scale`` is 1) and one or two for ``q_scale`` (one
-    when only one of ``bmm1_scale``, ``bmm2_scale`` is a tensor), before the decode; inside
-    ``torch.compile`` they fuse into one.
+    the kernel on the device (no sync), but the mapping is tensor arithmetic before the decode: one
+    elementwise kernel for ``bmm2_scale * o_scale`` (none when ``o_scale`` is 1), and for ``q_scale``
+    one when only ``bmm1_scale`` is a tensor, two when ``bmm2_scale`` is (a division by it); inside
+    ``torch.compile`` they fuse into one.  Making them kernel-free needs the kernel to take the
+    score scale and the output scale as the batch API defines them.
     """
     del max_seq_len  # the page table's width bounds the sequences
     if isinstance(kv_cache, tuple):
