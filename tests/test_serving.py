@@ -247,7 +247,8 @@ def test_launch_config_matches_cuda_h(tmp_path):
                       "    (int)CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION);\n  return 0;\n}\n")
     binary = tmp_path / "layout"
     subprocess.run([compiler, f"-I{include}", str(source), "-o", str(binary)], check=True)
-    expected = [int(x) for x in subprocess.run([str(binary)], check=True, capture_output=True, text=True).stdout.split()]
+    printed = subprocess.run([str(binary)], check=True, capture_output=True, text=True).stdout
+    expected = [int(x) for x in printed.split()]
     from xqagen.runtime import _PROGRAMMATIC_STREAM_SERIALIZATION
 
     ours = [ctypes.sizeof(_LaunchConfig), _LaunchConfig.shared_mem_bytes.offset, _LaunchConfig.stream.offset,

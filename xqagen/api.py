@@ -223,8 +223,8 @@ def _bind(q, k_cache, v_cache, page_table, seq_lens, out, scratch, semaphores, s
           enable_pdl, tile, cache_dir) -> BoundLaunch:
     """The checked, planned and bound launch of :func:`launch_decode`'s arguments."""
     if (scratch is None) != (semaphores is None):
-        fail("semaphores", "given together with the workspace (or neither)",
-             f"workspace {'None' if scratch is None else 'given'}, semaphores {'None' if semaphores is None else 'given'}")
+        given = "workspace" if semaphores is None else "semaphores"
+        fail("semaphores", "given together with the workspace (or neither)", f"only the {given}")
     workspace = None
     if scratch is not None:
         for name, t in (("workspace", scratch), ("semaphores", semaphores)):

@@ -335,7 +335,8 @@ def host_times(case: BenchCase, *, flashinfer: bool, pdl: bool = False) -> dict[
     xqa_kwargs = dict(sinks=sinks, kv_scale=kv_scale, sliding_win_size=case.window, enable_pdl=pdl,
                       q_seq_len=case.q_seq_len, mask=fi_mask)
     query = q.view(case.batch * case.q_seq_len, case.num_q_heads, case.head_dim)
-    batch_out = torch.empty_like(query if case.q_seq_len == 1 else q.view(case.batch, case.q_seq_len, -1, case.head_dim))
+    batch_out = torch.empty_like(query if case.q_seq_len == 1 else
+                                 q.view(case.batch, case.q_seq_len, -1, case.head_dim))
     head_dim_scale = 1.0 / math.sqrt(case.head_dim)
     batch_args = (query, (k, v), fi_workspace, pt, seq_lens, pt.shape[1] * case.page_size)
     batch_kwargs = dict(bmm1_scale=kv_scale * head_dim_scale, bmm2_scale=kv_scale, window_left=case.window - 1,
@@ -386,7 +387,7 @@ def pdl_gemm_step_ms(case: BenchCase, *, flashinfer: bool) -> dict[str, float]:
     x = torch.randn(tokens, hidden, generator=gen, device=device).to(dtype)
     w_in, w_out = (torch.randn(hidden, hidden, generator=gen, device=device).to(dtype) / math.sqrt(hidden)
                    for _ in range(2))
-    y, z = torch.empty(tokens, hidden, dtype=dtype, device=device), torch.empty(tokens, hidden, dtype=dtype, device=device)
+    y, z = (torch.empty(tokens, hidden, dtype=dtype, device=device) for _ in range(2))
     q = y.view(inputs.q.shape)
     out = torch.empty_like(q)
     out_2d = out.view(tokens, hidden)

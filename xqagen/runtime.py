@@ -5,7 +5,8 @@ The launch path does no host synchronisation and no allocation: the kernel's par
 once (by the variant's path) and each launch is one ``cuLaunchKernelEx``, called through ctypes on a
 launch configuration built once (cuda-python's wrapper costs microseconds per call), so launches
 can be captured in CUDA graphs.  A bound launch may have its pointers rewritten between launches
-(:meth:`BoundLaunch.set_pointers`): a plan serves every layer of a step.  Grid, block and shared memory come from the path
+(:meth:`BoundLaunch.set_pointers`): a plan serves every layer of a step.  Grid, block and shared
+memory come from the path
 (``xqagen.emitters``); validation and planning happen before, in :mod:`xqagen.problem` and
 :mod:`xqagen.plan`.
 """
@@ -178,7 +179,8 @@ class _LaunchAttribute(ctypes.Structure):
 
 class _LaunchConfig(ctypes.Structure):
     _fields_ = [("grid", ctypes.c_uint32 * 3), ("block", ctypes.c_uint32 * 3), ("shared_mem_bytes", ctypes.c_uint32),
-                ("stream", ctypes.c_void_p), ("attrs", ctypes.POINTER(_LaunchAttribute)), ("num_attrs", ctypes.c_uint32)]
+                ("stream", ctypes.c_void_p), ("attrs", ctypes.POINTER(_LaunchAttribute)),
+                ("num_attrs", ctypes.c_uint32)]
 
 
 _PROGRAMMATIC_STREAM_SERIALIZATION = int(

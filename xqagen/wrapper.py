@@ -107,7 +107,8 @@ class DecodeWrapper:
         """
         device = page_table.device if isinstance(page_table, torch.Tensor) else None
         if device is None or device.type != "cuda":
-            fail("page_table", "a CUDA tensor (the kernels run on NVIDIA GPUs)", getattr(page_table, "device", page_table))
+            fail("page_table", "a CUDA tensor (the kernels run on NVIDIA GPUs)",
+                 getattr(page_table, "device", page_table))
         for name, t in (("seq_lens", seq_lens), ("kv_cache", kv_cache), ("mask", mask), ("sinks", sinks),
                         ("q_scale", q_scale), ("kv_scale", kv_scale)):
             if isinstance(t, torch.Tensor) and t.device != device:
@@ -130,14 +131,15 @@ class DecodeWrapper:
         problem = describe(q, cache, cache, _meta(page_table), _meta(seq_lens), out=out, kv_layout=kv_layout,
                            q_scale=_meta(q_scale), kv_scale=_meta(kv_scale), rcp_out_scale=rcp_out_scale,
                            sinks=_meta(sinks), sliding_window=sliding_window, mask=_meta(mask), validate=False)
-        if num_splits is not None and (not isinstance(num_splits, int) or isinstance(num_splits, bool) or num_splits < 1):
+        if num_splits is not None and (not isinstance(num_splits, int) or isinstance(num_splits, bool)
+                                       or num_splits < 1):
             fail("num_splits", "None or an integer >= 1", repr(num_splits))
         workspace = self._workspace
         if workspace is None:  # one split: the kernel never reads the (empty) workspace
             workspace = Workspace(torch.empty(0, dtype=torch.float32, device=device),
                                   torch.empty(0, dtype=torch.int32, device=device))
-        plan = plan_launch(problem.spec(tile=tile),
-                           LaunchShape(batch, problem.num_kv_heads, problem.kv_len, sm_count or device_sm_count(device)),
+        launch_shape = LaunchShape(batch, problem.num_kv_heads, problem.kv_len, sm_count or device_sm_count(device))
+        plan = plan_launch(problem.spec(tile=tile), launch_shape,
                            tile_given=tile is not None, num_splits=num_splits,
                            workspace=self._workspace.size if self._workspace is not None else None)
         kernel = get_kernel(plan.spec, cache_dir=self._cache_dir)
