@@ -290,3 +290,35 @@ def test_wrapper_needs_a_plan_on_a_gpu():
 
 def test_batch_api_workspace_split_is_flashinfers():
     assert SEMAPHORE_BYTES == 8 << 20
+
+
+def test_wrapper_describes_a_step_from_shapes_and_one_layers_cache():
+    """plan()'s checks: the layer tensors described by shape alone, the step's tensors as given."""
+    from xqagen.reference import make_paged_kv
+    from xqagen.wrapper import _describe_step
+
+    k, _, pt = make_paged_kv(3, [100, 40, 7], 2, 64, 16, torch.float8_e4m3fn, "HND")
+    step = dict(num_q_heads=10, q_dtype=torch.float16, out_dtype=None, q_seq_len=4, kv_layout="HND", q_strides=None,
+                out_strides=None, mask=torch.zeros(3, 4, 1, dtype=torch.int32), sinks=torch.zeros(2, 5),
+                sliding_window=50, q_scale=0.5, kv_scale=torch.ones(1), rcp_out_scale=1.0)
+    lens = torch.tensor([100, 40, 7], dtype=torch.int32)
+    problem = _describe_step(pt, lens, k, **step)
+    assert (problem.batch, problem.num_kv_heads, problem.group, problem.head_dim, problem.q_seq_len,
+            problem.page_size) == (3, 2, 5, 64, 4, 16)
+    assert problem.spec() == KernelSpec(q_dtype="fp16", kv_dtype="e4m3", head_dim=64, group=5, page_size=16,
+                                        q_seq_len=4, features=frozenset({"sinks", "sliding_window"}))
+    params = problem.params()
+    assert (params["kv_stride_page"], params["kv_stride_head"], params["kv_stride_token"]) == k.stride()[:3]
+    assert (params["q_stride_batch"], params["q_stride_token"], params["q_stride_head"]) == (4 * 10 * 64, 10 * 64, 64)
+    assert params["q_scale"] == 0.5 and params["kv_scale"] == 1.0  # a tensor scale is read through its pointer
+    strided = _describe_step(pt, lens, k, **{**step, "q_strides": (4 * 30 * 64, 0, 30 * 64, 64, 1)})
+    assert strided.params()["q_stride_batch"] == 4 * 30 * 64
+    for change, message in [(dict(num_q_heads=9), "dividing num_q_heads = 9"),
+                            (dict(q_dtype=torch.float32), "q: expected dtype in"),
+                            (dict(mask=None), "mask: expected a packed speculative-decoding mask"),
+                            (dict(sinks=torch.zeros(3, 5)), "sinks: expected a contiguous float32 tensor"),
+                            (dict(q_strides=(1, 1, 1, 1, 2)), "q: expected a contiguous last")]:
+        with pytest.raises(ValueError, match=message):
+            _describe_step(pt, lens, k, **{**step, **change})
+    with pytest.raises(ValueError, match="kv_cache: expected a 4-D page pool"):
+        _describe_step(pt, lens, k[0], **step)

@@ -174,8 +174,9 @@ def launch_decode(q, k_cache, v_cache, page_table, seq_lens, out, scratch, semap
     workspace); a scale is a float, or a one-element float32 tensor read by the kernel (then its
     float is ignored); ``num_splits``/``sm_count`` 0 for the default.  The first call of a geometry
     checks every argument (:func:`prepare_decode`, ``validate=False``); a repeat, same shapes,
-    strides, dtypes and options, checks only the 16-byte alignment of the new pointers.  Tensors
-    must stay on q's device (part of the geometry), as in every call.
+    strides, dtypes and options, checks only the 16-byte alignment of the new pointers, and trusts
+    every tensor to be on q's device as the first call's were.  Float scales are part of the
+    geometry: a scale that changes from call to call belongs in a tensor.
     """
     key = (q.shape, q.stride(), q.dtype, q.device, k_cache.shape, k_cache.stride(), k_cache.dtype,
            v_cache.shape, v_cache.stride(), v_cache.dtype, page_table.shape, page_table.stride(), page_table.dtype,

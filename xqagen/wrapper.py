@@ -20,7 +20,7 @@ import torch
 
 from .emitters import LaunchShape, WorkspaceSize
 from .plan import plan_launch
-from .problem import DTYPE_NAMES, describe, fail
+from .problem import DTYPE_NAMES, DecodeProblem, describe, fail
 from .runtime import POINTER_FIELDS, BoundLaunch, Workspace, get_kernel, sm_count as device_sm_count, supports_pdl
 from .spec import KernelSpec
 
@@ -44,6 +44,25 @@ def _contiguous_strides(shape) -> tuple[int, ...]:
         strides.append(step)
         step *= size
     return tuple(reversed(strides))
+
+
+def _describe_step(page_table, seq_lens, kv_cache, *, num_q_heads, q_dtype, out_dtype, q_seq_len, kv_layout,
+                   q_strides, out_strides, mask, sinks, sliding_window, q_scale, kv_scale,
+                   rcp_out_scale) -> DecodeProblem:
+    """:func:`xqagen.problem.describe` of a step, on storage-less stand-ins of its tensors: the checks
+    read shapes, strides and dtypes only, and the pointers are written per launch (their 16-byte
+    alignment is the caller's, as every layer's)."""
+    if not isinstance(kv_cache, torch.Tensor) or kv_cache.dim() != 4:
+        fail("kv_cache", "a 4-D page pool tensor", getattr(kv_cache, "shape", type(kv_cache).__name__))
+    batch, head_dim = page_table.shape[0], kv_cache.shape[-1]
+    shape = (batch, 1, num_q_heads, head_dim) if q_seq_len == 1 else (batch, 1, q_seq_len, num_q_heads, head_dim)
+    q = torch.empty_strided(shape, q_strides or _contiguous_strides(shape), dtype=q_dtype, device="meta")
+    out = torch.empty_strided(shape, out_strides or _contiguous_strides(shape),
+                              dtype=q_dtype if out_dtype is None else out_dtype, device="meta")
+    cache = _meta(kv_cache)
+    return describe(q, cache, cache, _meta(page_table), _meta(seq_lens), out=out, kv_layout=kv_layout,
+                    q_scale=_meta(q_scale), kv_scale=_meta(kv_scale), rcp_out_scale=rcp_out_scale,
+                    sinks=_meta(sinks), sliding_window=sliding_window, mask=_meta(mask), validate=False)
 
 
 class DecodeWrapper:
@@ -113,24 +132,15 @@ class DecodeWrapper:
                         ("q_scale", q_scale), ("kv_scale", kv_scale)):
             if isinstance(t, torch.Tensor) and t.device != device:
                 fail(name, f"a tensor on {device} (page_table's device)", t.device)
-        if not isinstance(kv_cache, torch.Tensor) or kv_cache.dim() != 4:
-            fail("kv_cache", "a 4-D page pool tensor", getattr(kv_cache, "shape", type(kv_cache).__name__))
         if self._workspace is not None and self._workspace.device != device:
             fail("workspace", f"a workspace on {device}", self._workspace.device)
         if enable_pdl and not supports_pdl(device):
             fail("enable_pdl", "False on a GPU older than sm_90 (programmatic dependent launch needs sm_90+)", True)
-
-        # The checks run on storage-less stand-ins of the layer tensors: they read shapes, strides and
-        # dtypes only, and the pointers are written per launch.
-        batch, head_dim = page_table.shape[0], kv_cache.shape[-1]
-        shape = (batch, 1, num_q_heads, head_dim) if q_seq_len == 1 else (batch, 1, q_seq_len, num_q_heads, head_dim)
-        q = torch.empty_strided(shape, q_strides or _contiguous_strides(shape), dtype=q_dtype, device="meta")
-        out = torch.empty_strided(shape, out_strides or _contiguous_strides(shape),
-                                  dtype=q_dtype if out_dtype is None else out_dtype, device="meta")
-        cache = _meta(kv_cache)
-        problem = describe(q, cache, cache, _meta(page_table), _meta(seq_lens), out=out, kv_layout=kv_layout,
-                           q_scale=_meta(q_scale), kv_scale=_meta(kv_scale), rcp_out_scale=rcp_out_scale,
-                           sinks=_meta(sinks), sliding_window=sliding_window, mask=_meta(mask), validate=False)
+        problem = _describe_step(page_table, seq_lens, kv_cache, num_q_heads=num_q_heads, q_dtype=q_dtype,
+                                 out_dtype=out_dtype, q_seq_len=q_seq_len, kv_layout=kv_layout, q_strides=q_strides,
+                                 out_strides=out_strides, mask=mask, sinks=sinks, sliding_window=sliding_window,
+                                 q_scale=q_scale, kv_scale=kv_scale, rcp_out_scale=rcp_out_scale)
+        batch = problem.batch
         if num_splits is not None and (not isinstance(num_splits, int) or isinstance(num_splits, bool)
                                        or num_splits < 1):
             fail("num_splits", "None or an integer >= 1", repr(num_splits))
