@@ -322,3 +322,13 @@ def test_wrapper_describes_a_step_from_shapes_and_one_layers_cache():
             _describe_step(pt, lens, k, **{**step, **change})
     with pytest.raises(ValueError, match="kv_cache: expected a 4-D page pool"):
         _describe_step(pt, lens, k[0], **step)
+
+
+def test_validate_false_still_names_bad_arguments():
+    q, k, v, pt, lens = _tensors("cpu")
+    with pytest.raises(TypeError, match="q: expected a torch.Tensor"):
+        api.xqa_decode(None, k, v, pt, lens, validate=False)
+    with pytest.raises(ValueError, match="expected CUDA tensors"):
+        api.xqa_decode(q, k, v, pt, lens, validate=False)
+    with pytest.raises(ValueError, match="sliding_window: expected an integer >= 0"):
+        api.xqa_decode(q, k, v, pt, lens, sliding_window=-1, validate=False)

@@ -72,7 +72,8 @@ def xqa_decode(
     launches (no sync, no allocation when ``out`` is given).
     Returns ``out`` (allocated when not given) with q's shape.
     """
-    if not validate and not isinstance(tile, Mapping):  # a mapping is no cache key: plan it every call
+    # The per-geometry path, unless an argument is already wrong or a tile mapping is no cache key.
+    if not validate and isinstance(q, torch.Tensor) and not isinstance(tile, Mapping):
         if out is None:
             out = torch.empty(q.shape, dtype=q.dtype if out_dtype is None else out_dtype, device=q.device)
         scratch, semaphores = (None, None) if workspace is None else (workspace.scratch, workspace.semaphores)
@@ -178,44 +179,50 @@ def launch_decode(q, k_cache, v_cache, page_table, seq_lens, out, scratch, semap
     every tensor to be on q's device as the first call's were.  Float scales are part of the
     geometry: a scale that changes from call to call belongs in a tensor.
     """
-    key = (q.shape, q.stride(), q.dtype, q.device, k_cache.shape, k_cache.stride(), k_cache.dtype,
-           v_cache.shape, v_cache.stride(), v_cache.dtype, page_table.shape, page_table.stride(), page_table.dtype,
-           seq_lens.shape, seq_lens.stride(), seq_lens.dtype, out.shape, out.stride(), out.dtype,
-           _tensor_key(scratch), _tensor_key(semaphores), _tensor_key(sinks), _tensor_key(mask),
-           _tensor_key(q_scale_tensor), _tensor_key(kv_scale_tensor), q_scale, kv_scale, rcp_out_scale,
-           sliding_window, kv_layout, num_splits, sm_count, enable_pdl, tile, cache_dir)
-    entry = _launches.get(key)
-    q_ptr, k_ptr, v_ptr, out_ptr = q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr()
-    if entry is None or (q_ptr | k_ptr | v_ptr | out_ptr) & 15:  # new geometry, or a misaligned view to report
-        bound = _bind(q, k_cache, v_cache, page_table, seq_lens, out, scratch, semaphores, sinks, mask,
-                      q_scale_tensor, kv_scale_tensor, q_scale, kv_scale, rcp_out_scale, sliding_window,
-                      kv_layout, num_splits, sm_count, enable_pdl, tile, cache_dir)
-        with _launches_lock:
-            if len(_launches) >= _MAX_LAUNCHES:
-                _launches.clear()
-            _launches[key] = (bound, bound.pointers())
-            bound()
-        return
-    bound, pointers = entry
+    try:
+        key = (q.shape, q.stride(), q.dtype, q.device, k_cache.shape, k_cache.stride(), k_cache.dtype,
+               v_cache.shape, v_cache.stride(), v_cache.dtype, page_table.shape, page_table.stride(),
+               page_table.dtype, seq_lens.shape, seq_lens.stride(), seq_lens.dtype, out.shape, out.stride(),
+               out.dtype, _tensor_key(scratch), _tensor_key(semaphores), _tensor_key(sinks), _tensor_key(mask),
+               _tensor_key(q_scale_tensor), _tensor_key(kv_scale_tensor), q_scale, kv_scale, rcp_out_scale,
+               sliding_window, kv_layout, num_splits, sm_count, enable_pdl, tile, cache_dir)
+        entry = _launches.get(key)
+    except (AttributeError, TypeError):  # not tensors, or an unhashable option: the checks below name it
+        entry = None
+    if entry is not None:
+        bound, pointers = entry
+        q_ptr, k_ptr, v_ptr, out_ptr = q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr()
+        scratch_ptr = scratch.data_ptr() if scratch is not None else 0
+        if not (q_ptr | k_ptr | v_ptr | out_ptr | scratch_ptr) & 15:
+            with _launches_lock:
+                pointers[_Q] = q_ptr
+                pointers[_K] = k_ptr
+                pointers[_V] = v_ptr
+                pointers[_OUT] = out_ptr
+                pointers[_PAGE_TABLE] = page_table.data_ptr()
+                pointers[_SEQ_LENS] = seq_lens.data_ptr()
+                if sinks is not None:
+                    pointers[_SINKS] = sinks.data_ptr()
+                if mask is not None:
+                    pointers[_MASK] = mask.data_ptr()
+                if q_scale_tensor is not None:
+                    pointers[_Q_SCALE] = q_scale_tensor.data_ptr()
+                if kv_scale_tensor is not None:
+                    pointers[_KV_SCALE] = kv_scale_tensor.data_ptr()
+                if scratch is not None:  # the default workspace's pointers stay as bound
+                    pointers[_SCRATCH] = scratch_ptr
+                    pointers[_SEMAPHORES] = semaphores.data_ptr()
+                bound.set_pointers(pointers)
+                bound()
+            return
+    # A new geometry, or a misaligned view for the checks to report.
+    bound = _bind(q, k_cache, v_cache, page_table, seq_lens, out, scratch, semaphores, sinks, mask, q_scale_tensor,
+                  kv_scale_tensor, q_scale, kv_scale, rcp_out_scale, sliding_window, kv_layout, num_splits, sm_count,
+                  enable_pdl, tile, cache_dir)
     with _launches_lock:
-        pointers[_Q] = q_ptr
-        pointers[_K] = k_ptr
-        pointers[_V] = v_ptr
-        pointers[_OUT] = out_ptr
-        pointers[_PAGE_TABLE] = page_table.data_ptr()
-        pointers[_SEQ_LENS] = seq_lens.data_ptr()
-        if sinks is not None:
-            pointers[_SINKS] = sinks.data_ptr()
-        if mask is not None:
-            pointers[_MASK] = mask.data_ptr()
-        if q_scale_tensor is not None:
-            pointers[_Q_SCALE] = q_scale_tensor.data_ptr()
-        if kv_scale_tensor is not None:
-            pointers[_KV_SCALE] = kv_scale_tensor.data_ptr()
-        if scratch is not None:  # the default workspace's pointers stay as bound
-            pointers[_SCRATCH] = scratch.data_ptr()
-            pointers[_SEMAPHORES] = semaphores.data_ptr()
-        bound.set_pointers(pointers)
+        if len(_launches) >= _MAX_LAUNCHES:
+            _launches.clear()
+        _launches[key] = (bound, bound.pointers())
         bound()
 
 

@@ -6,9 +6,8 @@ once (by the variant's path) and each launch is one ``cuLaunchKernelEx``, called
 launch configuration built once (cuda-python's wrapper costs microseconds per call), so launches
 can be captured in CUDA graphs.  A bound launch may have its pointers rewritten between launches
 (:meth:`BoundLaunch.set_pointers`): a plan serves every layer of a step.  Grid, block and shared
-memory come from the path
-(``xqagen.emitters``); validation and planning happen before, in :mod:`xqagen.problem` and
-:mod:`xqagen.plan`.
+memory come from the path (``xqagen.emitters``); validation and planning happen before, in
+:mod:`xqagen.problem` and :mod:`xqagen.plan`.
 """
 
 from __future__ import annotations
