@@ -14,7 +14,7 @@ workspace and semaphores), same results.  Differences, all of them relaxations:
   few); values (sequence lengths, page indices) are not checked, so a call never synchronises.
 
 Both lower to the ``torch.ops.xqagen.decode`` custom op (:mod:`xqagen.ops`), so they compile with
-``torch.compile(fullgraph=True)`` and capture in CUDA graphs.
+``torch.compile(fullgraph=True)`` and capture in CUDA graphs; eager calls skip its dispatcher.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import math
 
 import torch
 
-from . import ops  # noqa: F401  (registers torch.ops.xqagen.decode)
+from .ops import launch
 from .layouts import kv_layout as kv_layout_named
 
 # FlashInfer's batch API reserves the first 8 MiB of its workspace for semaphores.
@@ -71,9 +71,9 @@ def xqa(
                              f"shape {tuple(k_cache.shape)}), got {num_kv_heads}")
     q_scale_tensor, q_scale = (q_scale, 1.0) if isinstance(q_scale, torch.Tensor) else (None, q_scale)
     kv_scale_tensor, kv_scale = (kv_scale, 1.0) if isinstance(kv_scale, torch.Tensor) else (None, kv_scale)
-    torch.ops.xqagen.decode.default(q, k_cache, v_cache, page_table, seq_lens, output, workspace_buffer, semaphores,
-                                    sinks, mask, q_scale_tensor, kv_scale_tensor, q_scale, kv_scale, rcp_out_scale,
-                                    sliding_win_size, kv_layout, 0, sm_count or 0, bool(enable_pdl))
+    launch(q, k_cache, v_cache, page_table, seq_lens, output, workspace_buffer, semaphores, sinks, mask, q_scale_tensor,
+           kv_scale_tensor, q_scale, kv_scale, rcp_out_scale, sliding_win_size, kv_layout, 0, sm_count or 0,
+           bool(enable_pdl))
 
 
 def xqa_batch_decode_with_kv_cache(
@@ -143,10 +143,9 @@ def xqa_batch_decode_with_kv_cache(
     if not isinstance(workspace_buffer, torch.Tensor) or workspace_buffer.numel() * \
             workspace_buffer.element_size() <= SEMAPHORE_BYTES:
         raise ValueError(f"workspace_buffer: expected a tensor of more than {SEMAPHORE_BYTES} bytes")
-    raw = workspace_buffer.view(torch.uint8)
+    raw = workspace_buffer if workspace_buffer.dtype == torch.uint8 else workspace_buffer.view(torch.uint8)
     sinks_2d = sinks.reshape(kv_layout_named(kv_layout).num_kv_heads(k_cache.shape), -1) if sinks is not None else None
-    torch.ops.xqagen.decode.default(q, k_cache, v_cache, block_tables, seq_lens, out.unsqueeze(1),
-                                    raw[SEMAPHORE_BYTES:], raw[:SEMAPHORE_BYTES], sinks_2d, mask, q_scale_tensor,
-                                    kv_scale_tensor, q_scale, kv_scale, 1.0 / o_scale,
-                                    window_left + 1 if window_left >= 0 else 0, kv_layout, 0, 0, bool(enable_pdl))
+    launch(q, k_cache, v_cache, block_tables, seq_lens, out.unsqueeze(1), raw[SEMAPHORE_BYTES:], raw[:SEMAPHORE_BYTES],
+           sinks_2d, mask, q_scale_tensor, kv_scale_tensor, q_scale, kv_scale, 1.0 / o_scale,
+           window_left + 1 if window_left >= 0 else 0, kv_layout, 0, 0, bool(enable_pdl))
     return out

@@ -17,7 +17,8 @@ never synchronises.  Its fake implementation returns nothing, so a compiled grap
 one node that writes ``out``.
 
 :func:`decode` is the Python entry with :func:`xqagen.api.xqa_decode`'s keyword arguments.  The
-FlashInfer-compatible entry points (:mod:`xqagen.flashinfer_compat`) lower to the same op.
+FlashInfer-compatible entry points (:mod:`xqagen.flashinfer_compat`) lower to the same op, through
+:func:`launch`, which skips the dispatcher for eager calls.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch
 from .api import launch_decode
 from .runtime import Workspace
 
-__all__ = ["decode"]
+__all__ = ["decode", "launch"]
 
 _LIB = torch.library.Library("xqagen", "DEF")
 _LIB.define(
@@ -50,6 +51,18 @@ def _decode_fake(q, k_cache, v_cache, page_table, seq_lens, out, workspace, sema
         raise ValueError(f"out: expected q's shape {tuple(q.shape)}, got {tuple(out.shape)}")
 
 
+def launch(*args) -> None:
+    """Run the op on its schema's positional arguments.  An eager call on CUDA tensors goes straight
+    to the op's CUDA implementation (the dispatcher's boxing of twenty arguments costs more host time
+    than the launch); anything traced (torch.compile, export, fake or meta tensors, subclasses) goes
+    through ``torch.ops.xqagen.decode``, so graphs hold the op."""
+    q = args[0]
+    if not torch.compiler.is_compiling() and type(q) is torch.Tensor and q.is_cuda:
+        launch_decode(*args)
+    else:
+        torch.ops.xqagen.decode.default(*args)
+
+
 def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_table: torch.Tensor,
            seq_lens: torch.Tensor, out: torch.Tensor, *, workspace: Workspace | None = None, kv_layout: str = "NHD",
            q_scale: float | torch.Tensor = 1.0, kv_scale: float | torch.Tensor = 1.0, rcp_out_scale: float = 1.0,
@@ -59,7 +72,7 @@ def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_t
     q_scale_tensor, q_scale = (q_scale, 1.0) if isinstance(q_scale, torch.Tensor) else (None, q_scale)
     kv_scale_tensor, kv_scale = (kv_scale, 1.0) if isinstance(kv_scale, torch.Tensor) else (None, kv_scale)
     scratch, semaphores = (None, None) if workspace is None else (workspace.scratch, workspace.semaphores)
-    torch.ops.xqagen.decode.default(q, k_cache, v_cache, page_table, seq_lens, out, scratch, semaphores, sinks, mask,
-                                    q_scale_tensor, kv_scale_tensor, q_scale, kv_scale, rcp_out_scale, sliding_window,
-                                    kv_layout, num_splits or 0, sm_count or 0, enable_pdl)
+    launch(q, k_cache, v_cache, page_table, seq_lens, out, scratch, semaphores, sinks, mask, q_scale_tensor,
+           kv_scale_tensor, q_scale, kv_scale, rcp_out_scale, sliding_window, kv_layout, num_splits or 0, sm_count or 0,
+           enable_pdl)
     return out
