@@ -89,8 +89,10 @@ def test_op_matches_xqa_decode_eager_and_compiled(name):
 def test_compat_entry_points_compile_and_match_eager():
     q, k, v, pt, lens, kwargs = _case("bf16-sinks-window-splits", seed=2)
     num_kv_heads, page_size = k.shape[2], k.shape[1]
+    # xqa's scratch and the batch API's semaphores must not share memory: separate buffers.
     workspace = torch.zeros(64 << 20, dtype=torch.uint8, device=q.device)
     semaphores = torch.zeros(1 << 16, dtype=torch.uint32, device=q.device)
+    batch_workspace = torch.zeros(64 << 20, dtype=torch.uint8, device=q.device)
     sinks, window = kwargs["sinks"], kwargs["sliding_window"]
     head_dim = q.shape[-1]
 
@@ -98,8 +100,8 @@ def test_compat_entry_points_compile_and_match_eager():
         out = torch.empty_like(q)
         xqa(q, k, v, pt, lens, out, workspace, semaphores, num_kv_heads, page_size, sinks=sinks, q_scale=0.7,
             sliding_win_size=window)
-        batch_out = xqa_batch_decode_with_kv_cache(q.squeeze(1), (k, v), workspace, pt, lens, 0, bmm1_scale=bmm1,
-                                                   window_left=window - 1, sinks=sinks.reshape(-1))
+        batch_out = xqa_batch_decode_with_kv_cache(q.squeeze(1), (k, v), batch_workspace, pt, lens, 0,
+                                                   bmm1_scale=bmm1, window_left=window - 1, sinks=sinks.reshape(-1))
         return torch.stack([out.squeeze(1), batch_out])
 
     bmm1 = torch.full((1,), 0.7 / math.sqrt(head_dim), device=q.device)
@@ -178,6 +180,7 @@ def test_hot_paths_never_synchronise():
     workspace = Workspace.allocate(q.device)
     fi_workspace = torch.zeros(128 << 20, dtype=torch.uint8, device=q.device)
     fi_semaphores = torch.zeros(1 << 16, dtype=torch.uint32, device=q.device)
+    batch_workspace = torch.zeros(128 << 20, dtype=torch.uint8, device=q.device)  # semaphores first: its own
     wrapper = DecodeWrapper(workspace)
     wrapper.plan(pt, lens, k, num_q_heads=q.shape[-2], q_dtype=q.dtype, q_seq_len=4, mask=mask,
                  q_scale=kwargs["q_scale"], kv_scale=kv_scale_tensor)
@@ -192,10 +195,11 @@ def test_hot_paths_never_synchronise():
         "xqa": lambda: xqa(q, k, v, pt, lens, out, fi_workspace, fi_semaphores, num_kv_heads, page_size,
                            q_scale=kwargs["q_scale"], kv_scale=kv_scale_tensor, q_seq_len=4, mask=fi_mask),
         "batch, float scales": lambda: xqa_batch_decode_with_kv_cache(
-            query, (k, v), fi_workspace, pt, lens, 0, bmm1_scale=kwargs["q_scale"] * kv_scale / math.sqrt(head_dim),
+            query, (k, v), batch_workspace, pt, lens, 0,
+            bmm1_scale=kwargs["q_scale"] * kv_scale / math.sqrt(head_dim),
             bmm2_scale=kv_scale, out=batch_out, q_len_per_req=4, mask=fi_mask),
         "batch, tensor scales": lambda: xqa_batch_decode_with_kv_cache(
-            query, (k, v), fi_workspace, pt, lens, 0, bmm1_scale=bmm1, bmm2_scale=kv_scale_tensor, out=batch_out,
+            query, (k, v), batch_workspace, pt, lens, 0, bmm1_scale=bmm1, bmm2_scale=kv_scale_tensor, out=batch_out,
             q_len_per_req=4, mask=fi_mask),
         "xqa_decode": lambda: xqa_decode(q, k, v, pt, lens, out=out, workspace=workspace, validate=False, **kwargs),
     }

@@ -323,22 +323,25 @@ def host_times(case: BenchCase, *, flashinfer: bool, pdl: bool = False) -> dict[
     out = torch.empty_like(q)
     device = q.device
     workspace = Workspace.allocate(device)
-    fi_workspace = torch.zeros(256 << 20, dtype=torch.uint8, device=device)
-    fi_semaphores = torch.zeros(8 << 20, dtype=torch.uint32, device=device)
+
+    def buffers():  # every entry point its own: one's scratch must not be another's semaphores
+        return (torch.zeros(256 << 20, dtype=torch.uint8, device=device),
+                torch.zeros(8 << 20, dtype=torch.uint32, device=device))
+
     fi_mask = as_flashinfer_mask(mask) if mask is not None else None
     wrapper = DecodeWrapper(workspace)
     wrapper.plan(pt, seq_lens, k, num_q_heads=case.num_q_heads, q_dtype=q.dtype, q_seq_len=case.q_seq_len,
                  mask=mask, sinks=sinks, sliding_window=case.window, kv_scale=kv_scale, enable_pdl=pdl)
     op_args = (q, k, v, pt, seq_lens, out, workspace.scratch, workspace.semaphores, sinks, mask, None, None, 1.0,
                kv_scale, 1.0, case.window, "NHD", 0, 0, pdl)
-    xqa_args = (q, k, v, pt, seq_lens, out, fi_workspace, fi_semaphores, case.num_kv_heads, case.page_size)
+    xqa_args = (q, k, v, pt, seq_lens, out, *buffers(), case.num_kv_heads, case.page_size)
     xqa_kwargs = dict(sinks=sinks, kv_scale=kv_scale, sliding_win_size=case.window, enable_pdl=pdl,
                       q_seq_len=case.q_seq_len, mask=fi_mask)
     query = q.view(case.batch * case.q_seq_len, case.num_q_heads, case.head_dim)
     batch_out = torch.empty_like(query if case.q_seq_len == 1 else
                                  q.view(case.batch, case.q_seq_len, -1, case.head_dim))
     head_dim_scale = 1.0 / math.sqrt(case.head_dim)
-    batch_args = (query, (k, v), fi_workspace, pt, seq_lens, pt.shape[1] * case.page_size)
+    batch_args = (query, (k, v), buffers()[0], pt, seq_lens, pt.shape[1] * case.page_size)
     batch_kwargs = dict(bmm1_scale=kv_scale * head_dim_scale, bmm2_scale=kv_scale, window_left=case.window - 1,
                         out=batch_out, sinks=sinks.reshape(-1) if sinks is not None else None, enable_pdl=pdl,
                         q_len_per_req=case.q_seq_len, mask=fi_mask)
@@ -358,9 +361,10 @@ def host_times(case: BenchCase, *, flashinfer: bool, pdl: bool = False) -> dict[
         fi_xqa = importlib.import_module("flashinfer.xqa").xqa
         fi_decode = importlib.import_module("flashinfer.decode")
         fi_seq_lens = seq_lens.to(torch.uint32).unsqueeze(1)
-        fi_xqa_args = (q, k, v, pt, fi_seq_lens, out) + xqa_args[6:]
+        fi_xqa_args = (q, k, v, pt, fi_seq_lens, out, *buffers(), case.num_kv_heads, case.page_size)
+        fi_batch_args = (query, (k, v), buffers()[0], pt, fi_seq_lens.view(-1), pt.shape[1] * case.page_size)
         entries["FI xqa"] = lambda: fi_xqa(*fi_xqa_args, **xqa_kwargs)
-        entries["FI batch"] = lambda: fi_decode.xqa_batch_decode_with_kv_cache(*batch_args, **batch_kwargs)
+        entries["FI batch"] = lambda: fi_decode.xqa_batch_decode_with_kv_cache(*fi_batch_args, **batch_kwargs)
     times = {name: _timed_or_none(name, host_time_us, fn) for name, fn in entries.items()}
     return {name: time for name, time in times.items() if time is not None}
 
