@@ -332,3 +332,13 @@ def test_validate_false_still_names_bad_arguments():
         api.xqa_decode(q, k, v, pt, lens, validate=False)
     with pytest.raises(ValueError, match="sliding_window: expected an integer >= 0"):
         api.xqa_decode(q, k, v, pt, lens, sliding_window=-1, validate=False)
+
+
+def test_every_pointer_field_is_rewritten():
+    """A pointer field added to the parameter struct must be rewritten per call by the launch cache
+    and per layer or step by the wrapper; a stand-in's null would otherwise reach the kernel."""
+    from xqagen import wrapper
+
+    assert sorted(api.REWRITTEN_POINTERS) == sorted(POINTER_FIELDS)
+    planned = wrapper.LAYER_POINTERS + wrapper.STEP_POINTERS + ("workspace", "semaphores")
+    assert sorted(planned) == sorted(POINTER_FIELDS)

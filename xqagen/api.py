@@ -160,9 +160,11 @@ def _tensor_key(t: torch.Tensor | None):
 _launches: dict[tuple, tuple[BoundLaunch, list[int]]] = {}
 _MAX_LAUNCHES = 4096
 _launches_lock = threading.Lock()  # a bound launch's pointers are written, then launched, by one thread at a time
+# The pointer fields launch_decode rewrites on every call: all of them (a test holds the two equal).
+REWRITTEN_POINTERS = ("q", "k", "v", "page_table", "seq_lens", "out", "sinks", "mask", "q_scale_ptr", "kv_scale_ptr",
+                      "workspace", "semaphores")
 _Q, _K, _V, _PAGE_TABLE, _SEQ_LENS, _OUT, _SINKS, _MASK, _Q_SCALE, _KV_SCALE, _SCRATCH, _SEMAPHORES = (
-    POINTER_FIELDS.index(name) for name in ("q", "k", "v", "page_table", "seq_lens", "out", "sinks", "mask",
-                                            "q_scale_ptr", "kv_scale_ptr", "workspace", "semaphores"))
+    POINTER_FIELDS.index(name) for name in REWRITTEN_POINTERS)
 
 
 def launch_decode(q, k_cache, v_cache, page_table, seq_lens, out, scratch, semaphores, sinks, mask,

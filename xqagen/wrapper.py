@@ -26,9 +26,12 @@ from .spec import KernelSpec
 
 __all__ = ["DecodeWrapper"]
 
+# The pointer fields run() rewrites per layer, and those plan() takes from the step's tensors; pack()
+# fills the workspace's from the real workspace.  Together, every pointer field (a test holds it).
+LAYER_POINTERS = ("q", "k", "v", "out")
+STEP_POINTERS = ("page_table", "seq_lens", "sinks", "mask", "q_scale_ptr", "kv_scale_ptr")
 _Q, _K, _V, _OUT, _PAGE_TABLE, _SEQ_LENS, _SINKS, _MASK, _Q_SCALE, _KV_SCALE = (
-    POINTER_FIELDS.index(name) for name in ("q", "k", "v", "out", "page_table", "seq_lens", "sinks", "mask",
-                                            "q_scale_ptr", "kv_scale_ptr"))
+    POINTER_FIELDS.index(name) for name in LAYER_POINTERS + STEP_POINTERS)
 
 
 def _meta(t):
