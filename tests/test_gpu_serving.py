@@ -13,7 +13,7 @@ from xqagen import ops
 from xqagen.api import prepare_decode, xqa_decode
 from xqagen.flashinfer_compat import xqa, xqa_batch_decode_with_kv_cache
 from xqagen.masks import as_flashinfer_mask, random_tree_mask
-from xqagen.reference import FP8_VALUE_SCALE, make_paged_kv
+from xqagen.reference import FP8_VALUE_SCALE, make_paged_kv, relative_l2_error
 from xqagen.runtime import Workspace
 from xqagen.wrapper import DecodeWrapper
 
@@ -117,7 +117,8 @@ def test_compat_entry_points_compile_and_match_eager():
     assert torch.cuda.max_memory_allocated() - before < 8 << 20
     reference = xqa_decode(q, k, v, pt, lens, **kwargs)
     assert torch.equal(eager[0], reference.squeeze(1))
-    assert (eager[1].float() - reference.squeeze(1).float()).abs().max() < 2e-2  # q_scale rounds differently
+    # The batch API's q_scale is computed from bmm1_scale on the device: it may round differently.
+    assert relative_l2_error(eager[1].float(), reference.squeeze(1).float()) < 1e-3
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -216,7 +217,7 @@ def test_hot_paths_never_synchronise():
         torch.cuda.synchronize()
     reference = xqa_decode(q, k, v, pt, lens, **kwargs)
     assert torch.equal(out, reference)
-    assert (batch_out.float() - reference.view(batch_out.shape).float()).abs().max() < 2e-2
+    assert relative_l2_error(batch_out.float(), reference.view(batch_out.shape).float()) < 1e-3
 
 
 def test_validate_false_relaunches_with_new_pointers():
