@@ -5,10 +5,17 @@
 2. :func:`xqagen.plan.plan_launch` picks the variant (path, tile) and the split count;
 3. the variant's path packs the kernel parameters;
 4. :mod:`xqagen.runtime` binds them to the loaded kernel and launches on torch's current stream.
+
+With ``validate=False`` the first three steps run once per geometry (shapes, strides, dtypes,
+options): :func:`launch_decode` keeps the bound launch of each geometry it has seen and, on a
+repeat, only rewrites the pointers and launches.  The custom op (:mod:`xqagen.ops`) and the
+FlashInfer-compatible entry points take that path.
 """
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,9 +24,10 @@ from ._torch import torch
 from .emitters import LaunchShape
 from .plan import LaunchPlan, plan_launch
 from .problem import DTYPE_NAMES, TORCH_DTYPES, describe, fail
-from .runtime import BoundLaunch, DecodeKernel, Workspace, default_workspace, get_kernel, supports_pdl
+from .runtime import (POINTER_FIELDS, BoundLaunch, DecodeKernel, Workspace, default_workspace, get_kernel,
+                      sm_count as device_sm_count, supports_pdl)
 
-__all__ = ["DTYPE_NAMES", "TORCH_DTYPES", "DecodeCall", "prepare_decode", "xqa_decode"]
+__all__ = ["DTYPE_NAMES", "TORCH_DTYPES", "DecodeCall", "launch_decode", "prepare_decode", "xqa_decode"]
 
 
 def xqa_decode(
@@ -65,8 +73,23 @@ def xqa_decode(
     enable_pdl: programmatic dependent launch (sm_90+): the kernel may start while the previous
     kernel on the stream finishes, and waits for its writes before reading anything.  Off by
     default: back-to-back decodes measured slower with it on an H100 (docs/benchmarks.md).
+    validate: also check sequence lengths and page indices against the page table and the pool
+    (one host sync per call).  ``False`` checks the arguments once per geometry and then only
+    launches (no sync, no allocation when ``out`` is given).
     Returns ``out`` (allocated when not given) with q's shape.
     """
+    # The per-geometry path, unless an argument is already wrong or a tile mapping is no cache key.
+    if not validate and isinstance(q, torch.Tensor) and not isinstance(tile, Mapping):
+        if out is None:
+            out = torch.empty(q.shape, dtype=q.dtype if out_dtype is None else out_dtype, device=q.device)
+        scratch, semaphores = (None, None) if workspace is None else (workspace.scratch, workspace.semaphores)
+        q_scale_tensor = q_scale if isinstance(q_scale, torch.Tensor) else None
+        kv_scale_tensor = kv_scale if isinstance(kv_scale, torch.Tensor) else None
+        launch_decode(q, k_cache, v_cache, page_table, seq_lens, out, scratch, semaphores, sinks, mask,
+                      q_scale_tensor, kv_scale_tensor, 1.0 if q_scale_tensor is not None else q_scale,
+                      1.0 if kv_scale_tensor is not None else kv_scale, rcp_out_scale, sliding_window, kv_layout,
+                      num_splits or 0, 0, enable_pdl, tile=tile, cache_dir=cache_dir)
+        return out
     return prepare_decode(q, k_cache, v_cache, page_table, seq_lens, out=out, out_dtype=out_dtype,
                           kv_layout=kv_layout, q_scale=q_scale, kv_scale=kv_scale, rcp_out_scale=rcp_out_scale,
                           sinks=sinks, sliding_window=sliding_window, mask=mask, q_cu_seq_lens=q_cu_seq_lens,
@@ -127,7 +150,7 @@ def prepare_decode(q, k_cache, v_cache, page_table, seq_lens, *, out=None, out_d
 
     workspace = default_workspace(device) if workspace is None else workspace
     if sm_count is None:
-        sm_count = torch.cuda.get_device_properties(device).multi_processor_count
+        sm_count = device_sm_count(device)
     plan = plan_launch(spec, LaunchShape(problem.batch, problem.num_kv_heads, problem.kv_len, sm_count),
                        tile_given=tile is not None, num_splits=num_splits, workspace=workspace.size)
     kernel = get_kernel(plan.spec, cache_dir=cache_dir)
@@ -135,3 +158,102 @@ def prepare_decode(q, k_cache, v_cache, page_table, seq_lens, *, out=None, out_d
     bound = kernel.bind(params, batch=problem.batch, num_kv_heads=problem.num_kv_heads, num_splits=plan.num_splits,
                         device=device, pdl=enable_pdl)
     return DecodeCall(plan, kernel, problem.out, bound)
+
+
+def _tensor_key(t: torch.Tensor | None):
+    return None if t is None else (t.shape, t.stride(), t.dtype)
+
+
+# Bound launches by geometry; cleared when full (an engine has a handful of geometries per step).
+_launches: dict[tuple, tuple[BoundLaunch, list[int]]] = {}
+_MAX_LAUNCHES = 4096
+_launches_lock = threading.Lock()  # a bound launch's pointers are written, then launched, by one thread at a time
+# The pointer fields launch_decode rewrites on every call: all of them (a test holds the two equal).
+REWRITTEN_POINTERS = ("q", "k", "v", "page_table", "seq_lens", "out", "sinks", "mask", "q_scale_ptr", "kv_scale_ptr",
+                      "workspace", "semaphores")
+_Q, _K, _V, _PAGE_TABLE, _SEQ_LENS, _OUT, _SINKS, _MASK, _Q_SCALE, _KV_SCALE, _SCRATCH, _SEMAPHORES = (
+    POINTER_FIELDS.index(name) for name in REWRITTEN_POINTERS)
+
+
+def launch_decode(q, k_cache, v_cache, page_table, seq_lens, out, scratch, semaphores, sinks, mask,
+                  q_scale_tensor, kv_scale_tensor, q_scale, kv_scale, rcp_out_scale, sliding_window, kv_layout,
+                  num_splits, sm_count, enable_pdl, *, tile=None, cache_dir=None) -> None:
+    """Launch a decode into ``out`` without value checks, planning once per geometry.
+
+    The arguments of :func:`xqa_decode` flattened as the op (:mod:`xqagen.ops`) takes them:
+    ``scratch``/``semaphores`` the split-KV workspace's buffers (None: the device's default
+    workspace); a scale is a float, or a one-element float32 tensor read by the kernel (then its
+    float is ignored); ``num_splits``/``sm_count`` 0 for the default.  The first call of a geometry
+    checks every argument (:func:`prepare_decode`, ``validate=False``); a repeat, same shapes,
+    strides, dtypes and options, checks only the 16-byte alignment of the new pointers, and trusts
+    every tensor to be on q's device as the first call's were.  Float scales are part of the
+    geometry: a scale that changes from call to call belongs in a tensor.
+    """
+    try:
+        key = (q.shape, q.stride(), q.dtype, q.device, k_cache.shape, k_cache.stride(), k_cache.dtype,
+               v_cache.shape, v_cache.stride(), v_cache.dtype, page_table.shape, page_table.stride(),
+               page_table.dtype, seq_lens.shape, seq_lens.stride(), seq_lens.dtype, out.shape, out.stride(),
+               out.dtype, _tensor_key(scratch), _tensor_key(semaphores), _tensor_key(sinks), _tensor_key(mask),
+               _tensor_key(q_scale_tensor), _tensor_key(kv_scale_tensor), q_scale, kv_scale, rcp_out_scale,
+               sliding_window, kv_layout, num_splits, sm_count, enable_pdl, tile, cache_dir)
+        entry = _launches.get(key)
+    except (AttributeError, TypeError):  # not tensors, or an unhashable option: the checks below name it
+        entry = None
+    if entry is not None:
+        bound, pointers = entry
+        q_ptr, k_ptr, v_ptr, out_ptr = q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr()
+        scratch_ptr = scratch.data_ptr() if scratch is not None else 0
+        if not (q_ptr | k_ptr | v_ptr | out_ptr | scratch_ptr) & 15:
+            with _launches_lock:
+                pointers[_Q] = q_ptr
+                pointers[_K] = k_ptr
+                pointers[_V] = v_ptr
+                pointers[_OUT] = out_ptr
+                pointers[_PAGE_TABLE] = page_table.data_ptr()
+                pointers[_SEQ_LENS] = seq_lens.data_ptr()
+                if sinks is not None:
+                    pointers[_SINKS] = sinks.data_ptr()
+                if mask is not None:
+                    pointers[_MASK] = mask.data_ptr()
+                if q_scale_tensor is not None:
+                    pointers[_Q_SCALE] = q_scale_tensor.data_ptr()
+                if kv_scale_tensor is not None:
+                    pointers[_KV_SCALE] = kv_scale_tensor.data_ptr()
+                if scratch is not None:  # the default workspace's pointers stay as bound
+                    pointers[_SCRATCH] = scratch_ptr
+                    pointers[_SEMAPHORES] = semaphores.data_ptr()
+                bound.set_pointers(pointers)
+                bound()
+            return
+    # A new geometry, or a misaligned view for the checks to report.
+    bound = _bind(q, k_cache, v_cache, page_table, seq_lens, out, scratch, semaphores, sinks, mask, q_scale_tensor,
+                  kv_scale_tensor, q_scale, kv_scale, rcp_out_scale, sliding_window, kv_layout, num_splits, sm_count,
+                  enable_pdl, tile, cache_dir)
+    with _launches_lock:
+        if len(_launches) >= _MAX_LAUNCHES:
+            _launches.clear()
+        _launches[key] = (bound, bound.pointers())
+        bound()
+
+
+def _bind(q, k_cache, v_cache, page_table, seq_lens, out, scratch, semaphores, sinks, mask, q_scale_tensor,
+          kv_scale_tensor, q_scale, kv_scale, rcp_out_scale, sliding_window, kv_layout, num_splits, sm_count,
+          enable_pdl, tile, cache_dir) -> BoundLaunch:
+    """The checked, planned and bound launch of :func:`launch_decode`'s arguments."""
+    if (scratch is None) != (semaphores is None):
+        given = "workspace" if semaphores is None else "semaphores"
+        fail("semaphores", "given together with the workspace (or neither)", f"only the {given}")
+    workspace = None
+    if scratch is not None:
+        for name, t in (("workspace", scratch), ("semaphores", semaphores)):
+            if t.device != q.device or not t.is_contiguous() or t.data_ptr() % 16:
+                fail(name, f"a contiguous, 16-byte aligned tensor on {q.device}",
+                     f"a tensor on {t.device} with strides {t.stride()}")
+        workspace = Workspace(scratch, semaphores)
+    call = prepare_decode(q, k_cache, v_cache, page_table, seq_lens, out=out, kv_layout=kv_layout,
+                          q_scale=q_scale if q_scale_tensor is None else q_scale_tensor,
+                          kv_scale=kv_scale if kv_scale_tensor is None else kv_scale_tensor,
+                          rcp_out_scale=rcp_out_scale, sinks=sinks, sliding_window=sliding_window, mask=mask,
+                          num_splits=num_splits or None, workspace=workspace, tile=tile, enable_pdl=enable_pdl,
+                          validate=False, cache_dir=cache_dir, sm_count=sm_count or None)
+    return call.bound

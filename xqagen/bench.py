@@ -9,6 +9,22 @@ copies.  Reported: milliseconds, KV bandwidth (KV bytes read / time) against the
 (bytes read + written / time of a large ``copy_``) and the streaming-read bandwidth (a plain
 read kernel over 1 GiB), and speed ratios (FlashInfer time / ours) for both timings.  Both libraries
 launch without programmatic dependent launch, or both with it (``--pdl``, sm_90+).
+
+``--host-time`` measures the host instead: the median wall-clock microseconds of one eager call of
+each entry point (:func:`host_time_us`), FlashInfer's ``xqa`` and batch API beside ours.  Columns:
+``run`` (:meth:`DecodeWrapper.run`, planned once), ``op`` (``torch.ops.xqagen.decode``), ``xqa`` and
+``batch`` (the FlashInfer-compatible entry points), ``decode`` (``xqa_decode(validate=False)``),
+``launch`` (a prepared :class:`~xqagen.api.DecodeCall`), ``FI xqa`` and ``FI batch`` (FlashInfer's).
+A serving engine that runs attention outside CUDA graphs (vLLM's piecewise graphs, eager mode)
+pays this per layer and step; it is hidden only while the GPU is slower than the host.
+
+``--pdl-gemm`` times a serving step's shape of work: a GEMM producing the query (``[tokens,
+hidden] x [hidden, hidden]``, ``hidden = num_q_heads x head_dim``), the decode, and a GEMM reading
+its output, for both libraries, programmatic dependent launch off and on.  Per step: ``gemms``
+(the two GEMMs alone), then per library and PDL setting the step time from CUDA-graph replays and
+from eager launches between events.  ``step - gemms`` is what the decode adds to a step; PDL helps
+where it shrinks that (the decode's launch and prologue overlap the first GEMM's tail), and the
+graph column is what a captured decode step sees.
 """
 
 from __future__ import annotations
@@ -20,11 +36,12 @@ import json
 import math
 import statistics
 import sys
+import time
 from dataclasses import asdict, dataclass, field
 
 from ._torch import torch
 
-from .api import TORCH_DTYPES, prepare_decode
+from .api import TORCH_DTYPES, prepare_decode, xqa_decode
 from .masks import as_flashinfer_mask, causal_mask
 from .reference import FP8_VALUE_SCALE, make_paged_kv, relative_l2_error
 
@@ -274,6 +291,166 @@ def run_case(case: BenchCase, copy_tbps: float, read_tbps: float, *, flashinfer:
     return result
 
 
+def host_time_us(fn, *, calls: int = 2000, chunk: int = 100) -> float:
+    """Median wall-clock microseconds of one eager call of ``fn()``: the host's cost of the call
+    (argument handling and the launch), each call timed alone.  The GPU is synchronised every
+    ``chunk`` calls, outside the timed calls, so that the launch queue never fills and blocks."""
+    for _ in range(chunk):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(calls // chunk):
+        for _ in range(chunk):
+            start = time.perf_counter_ns()
+            fn()
+            times.append(time.perf_counter_ns() - start)
+        torch.cuda.synchronize()
+    return statistics.median(times) / 1e3
+
+
+HOST_ENTRIES = ("run", "op", "xqa", "batch", "decode", "launch", "FI xqa", "FI batch")
+
+
+def host_times(case: BenchCase, *, flashinfer: bool, pdl: bool = False) -> dict[str, float]:
+    """Microseconds per eager call of each entry point (HOST_ENTRIES) on one case's inputs."""
+    from . import flashinfer_compat, ops  # noqa: F401  (ops registers torch.ops.xqagen.decode)
+    from .runtime import Workspace
+    from .wrapper import DecodeWrapper
+
+    inputs = _Inputs(case, 1)
+    k, v, pt = inputs.sets[0]
+    q, seq_lens, mask, sinks, kv_scale = inputs.q, inputs.seq_lens, inputs.mask, inputs.sinks, inputs.kv_scale
+    out = torch.empty_like(q)
+    device = q.device
+    workspace = Workspace.allocate(device)
+
+    def buffers():  # every entry point its own: one's scratch must not be another's semaphores
+        return (torch.zeros(256 << 20, dtype=torch.uint8, device=device),
+                torch.zeros(8 << 20, dtype=torch.uint32, device=device))
+
+    fi_mask = as_flashinfer_mask(mask) if mask is not None else None
+    wrapper = DecodeWrapper(workspace)
+    wrapper.plan(pt, seq_lens, k, num_q_heads=case.num_q_heads, q_dtype=q.dtype, q_seq_len=case.q_seq_len,
+                 mask=mask, sinks=sinks, sliding_window=case.window, kv_scale=kv_scale, enable_pdl=pdl)
+    op_args = (q, k, v, pt, seq_lens, out, workspace.scratch, workspace.semaphores, sinks, mask, None, None, 1.0,
+               kv_scale, 1.0, case.window, "NHD", 0, 0, pdl)
+    xqa_args = (q, k, v, pt, seq_lens, out, *buffers(), case.num_kv_heads, case.page_size)
+    xqa_kwargs = dict(sinks=sinks, kv_scale=kv_scale, sliding_win_size=case.window, enable_pdl=pdl,
+                      q_seq_len=case.q_seq_len, mask=fi_mask)
+    query = q.view(case.batch * case.q_seq_len, case.num_q_heads, case.head_dim)
+    batch_out = torch.empty_like(query if case.q_seq_len == 1 else
+                                 q.view(case.batch, case.q_seq_len, -1, case.head_dim))
+    head_dim_scale = 1.0 / math.sqrt(case.head_dim)
+    batch_args = (query, (k, v), buffers()[0], pt, seq_lens, pt.shape[1] * case.page_size)
+    batch_kwargs = dict(bmm1_scale=kv_scale * head_dim_scale, bmm2_scale=kv_scale, window_left=case.window - 1,
+                        out=batch_out, sinks=sinks.reshape(-1) if sinks is not None else None, enable_pdl=pdl,
+                        q_len_per_req=case.q_seq_len, mask=fi_mask)
+    call = prepare_decode(q, k, v, pt, seq_lens, out=out, kv_scale=kv_scale, sinks=sinks, sliding_window=case.window,
+                          mask=mask, workspace=workspace, enable_pdl=pdl)
+    entries = {
+        "run": lambda: wrapper.run(q, k, v, out),
+        "op": lambda: torch.ops.xqagen.decode.default(*op_args),
+        "xqa": lambda: flashinfer_compat.xqa(*xqa_args, **xqa_kwargs),
+        "batch": lambda: flashinfer_compat.xqa_batch_decode_with_kv_cache(*batch_args, **batch_kwargs),
+        "decode": lambda: xqa_decode(q, k, v, pt, seq_lens, out=out, kv_scale=kv_scale, sinks=sinks,
+                                     sliding_window=case.window, mask=mask, workspace=workspace, enable_pdl=pdl,
+                                     validate=False),
+        "launch": call.launch,
+    }
+    if flashinfer:
+        fi_xqa = importlib.import_module("flashinfer.xqa").xqa
+        fi_decode = importlib.import_module("flashinfer.decode")
+        fi_seq_lens = seq_lens.to(torch.uint32).unsqueeze(1)
+        fi_xqa_args = (q, k, v, pt, fi_seq_lens, out, *buffers(), case.num_kv_heads, case.page_size)
+        fi_batch_args = (query, (k, v), buffers()[0], pt, fi_seq_lens.view(-1), pt.shape[1] * case.page_size)
+        entries["FI xqa"] = lambda: fi_xqa(*fi_xqa_args, **xqa_kwargs)
+        entries["FI batch"] = lambda: fi_decode.xqa_batch_decode_with_kv_cache(*fi_batch_args, **batch_kwargs)
+    times = {name: _timed_or_none(name, host_time_us, fn) for name, fn in entries.items()}
+    return {name: time for name, time in times.items() if time is not None}
+
+
+def _timed_or_none(name: str, timer, fn):
+    """``timer(fn)``; None, with a note, where FlashInfer rejects a case (its API is not ours to fix)."""
+    if not name.lower().startswith(("fi ", "flashinfer ")):
+        return timer(fn)
+    try:
+        return timer(fn)
+    except Exception as err:  # noqa: BLE001  (any FlashInfer failure leaves its column empty)
+        print(f"{name}: {type(err).__name__}: {err}", file=sys.stderr)
+        return None
+
+
+def format_host_times(rows: list[tuple[BenchCase, dict[str, float]]]) -> str:
+    """Microseconds of host time per eager call (median), one column per entry point."""
+    lines = [f"{'case (us per call)':28}" + "".join(f" {name:>9}" for name in HOST_ENTRIES)]
+    for case, times in rows:
+        lines.append(f"{case.name:28}" + "".join(
+            f" {times[name]:9.1f}" if name in times else f" {'-':>9}" for name in HOST_ENTRIES))
+    return "\n".join(lines)
+
+
+def pdl_gemm_step_ms(case: BenchCase, *, flashinfer: bool) -> dict[str, float]:
+    """Milliseconds per serving step (GEMM -> decode -> GEMM, with real data dependencies: the
+    first GEMM writes the query, the second reads the decode's output) for each library with
+    programmatic dependent launch off and on, CUDA-graph replays and eager launches between events;
+    ``gemms``: the two GEMMs alone."""
+    inputs = _Inputs(case, 1)
+    k, v, pt = inputs.sets[0]
+    device = inputs.q.device
+    dtype = inputs.q.dtype
+    tokens, hidden = case.batch * case.q_seq_len, case.num_q_heads * case.head_dim
+    gen = torch.Generator(device=device).manual_seed(1)
+    x = torch.randn(tokens, hidden, generator=gen, device=device).to(dtype)
+    w_in, w_out = (torch.randn(hidden, hidden, generator=gen, device=device).to(dtype) / math.sqrt(hidden)
+                   for _ in range(2))
+    y, z = (torch.empty(tokens, hidden, dtype=dtype, device=device) for _ in range(2))
+    q = y.view(inputs.q.shape)
+    out = torch.empty_like(q)
+    out_2d = out.view(tokens, hidden)
+
+    def gemms_only():
+        torch.matmul(x, w_in, out=y)
+        torch.matmul(out_2d, w_out, out=z)
+
+    results = {"gemms": time_cuda_graph(gemms_only), "gemms events": time_cuda(gemms_only)}
+    sides = {}
+    for pdl in (False, True):
+        call = prepare_decode(q, k, v, pt, inputs.seq_lens, out=out, kv_scale=inputs.kv_scale, sinks=inputs.sinks,
+                              sliding_window=case.window, mask=inputs.mask, enable_pdl=pdl)
+        sides[f"xqagen pdl={'on' if pdl else 'off'}"] = call.launch
+        if flashinfer:
+            fi_xqa = importlib.import_module("flashinfer.xqa").xqa
+            fi_args = (q, k, v, pt, inputs.seq_lens.to(torch.uint32).unsqueeze(1), out,
+                       torch.zeros(256 << 20, dtype=torch.uint8, device=device),
+                       torch.zeros(8 << 20, dtype=torch.uint32, device=device), case.num_kv_heads, case.page_size)
+            fi_kwargs = dict(sinks=inputs.sinks, kv_scale=inputs.kv_scale, sliding_win_size=case.window,
+                             enable_pdl=pdl, q_seq_len=case.q_seq_len,
+                             mask=as_flashinfer_mask(inputs.mask) if inputs.mask is not None else None)
+            sides[f"flashinfer pdl={'on' if pdl else 'off'}"] = \
+                lambda fi_args=fi_args, fi_kwargs=fi_kwargs: fi_xqa(*fi_args, **fi_kwargs)
+    for name, decode in sides.items():
+        def step(decode=decode):
+            torch.matmul(x, w_in, out=y)
+            decode()
+            torch.matmul(out_2d, w_out, out=z)
+
+        graph_ms = _timed_or_none(name, time_cuda_graph, step)
+        if graph_ms is not None:
+            results[name], results[f"{name} events"] = graph_ms, time_cuda(step)
+    return results
+
+
+def format_pdl_gemm(rows: list[tuple[BenchCase, dict[str, float]]]) -> str:
+    """Per case, milliseconds per step (graph / events) and what the decode adds over the GEMMs."""
+    lines = []
+    for case, r in rows:
+        lines.append(f"{case.name}: gemms {r['gemms']:.4f} ms (graph), {r['gemms events']:.4f} ms (events)")
+        for name in (n for n in r if not n.startswith("gemms") and not n.endswith(" events")):
+            lines.append(f"  {name:22} step {r[name]:.4f} ms (+{r[name] - r['gemms']:.4f} over gemms), "
+                         f"events {r[name + ' events']:.4f} ms (+{r[name + ' events'] - r['gemms events']:.4f})")
+    return "\n".join(lines)
+
+
 def format_table(results: list[BenchResult], copy_tbps: float, read_tbps: float, device_name: str) -> str:
     """ms: CUDA-graph time per launch; x: FlashInfer's time / ours (graph), x ev: the same from eager
     launches timed with events."""
@@ -304,6 +481,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-splits", type=int, default=None, help="force the split-KV count")
     parser.add_argument("--pdl", action="store_true",
                         help="launch both libraries with programmatic dependent launch (sm_90+)")
+    parser.add_argument("--host-time", action="store_true",
+                        help="time the host per eager call of each entry point instead of the kernels")
+    parser.add_argument("--pdl-gemm", action="store_true",
+                        help="time GEMM -> decode -> GEMM steps, both libraries, PDL off and on (sm_90+)")
     parser.add_argument("--json", help="also write one JSON object per case to this file")
     args = parser.parse_args(argv)
     if args.list:
@@ -330,8 +511,24 @@ def main(argv: list[str] | None = None) -> int:
     from .runtime import supports_pdl
 
     pdl = args.pdl
-    if pdl and not supports_pdl(torch.device("cuda")):
-        parser.error("--pdl needs an sm_90+ GPU")
+    if (pdl or args.pdl_gemm) and not supports_pdl(torch.device("cuda")):
+        parser.error("--pdl and --pdl-gemm need an sm_90+ GPU")
+    if args.host_time or args.pdl_gemm:
+        measure, show = (host_times, format_host_times) if args.host_time else (pdl_gemm_step_ms, format_pdl_gemm)
+        options = dict(pdl=pdl) if args.host_time else {}
+        rows = []
+        for case in cases:
+            rows.append((case, measure(case, flashinfer=flashinfer, **options)))
+            print(show(rows[-1:]).splitlines()[-1] if args.host_time else show(rows[-1:]), flush=True)
+            torch.cuda.empty_cache()
+        print(show(rows))
+        if args.json:
+            with open(args.json, "w") as f:
+                f.write(json.dumps({"device": props.name, "pdl": pdl, "mode": "host-time" if args.host_time
+                                    else "pdl-gemm"}) + "\n")
+                for case, row in rows:
+                    f.write(json.dumps({"case": case.name, **row}) + "\n")
+        return 0
     copy_tbps = copy_bandwidth_tbps()
     read_tbps = read_bandwidth_tbps()
     results = []

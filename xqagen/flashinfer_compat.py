@@ -10,7 +10,11 @@ workspace and semaphores), same results.  Differences, all of them relaxations:
 * ``enable_pdl`` (programmatic dependent launch, sm_90+) is honoured, but ``None`` means off where
   FlashInfer turns it on: back-to-back decodes of both libraries measured slower with it on an H100
   (docs/benchmarks.md);
-* every argument is validated before the launch (FlashInfer asserts on a few).
+* every argument is validated before the first launch of each geometry (FlashInfer asserts on a
+  few); values (sequence lengths, page indices) are not checked, so a call never synchronises.
+
+Both lower to the ``torch.ops.xqagen.decode`` custom op (:mod:`xqagen.ops`), so they compile with
+``torch.compile(fullgraph=True)`` and capture in CUDA graphs; eager calls skip its dispatcher.
 """
 
 from __future__ import annotations
@@ -19,9 +23,8 @@ import math
 
 from ._torch import torch
 
-from .api import prepare_decode
+from .ops import launch
 from .layouts import kv_layout as kv_layout_named
-from .runtime import Workspace
 
 # FlashInfer's batch API reserves the first 8 MiB of its workspace for semaphores.
 SEMAPHORE_BYTES = 8 << 20
@@ -66,10 +69,11 @@ def xqa(
         if layout.num_kv_heads(k_cache.shape) != num_kv_heads:
             raise ValueError(f"num_kv_heads: expected {layout.num_kv_heads(k_cache.shape)} (k_cache's {kv_layout} "
                              f"shape {tuple(k_cache.shape)}), got {num_kv_heads}")
-    workspace = _workspace(workspace_buffer, semaphores)
-    prepare_decode(q, k_cache, v_cache, page_table, seq_lens, out=output, kv_layout=kv_layout, q_scale=q_scale,
-                   kv_scale=kv_scale, rcp_out_scale=rcp_out_scale, sinks=sinks, sliding_window=sliding_win_size,
-                   mask=mask, workspace=workspace, sm_count=sm_count, enable_pdl=bool(enable_pdl)).launch()
+    q_scale_tensor, q_scale = (q_scale, 1.0) if isinstance(q_scale, torch.Tensor) else (None, q_scale)
+    kv_scale_tensor, kv_scale = (kv_scale, 1.0) if isinstance(kv_scale, torch.Tensor) else (None, kv_scale)
+    launch(q, k_cache, v_cache, page_table, seq_lens, output, workspace_buffer, semaphores, sinks, mask, q_scale_tensor,
+           kv_scale_tensor, q_scale, kv_scale, rcp_out_scale, sliding_win_size, kv_layout, 0, sm_count or 0,
+           bool(enable_pdl))
 
 
 def xqa_batch_decode_with_kv_cache(
@@ -97,7 +101,12 @@ def xqa_batch_decode_with_kv_cache(
     one ``[num_pages, 1 or 2, ...]`` tensor; ``workspace_buffer`` must be zero before its first use
     (its first 8 MiB hold the split-KV semaphores).  The scales map onto the kernel's as
     ``kv_scale = bmm2_scale * o_scale``, ``q_scale = bmm1_scale / kv_scale * sqrt(head_dim)``,
-    ``rcp_out_scale = 1 / o_scale``.
+    ``rcp_out_scale = 1 / o_scale``.  Float scales cost nothing per call.  A tensor scale is read by
+    the kernel on the device (no sync), but the mapping is tensor arithmetic before the decode: one
+    elementwise kernel for ``bmm2_scale * o_scale`` (none when ``o_scale`` is 1), and for ``q_scale``
+    one when only ``bmm1_scale`` is a tensor, two when ``bmm2_scale`` is (a division by it); inside
+    ``torch.compile`` they fuse into one.  Making them kernel-free needs the kernel to take the
+    score scale and the output scale as the batch API defines them.
     """
     del max_seq_len  # the page table's width bounds the sequences
     if isinstance(kv_cache, tuple):
@@ -123,27 +132,20 @@ def xqa_batch_decode_with_kv_cache(
         raise ValueError(f"out: expected shape {tuple(query.shape)}, got {tuple(out.shape)}")
     q = query.unsqueeze(1)
     o_scale = 1.0 if o_scale is None else o_scale
-    kv_scale = bmm2_scale * o_scale
-    q_scale = bmm1_scale / kv_scale * math.sqrt(head_dim)
-    if isinstance(kv_scale, torch.Tensor):
-        kv_scale = kv_scale.to(torch.float32).reshape(1)
-    if isinstance(q_scale, torch.Tensor):
-        q_scale = q_scale.to(torch.float32).reshape(1)
+    kv_scale = bmm2_scale * o_scale if o_scale != 1.0 else bmm2_scale
+    q_scale = bmm1_scale * (math.sqrt(head_dim) / kv_scale) if not isinstance(kv_scale, torch.Tensor) else \
+        bmm1_scale * math.sqrt(head_dim) / kv_scale
+    # A tensor scale becomes the one float32 the kernel reads (a view when it is one already).
+    q_scale_tensor, q_scale = (q_scale.to(torch.float32).reshape(1), 1.0) if isinstance(q_scale, torch.Tensor) else \
+        (None, q_scale)
+    kv_scale_tensor, kv_scale = (kv_scale.to(torch.float32).reshape(1), 1.0) if isinstance(kv_scale, torch.Tensor) \
+        else (None, kv_scale)
     if not isinstance(workspace_buffer, torch.Tensor) or workspace_buffer.numel() * \
             workspace_buffer.element_size() <= SEMAPHORE_BYTES:
         raise ValueError(f"workspace_buffer: expected a tensor of more than {SEMAPHORE_BYTES} bytes")
-    raw = workspace_buffer.view(torch.uint8)
-    workspace = _workspace(raw[SEMAPHORE_BYTES:], raw[:SEMAPHORE_BYTES])
+    raw = workspace_buffer if workspace_buffer.dtype == torch.uint8 else workspace_buffer.view(torch.uint8)
     sinks_2d = sinks.reshape(kv_layout_named(kv_layout).num_kv_heads(k_cache.shape), -1) if sinks is not None else None
-    prepare_decode(q, k_cache, v_cache, block_tables, seq_lens, out=out.unsqueeze(1), kv_layout=kv_layout,
-                   q_scale=q_scale, kv_scale=kv_scale, rcp_out_scale=1.0 / o_scale, sinks=sinks_2d,
-                   sliding_window=window_left + 1 if window_left >= 0 else 0, mask=mask,
-                   workspace=workspace, enable_pdl=bool(enable_pdl)).launch()
+    launch(q, k_cache, v_cache, block_tables, seq_lens, out.unsqueeze(1), raw[SEMAPHORE_BYTES:], raw[:SEMAPHORE_BYTES],
+           sinks_2d, mask, q_scale_tensor, kv_scale_tensor, q_scale, kv_scale, 1.0 / o_scale,
+           window_left + 1 if window_left >= 0 else 0, kv_layout, 0, 0, bool(enable_pdl))
     return out
-
-
-def _workspace(scratch: torch.Tensor, semaphores: torch.Tensor) -> Workspace:
-    for name, t in (("workspace_buffer", scratch), ("semaphores", semaphores)):
-        if not isinstance(t, torch.Tensor) or not t.is_cuda or not t.is_contiguous():
-            raise ValueError(f"{name}: expected a contiguous CUDA tensor")
-    return Workspace(scratch, semaphores)

@@ -2,15 +2,19 @@
 on torch's current stream.
 
 The launch path does no host synchronisation and no allocation: the kernel's parameters are packed
-once (by the variant's path) and each launch is one ``cuLaunchKernelEx``, so launches can be
-captured in CUDA graphs.  Grid, block and shared memory come from the path
-(``xqagen.emitters``); validation and planning happen before, in :mod:`xqagen.problem` and
-:mod:`xqagen.plan`.
+once (by the variant's path) and each launch is one ``cuLaunchKernelEx``, called through ctypes on a
+launch configuration built once (cuda-python's wrapper costs microseconds per call), so launches
+can be captured in CUDA graphs.  A bound launch may have its pointers rewritten between launches
+(:meth:`BoundLaunch.set_pointers`): a plan serves every layer of a step.  Grid, block and shared
+memory come from the path (``xqagen.emitters``); validation and planning happen before, in
+:mod:`xqagen.problem` and :mod:`xqagen.plan`.
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
+import struct
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +24,7 @@ from cuda.bindings import driver
 
 from .compiler import compile_kernel
 from .emitters import EmittedKernel, WorkspaceSize, path_of
+from .emitters.params import PARAMS, KernelParams
 from .spec import KernelSpec
 
 
@@ -128,7 +133,7 @@ class DecodeKernel:
         self._lock = threading.Lock()
 
     def load(self, device: torch.device) -> _Loaded:
-        index = device.index if device.index is not None else torch.cuda.current_device()
+        index = device_index(device)
         loaded = self._loaded.get(index)
         if loaded is not None:
             return loaded
@@ -156,9 +161,70 @@ class DecodeKernel:
         return BoundLaunch(self, params, self.path.grid(self.spec, batch, num_kv_heads, num_splits), device, pdl=pdl)
 
 
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def device_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def sm_count(device: torch.device) -> int:
+    """The GPU's SM count, asked once per device (the query costs microseconds)."""
+    return _sm_count(device_index(device))
+
+
 def supports_pdl(device: torch.device) -> bool:
     """Programmatic dependent launch needs sm_90 or newer."""
-    return torch.cuda.get_device_capability(device)[0] >= 9
+    return _capability(device_index(device))[0] >= 9
+
+
+# The driver's launch configuration (cuda.h, CUDA 12 and 13): seven unsigned ints, the stream, the
+# attribute array and its length; an attribute is its 4-byte id, padding, and a 64-byte value union.
+class _LaunchAttribute(ctypes.Structure):
+    _fields_ = [("id", ctypes.c_uint32), ("pad", ctypes.c_uint32), ("value", ctypes.c_uint8 * 64)]
+
+
+class _LaunchConfig(ctypes.Structure):
+    _fields_ = [("grid", ctypes.c_uint32 * 3), ("block", ctypes.c_uint32 * 3), ("shared_mem_bytes", ctypes.c_uint32),
+                ("stream", ctypes.c_void_p), ("attrs", ctypes.POINTER(_LaunchAttribute)),
+                ("num_attrs", ctypes.c_uint32)]
+
+
+_PROGRAMMATIC_STREAM_SERIALIZATION = int(
+    driver.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION)
+
+
+@functools.lru_cache(maxsize=None)
+def _launch_kernel_ex():
+    function = ctypes.CDLL("libcuda.so.1").cuLaunchKernelEx
+    function.argtypes = (ctypes.POINTER(_LaunchConfig), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p)
+    function.restype = ctypes.c_int
+    return function
+
+
+#: The parameter struct's pointer fields (emitters.params), in declaration order: the ones a bound
+#: launch may rewrite between launches.
+POINTER_FIELDS: tuple[str, ...] = tuple(name for name, _, ctype in PARAMS if ctype is ctypes.c_void_p)
+
+
+def _pointer_layout() -> struct.Struct:
+    """One ``pack_into`` format that writes every pointer field at its offset in the struct."""
+    fmt, end = "<", 0
+    for name in POINTER_FIELDS:
+        offset = getattr(KernelParams, name).offset
+        fmt += f"{offset - end}x" * (offset > end) + "Q"
+        end = offset + 8
+    return struct.Struct(fmt)
+
+
+_POINTERS = _pointer_layout()
 
 
 class BoundLaunch:
@@ -172,29 +238,39 @@ class BoundLaunch:
     def __init__(self, kernel: DecodeKernel, params: tuple, grid: tuple[int, int, int],
                  device: torch.device, *, pdl: bool = False):
         self.device = device
+        self._index = device_index(device)
         self.params = params  # kept alive: the driver reads them through the pointer array below
         self._param_ptrs = (ctypes.c_void_p * len(params))(*map(ctypes.addressof, params))  # kept alive likewise
-        self._param_ptrs_address = ctypes.addressof(self._param_ptrs)
-        self._function = kernel.load(device).function
-        config = driver.CUlaunchConfig()
-        config.gridDimX, config.gridDimY, config.gridDimZ = grid
-        config.blockDimX, config.blockDimY, config.blockDimZ = kernel.emitted.threads, 1, 1
-        config.sharedMemBytes = kernel.emitted.smem_bytes
-        if pdl:
-            attribute = driver.CUlaunchAttribute()
-            attribute.id = driver.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
-            attribute.value.programmaticStreamSerializationAllowed = 1
-            config.attrs = [attribute]
-            config.numAttrs = 1
-        self._config = config
-        self._stream_handle = None  # the stream the config holds; set again only when it changes
+        self._struct = memoryview(params[0]).cast("B")  # the path's parameter struct comes first
+        self._function = int(kernel.load(device).function)
+        self._attribute = _LaunchAttribute(id=_PROGRAMMATIC_STREAM_SERIALIZATION)
+        self._attribute.value[0] = 1  # programmaticStreamSerializationAllowed, the union's first int
+        self._config = _LaunchConfig(grid=grid, block=(kernel.emitted.threads, 1, 1),
+                                     shared_mem_bytes=kernel.emitted.smem_bytes,
+                                     attrs=ctypes.pointer(self._attribute), num_attrs=int(pdl))
+        self._config_ref = ctypes.byref(self._config)
+        self._stream_handle = 0  # the stream the config holds (0: the legacy default stream)
+        self._launch = _launch_kernel_ex()
+        # torch's current stream as a handle, without building a Stream object (as Inductor reads it)
+        self._raw_stream = torch._C._cuda_getCurrentRawStream
+
+    def pointers(self) -> list[int]:
+        """The struct's pointer fields, in :data:`POINTER_FIELDS` order."""
+        return list(_POINTERS.unpack_from(self._struct))
+
+    def set_pointers(self, pointers) -> None:
+        """Rewrite every pointer field (values in :data:`POINTER_FIELDS` order); the next launch
+        reads them.  Strides, sizes and scales stay as bound."""
+        _POINTERS.pack_into(self._struct, 0, *pointers)
 
     def __call__(self, stream: torch.cuda.Stream | None = None) -> None:
-        stream = torch.cuda.current_stream(self.device) if stream is None else stream
-        if stream.cuda_stream != self._stream_handle:
-            self._stream_handle = stream.cuda_stream
-            self._config.hStream = self._stream_handle
-        _check(driver.cuLaunchKernelEx(self._config, self._function, self._param_ptrs_address, 0))
+        handle = self._raw_stream(self._index) if stream is None else stream.cuda_stream
+        if handle != self._stream_handle:
+            self._stream_handle = handle
+            self._config.stream = handle
+        err = self._launch(self._config_ref, self._function, self._param_ptrs, None)
+        if err:
+            _check(driver.CUresult(err))
 
 
 _handles: dict[tuple[KernelSpec, Path | None], DecodeKernel] = {}
