@@ -271,7 +271,7 @@ class GenericPath(KernelPath):
 
     def pack(self, spec, problem, num_splits, workspace) -> tuple:
         return (KernelParams(**problem.params(), workspace=workspace.scratch.data_ptr(),
-                             semaphores=workspace.semaphores.data_ptr(), faults=workspace.faults.data_ptr(),
+                             semaphores=workspace.semaphores.data_ptr(), faults=workspace.faults_ptr,
                              num_splits=num_splits),)
 
     def max_splits(self, spec: KernelSpec, batch: int, num_kv_heads: int, workspace: WorkspaceSize | None) -> int:

@@ -47,7 +47,8 @@ def test_op_schema_declares_what_it_writes():
     written = {a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write}
     assert written == {"out", "workspace", "semaphores"}
     optional = {a.name for a in schema.arguments if isinstance(a.type, torch.OptionalType)}
-    assert optional == {"workspace", "semaphores", "sinks", "mask", "q_scale_tensor", "kv_scale_tensor"}
+    assert optional == {"workspace", "semaphores", "sinks", "mask", "q_scale_tensor", "kv_scale_tensor",
+                        "q_cu_seq_lens"}
     assert not schema.returns
 
 
@@ -340,5 +341,5 @@ def test_every_pointer_field_is_rewritten():
     from xqagen import wrapper
 
     assert sorted(api.REWRITTEN_POINTERS) == sorted(POINTER_FIELDS)
-    planned = wrapper.LAYER_POINTERS + wrapper.STEP_POINTERS + ("workspace", "semaphores")
+    planned = wrapper.LAYER_POINTERS + wrapper.STEP_POINTERS + ("workspace", "semaphores", "faults")
     assert sorted(planned) == sorted(POINTER_FIELDS)

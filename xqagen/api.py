@@ -24,8 +24,8 @@ from ._torch import torch
 from .emitters import LaunchShape
 from .plan import LaunchPlan, plan_launch
 from .problem import DTYPE_NAMES, TORCH_DTYPES, describe, fail
-from .runtime import (POINTER_FIELDS, BoundLaunch, DecodeKernel, Workspace, default_workspace, get_kernel,
-                      sm_count as device_sm_count, supports_pdl)
+from .runtime import (POINTER_FIELDS, BoundLaunch, DecodeKernel, Workspace, default_workspace, fault_word_address,
+                      get_kernel, sm_count as device_sm_count, supports_pdl)
 
 __all__ = ["DTYPE_NAMES", "TORCH_DTYPES", "DecodeCall", "launch_decode", "prepare_decode", "xqa_decode"]
 
@@ -169,20 +169,22 @@ _launches: dict[tuple, tuple[BoundLaunch, list[int]]] = {}
 _MAX_LAUNCHES = 4096
 _launches_lock = threading.Lock()  # a bound launch's pointers are written, then launched, by one thread at a time
 # The pointer fields launch_decode rewrites on every call: all of them (a test holds the two equal).
-REWRITTEN_POINTERS = ("q", "k", "v", "page_table", "seq_lens", "out", "sinks", "mask", "q_scale_ptr", "kv_scale_ptr",
-                      "workspace", "semaphores")
-_Q, _K, _V, _PAGE_TABLE, _SEQ_LENS, _OUT, _SINKS, _MASK, _Q_SCALE, _KV_SCALE, _SCRATCH, _SEMAPHORES = (
-    POINTER_FIELDS.index(name) for name in REWRITTEN_POINTERS)
+REWRITTEN_POINTERS = ("q", "k", "v", "page_table", "seq_lens", "out", "sinks", "mask", "q_cu_seq_lens",
+                      "q_scale_ptr", "kv_scale_ptr", "workspace", "semaphores", "faults")
+(_Q, _K, _V, _PAGE_TABLE, _SEQ_LENS, _OUT, _SINKS, _MASK, _Q_CU_SEQ_LENS, _Q_SCALE, _KV_SCALE, _SCRATCH, _SEMAPHORES,
+ _FAULTS) = (POINTER_FIELDS.index(name) for name in REWRITTEN_POINTERS)
 
 
 def launch_decode(q, k_cache, v_cache, page_table, seq_lens, out, scratch, semaphores, sinks, mask,
                   q_scale_tensor, kv_scale_tensor, q_scale, kv_scale, rcp_out_scale, sliding_window, kv_layout,
-                  num_splits, sm_count, enable_pdl, *, tile=None, cache_dir=None) -> None:
+                  num_splits, sm_count, enable_pdl, q_cu_seq_lens=None, q_seq_len=0, *, tile=None,
+                  cache_dir=None) -> None:
     """Launch a decode into ``out`` without value checks, planning once per geometry.
 
     The arguments of :func:`xqa_decode` flattened as the op (:mod:`xqagen.ops`) takes them:
     ``scratch``/``semaphores`` the split-KV workspace's buffers (None: the device's default
-    workspace); a scale is a float, or a one-element float32 tensor read by the kernel (then its
+    workspace; the semaphore buffer's last int32 is the fault word); ``q_cu_seq_lens``/``q_seq_len``
+    ragged q (None/0 otherwise); a scale is a float, or a one-element float32 tensor read by the kernel (then its
     float is ignored); ``num_splits``/``sm_count`` 0 for the default.  The first call of a geometry
     checks every argument (:func:`prepare_decode`, ``validate=False``); a repeat, same shapes,
     strides, dtypes and options, checks only the 16-byte alignment of the new pointers, and trusts
@@ -195,7 +197,8 @@ def launch_decode(q, k_cache, v_cache, page_table, seq_lens, out, scratch, semap
                page_table.dtype, seq_lens.shape, seq_lens.stride(), seq_lens.dtype, out.shape, out.stride(),
                out.dtype, _tensor_key(scratch), _tensor_key(semaphores), _tensor_key(sinks), _tensor_key(mask),
                _tensor_key(q_scale_tensor), _tensor_key(kv_scale_tensor), q_scale, kv_scale, rcp_out_scale,
-               sliding_window, kv_layout, num_splits, sm_count, enable_pdl, tile, cache_dir)
+               sliding_window, kv_layout, num_splits, sm_count, enable_pdl, _tensor_key(q_cu_seq_lens), q_seq_len,
+               tile, cache_dir)
         entry = _launches.get(key)
     except (AttributeError, TypeError):  # not tensors, or an unhashable option: the checks below name it
         entry = None
@@ -215,6 +218,8 @@ def launch_decode(q, k_cache, v_cache, page_table, seq_lens, out, scratch, semap
                     pointers[_SINKS] = sinks.data_ptr()
                 if mask is not None:
                     pointers[_MASK] = mask.data_ptr()
+                if q_cu_seq_lens is not None:
+                    pointers[_Q_CU_SEQ_LENS] = q_cu_seq_lens.data_ptr()
                 if q_scale_tensor is not None:
                     pointers[_Q_SCALE] = q_scale_tensor.data_ptr()
                 if kv_scale_tensor is not None:
@@ -222,13 +227,14 @@ def launch_decode(q, k_cache, v_cache, page_table, seq_lens, out, scratch, semap
                 if scratch is not None:  # the default workspace's pointers stay as bound
                     pointers[_SCRATCH] = scratch_ptr
                     pointers[_SEMAPHORES] = semaphores.data_ptr()
+                    pointers[_FAULTS] = fault_word_address(semaphores)
                 bound.set_pointers(pointers)
                 bound()
             return
     # A new geometry, or a misaligned view for the checks to report.
     bound = _bind(q, k_cache, v_cache, page_table, seq_lens, out, scratch, semaphores, sinks, mask, q_scale_tensor,
                   kv_scale_tensor, q_scale, kv_scale, rcp_out_scale, sliding_window, kv_layout, num_splits, sm_count,
-                  enable_pdl, tile, cache_dir)
+                  enable_pdl, q_cu_seq_lens, q_seq_len, tile, cache_dir)
     with _launches_lock:
         if len(_launches) >= _MAX_LAUNCHES:
             _launches.clear()
@@ -238,7 +244,7 @@ def launch_decode(q, k_cache, v_cache, page_table, seq_lens, out, scratch, semap
 
 def _bind(q, k_cache, v_cache, page_table, seq_lens, out, scratch, semaphores, sinks, mask, q_scale_tensor,
           kv_scale_tensor, q_scale, kv_scale, rcp_out_scale, sliding_window, kv_layout, num_splits, sm_count,
-          enable_pdl, tile, cache_dir) -> BoundLaunch:
+          enable_pdl, q_cu_seq_lens, q_seq_len, tile, cache_dir) -> BoundLaunch:
     """The checked, planned and bound launch of :func:`launch_decode`'s arguments."""
     if (scratch is None) != (semaphores is None):
         given = "workspace" if semaphores is None else "semaphores"
@@ -254,6 +260,7 @@ def _bind(q, k_cache, v_cache, page_table, seq_lens, out, scratch, semaphores, s
                           q_scale=q_scale if q_scale_tensor is None else q_scale_tensor,
                           kv_scale=kv_scale if kv_scale_tensor is None else kv_scale_tensor,
                           rcp_out_scale=rcp_out_scale, sinks=sinks, sliding_window=sliding_window, mask=mask,
+                          q_cu_seq_lens=q_cu_seq_lens, q_seq_len=q_seq_len or None,
                           num_splits=num_splits or None, workspace=workspace, tile=tile, enable_pdl=enable_pdl,
                           validate=False, cache_dir=cache_dir, sm_count=sm_count or None)
     return call.bound

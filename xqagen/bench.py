@@ -313,7 +313,7 @@ HOST_ENTRIES = ("run", "op", "xqa", "batch", "decode", "launch", "FI xqa", "FI b
 
 def host_times(case: BenchCase, *, flashinfer: bool, pdl: bool = False) -> dict[str, float]:
     """Microseconds per eager call of each entry point (HOST_ENTRIES) on one case's inputs."""
-    from . import flashinfer_compat, ops  # noqa: F401  (ops registers torch.ops.xqagen.decode)
+    from . import flashinfer_compat, ops  # noqa: F401 (ops registers torch.ops.xqagen.decode)
     from .runtime import Workspace
     from .wrapper import DecodeWrapper
 

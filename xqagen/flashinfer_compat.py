@@ -1,11 +1,14 @@
-"""Drop-in replacements for FlashInfer 0.6.0's XQA entry points.
+"""Drop-in replacements for FlashInfer 0.7.2's XQA entry points (0.6.0's calls work unchanged).
 
 ``from xqagen.flashinfer_compat import xqa`` replaces ``from flashinfer.xqa import xqa``, and
 ``xqa_batch_decode_with_kv_cache`` replaces ``flashinfer.decode.xqa_batch_decode_with_kv_cache``:
 same signatures, same argument conventions (uint32 ``seq_lens``, uint16 masks, caller-owned
 workspace and semaphores), same results.  Differences, all of them relaxations:
 
-* any sm_80+ GPU (FlashInfer's XQA needs sm_90+), and sinks combine with speculative decoding;
+* any sm_80+ GPU (FlashInfer's XQA needs sm_90+), and sinks, windows and ragged q combine with
+  speculative decoding on one kernel;
+* NVFP4 scale caches (``k_sf_cache``/``v_sf_cache``, ``kv_cache_sf``) are not supported: passing
+  one raises ``ValueError``;
 * ``sm_count`` only informs the split-KV heuristic;
 * ``enable_pdl`` (programmatic dependent launch, sm_90+) is honoured, but ``None`` means off where
   FlashInfer turns it on: back-to-back decodes of both libraries measured slower with it on an H100
@@ -51,16 +54,25 @@ def xqa(
     rcp_out_scale: float = 1.0,
     q_seq_len: int = 1,
     mask: torch.Tensor | None = None,
+    *,
+    q_cu_seq_lens: torch.Tensor | None = None,
+    k_sf_cache: torch.Tensor | None = None,
+    v_sf_cache: torch.Tensor | None = None,
 ) -> None:
     """``flashinfer.xqa.xqa``: writes attention of ``q`` over the paged cache into ``output``.
 
-    ``semaphores`` (uint32) must be zero before the first call; every call leaves them zero.
+    ``semaphores`` (uint32) must be zero before the first call; every call leaves them zero.  With
+    ``q_cu_seq_lens`` (int32 ``[batch + 1]``), q and output are packed ``[total_q_tokens,
+    num_q_heads, head_dim]``, ``q_seq_len`` is the largest number of tokens of a request and the
+    mask rows are packed like q.
     """
+    _no_nvfp4(k_sf_cache=k_sf_cache, v_sf_cache=v_sf_cache)
     if not isinstance(q, torch.Tensor):
         raise TypeError(f"q: expected a torch.Tensor, got {type(q).__name__}")
-    inferred = q.shape[2] if q.dim() == 5 else 1
-    if q_seq_len != inferred:
-        raise ValueError(f"q_seq_len: expected {inferred} (q has shape {tuple(q.shape)}), got {q_seq_len}")
+    if q_cu_seq_lens is None:
+        inferred = q.shape[2] if q.dim() == 5 else 1
+        if q_seq_len != inferred:
+            raise ValueError(f"q_seq_len: expected {inferred} (q has shape {tuple(q.shape)}), got {q_seq_len}")
     layout = kv_layout_named(kv_layout)
     if isinstance(k_cache, torch.Tensor) and k_cache.dim() == 4:
         if layout.page_size(k_cache.shape) != page_size:
@@ -73,7 +85,14 @@ def xqa(
     kv_scale_tensor, kv_scale = (kv_scale, 1.0) if isinstance(kv_scale, torch.Tensor) else (None, kv_scale)
     launch(q, k_cache, v_cache, page_table, seq_lens, output, workspace_buffer, semaphores, sinks, mask, q_scale_tensor,
            kv_scale_tensor, q_scale, kv_scale, rcp_out_scale, sliding_win_size, kv_layout, 0, sm_count or 0,
-           bool(enable_pdl))
+           bool(enable_pdl), q_cu_seq_lens, q_seq_len if q_cu_seq_lens is not None else 0)
+
+
+def _no_nvfp4(**scale_caches) -> None:
+    for name, value in scale_caches.items():
+        if value is not None:
+            raise ValueError(f"{name}: expected None; NVFP4 KV caches (scale-factor caches) are not supported, "
+                             f"only fp16/bf16 and float8_e4m3fn caches")
 
 
 def xqa_batch_decode_with_kv_cache(
@@ -93,11 +112,15 @@ def xqa_batch_decode_with_kv_cache(
     q_len_per_req: int | None = 1,
     o_scale: float | None = 1.0,
     mask: torch.Tensor | None = None,
+    kv_cache_sf: torch.Tensor | None = None,
+    q_cu_seq_lens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``flashinfer.decode.xqa_batch_decode_with_kv_cache``.
 
     ``query`` is ``[batch * q_len_per_req, num_q_heads, head_dim]`` (the result, like FlashInfer's, is
-    ``[batch, q_len_per_req, num_q_heads, head_dim]`` when ``q_len_per_req > 1``); ``kv_cache`` a ``(k, v)`` pair or
+    ``[batch, q_len_per_req, num_q_heads, head_dim]`` when ``q_len_per_req > 1``), or, with
+    ``q_cu_seq_lens`` (ragged: each request its own number of tokens, at most ``q_len_per_req``),
+    ``[total_q_tokens, num_q_heads, head_dim]`` and a result of that shape; ``kv_cache`` a ``(k, v)`` pair or
     one ``[num_pages, 1 or 2, ...]`` tensor; ``workspace_buffer`` must be zero before its first use
     (its first 8 MiB hold the split-KV semaphores).  The scales map onto the kernel's as
     ``kv_scale = bmm2_scale * o_scale``, ``q_scale = bmm1_scale / kv_scale * sqrt(head_dim)``,
@@ -109,6 +132,7 @@ def xqa_batch_decode_with_kv_cache(
     score scale and the output scale as the batch API defines them.
     """
     del max_seq_len  # the page table's width bounds the sequences
+    _no_nvfp4(kv_cache_sf=kv_cache_sf)
     if isinstance(kv_cache, tuple):
         k_cache, v_cache = kv_cache
     else:
@@ -120,17 +144,18 @@ def xqa_batch_decode_with_kv_cache(
         raise ValueError(f"query: expected [num_tokens, num_q_heads, head_dim], got "
                          f"{getattr(query, 'shape', type(query).__name__)}")
     q_len = q_len_per_req or 1
-    if query.shape[0] % q_len:
-        raise ValueError(f"query: {query.shape[0]} tokens are not a multiple of q_len_per_req = {q_len}")
-    batch = query.shape[0] // q_len
     head_dim = query.shape[-1]
-    if q_len > 1:  # as FlashInfer: the query (and a default output) become [batch, q_len, heads, dim]
-        query = query.view(batch, q_len, query.shape[1], head_dim)
+    if q_cu_seq_lens is None:
+        if query.shape[0] % q_len:
+            raise ValueError(f"query: {query.shape[0]} tokens are not a multiple of q_len_per_req = {q_len}")
+        batch = query.shape[0] // q_len
+        if q_len > 1:  # as FlashInfer: the query (and a default output) become [batch, q_len, heads, dim]
+            query = query.view(batch, q_len, query.shape[1], head_dim)
     if out is None:
         out = torch.empty_like(query)
     if out.shape != query.shape:
         raise ValueError(f"out: expected shape {tuple(query.shape)}, got {tuple(out.shape)}")
-    q = query.unsqueeze(1)
+    q, q_out = (query, out) if q_cu_seq_lens is not None else (query.unsqueeze(1), out.unsqueeze(1))
     o_scale = 1.0 if o_scale is None else o_scale
     kv_scale = bmm2_scale * o_scale if o_scale != 1.0 else bmm2_scale
     q_scale = bmm1_scale * (math.sqrt(head_dim) / kv_scale) if not isinstance(kv_scale, torch.Tensor) else \
@@ -145,7 +170,8 @@ def xqa_batch_decode_with_kv_cache(
         raise ValueError(f"workspace_buffer: expected a tensor of more than {SEMAPHORE_BYTES} bytes")
     raw = workspace_buffer if workspace_buffer.dtype == torch.uint8 else workspace_buffer.view(torch.uint8)
     sinks_2d = sinks.reshape(kv_layout_named(kv_layout).num_kv_heads(k_cache.shape), -1) if sinks is not None else None
-    launch(q, k_cache, v_cache, block_tables, seq_lens, out.unsqueeze(1), raw[SEMAPHORE_BYTES:], raw[:SEMAPHORE_BYTES],
+    launch(q, k_cache, v_cache, block_tables, seq_lens, q_out, raw[SEMAPHORE_BYTES:], raw[:SEMAPHORE_BYTES],
            sinks_2d, mask, q_scale_tensor, kv_scale_tensor, q_scale, kv_scale, 1.0 / o_scale,
-           window_left + 1 if window_left >= 0 else 0, kv_layout, 0, 0, bool(enable_pdl))
+           window_left + 1 if window_left >= 0 else 0, kv_layout, 0, 0, bool(enable_pdl), q_cu_seq_lens,
+           q_len if q_cu_seq_lens is not None else 0)
     return out

@@ -6,12 +6,14 @@ Schema (the mutated buffers declared with ``(a!)``; optional tensors as ``Tensor
                    Tensor(a!) out, Tensor(b!)? workspace, Tensor(c!)? semaphores, Tensor? sinks,
                    Tensor? mask, Tensor? q_scale_tensor, Tensor? kv_scale_tensor, float q_scale,
                    float kv_scale, float rcp_out_scale, int sliding_window, str kv_layout,
-                   int num_splits, int sm_count, bool enable_pdl) -> ()
+                   int num_splits, int sm_count, bool enable_pdl, Tensor? q_cu_seq_lens=None,
+                   int q_seq_len=0) -> ()
 
 A scale is a float, or a one-element float32 tensor that the kernel reads on the device (no host
 sync; the float is then ignored).  ``workspace``/``semaphores``: the caller's split-KV buffers
-(semaphores zero before first use; every launch leaves them zero), or None for the device's
-default workspace.  ``num_splits`` and ``sm_count``: 0 for the defaults.  The op launches through
+(semaphores zero before first use; every launch leaves them zero; their last int32 is the fault
+word), or None for the device's default workspace.  ``q_cu_seq_lens``/``q_seq_len``: ragged
+speculative decoding (a packed q), or None/0.  ``num_splits`` and ``sm_count``: 0 for the defaults.  The op launches through
 :func:`xqagen.api.launch_decode`: every argument is checked the first time a geometry is seen, and
 never synchronises.  Its fake implementation returns nothing, so a compiled graph holds the op as
 one node that writes ``out``.
@@ -35,7 +37,8 @@ _LIB.define(
     "decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor page_table, Tensor seq_lens, Tensor(a!) out, "
     "Tensor(b!)? workspace, Tensor(c!)? semaphores, Tensor? sinks, Tensor? mask, Tensor? q_scale_tensor, "
     "Tensor? kv_scale_tensor, float q_scale, float kv_scale, float rcp_out_scale, int sliding_window, "
-    "str kv_layout, int num_splits, int sm_count, bool enable_pdl) -> ()")
+    "str kv_layout, int num_splits, int sm_count, bool enable_pdl, Tensor? q_cu_seq_lens=None, "
+    "int q_seq_len=0) -> ()")
 # Registered with Library.impl rather than torch.library.custom_op: the latter's Python wrapper
 # costs far more per eager call than the launch itself.  On CPU tensors the same function reports
 # what is wrong with the arguments (kernels run on GPUs only).
@@ -46,7 +49,7 @@ for _key in ("CUDA", "CPU"):
 @torch.library.register_fake("xqagen::decode", lib=_LIB)
 def _decode_fake(q, k_cache, v_cache, page_table, seq_lens, out, workspace, semaphores, sinks, mask,
                  q_scale_tensor, kv_scale_tensor, q_scale, kv_scale, rcp_out_scale, sliding_window, kv_layout,
-                 num_splits, sm_count, enable_pdl) -> None:
+                 num_splits, sm_count, enable_pdl, q_cu_seq_lens=None, q_seq_len=0) -> None:
     if out.shape != q.shape:  # the one check a graph needs to stay shape-correct; the launch checks the rest
         raise ValueError(f"out: expected q's shape {tuple(q.shape)}, got {tuple(out.shape)}")
 
@@ -67,12 +70,13 @@ def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_t
            seq_lens: torch.Tensor, out: torch.Tensor, *, workspace: Workspace | None = None, kv_layout: str = "NHD",
            q_scale: float | torch.Tensor = 1.0, kv_scale: float | torch.Tensor = 1.0, rcp_out_scale: float = 1.0,
            sinks: torch.Tensor | None = None, sliding_window: int = 0, mask: torch.Tensor | None = None,
-           num_splits: int | None = None, sm_count: int | None = None, enable_pdl: bool = False) -> torch.Tensor:
+           num_splits: int | None = None, sm_count: int | None = None, enable_pdl: bool = False,
+           q_cu_seq_lens: torch.Tensor | None = None, q_seq_len: int | None = None) -> torch.Tensor:
     """:func:`xqagen.api.xqa_decode` into ``out`` through the op (no value checks, no sync); returns ``out``."""
     q_scale_tensor, q_scale = (q_scale, 1.0) if isinstance(q_scale, torch.Tensor) else (None, q_scale)
     kv_scale_tensor, kv_scale = (kv_scale, 1.0) if isinstance(kv_scale, torch.Tensor) else (None, kv_scale)
-    scratch, semaphores = (None, None) if workspace is None else (workspace.scratch, workspace.semaphores)
+    scratch, semaphores = (None, None) if workspace is None else (workspace.scratch, workspace.buffer)
     launch(q, k_cache, v_cache, page_table, seq_lens, out, scratch, semaphores, sinks, mask, q_scale_tensor,
            kv_scale_tensor, q_scale, kv_scale, rcp_out_scale, sliding_window, kv_layout, num_splits or 0, sm_count or 0,
-           enable_pdl)
+           enable_pdl, q_cu_seq_lens, q_seq_len or 0)
     return out

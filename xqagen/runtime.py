@@ -68,6 +68,12 @@ class _Loaded:
     function: driver.CUfunction
 
 
+def fault_word_address(semaphores: torch.Tensor) -> int:
+    """The fault word of a semaphore buffer: its last int32 (0, not recorded, for an empty buffer)."""
+    words = semaphores.numel() * semaphores.element_size() // 4
+    return semaphores.data_ptr() + 4 * (words - 1) if words else 0
+
+
 class Workspace:
     """Split-KV scratch (fp32 partials), semaphores and the fault word, for one device.
 
@@ -89,8 +95,14 @@ class Workspace:
         raw = scratch.reshape(-1).view(torch.uint8)
         self.device = scratch.device
         self.scratch = raw[: raw.numel() // 4 * 4].view(torch.float32)
+        self.buffer = semaphores  # as given: the op takes it whole
         words = semaphores.reshape(-1).view(torch.int32)
         self.semaphores, self.faults = words[:-1], words[-1:]
+
+    @property
+    def faults_ptr(self) -> int:
+        """The fault word's address; 0 (not recorded) for an empty semaphore buffer."""
+        return fault_word_address(self.buffer)
 
     @property
     def size(self) -> WorkspaceSize:

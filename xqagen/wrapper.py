@@ -29,8 +29,8 @@ __all__ = ["DecodeWrapper"]
 # The pointer fields run() rewrites per layer, and those plan() takes from the step's tensors; pack()
 # fills the workspace's from the real workspace.  Together, every pointer field (a test holds it).
 LAYER_POINTERS = ("q", "k", "v", "out")
-STEP_POINTERS = ("page_table", "seq_lens", "sinks", "mask", "q_scale_ptr", "kv_scale_ptr")
-_Q, _K, _V, _OUT, _PAGE_TABLE, _SEQ_LENS, _SINKS, _MASK, _Q_SCALE, _KV_SCALE = (
+STEP_POINTERS = ("page_table", "seq_lens", "sinks", "mask", "q_cu_seq_lens", "q_scale_ptr", "kv_scale_ptr")
+_Q, _K, _V, _OUT, _PAGE_TABLE, _SEQ_LENS, _SINKS, _MASK, _Q_CU_SEQ_LENS, _Q_SCALE, _KV_SCALE = (
     POINTER_FIELDS.index(name) for name in LAYER_POINTERS + STEP_POINTERS)
 
 
@@ -51,21 +51,30 @@ def _contiguous_strides(shape) -> tuple[int, ...]:
 
 def _describe_step(page_table, seq_lens, kv_cache, *, num_q_heads, q_dtype, out_dtype, q_seq_len, kv_layout,
                    q_strides, out_strides, mask, sinks, sliding_window, q_scale, kv_scale,
-                   rcp_out_scale) -> DecodeProblem:
+                   rcp_out_scale, q_cu_seq_lens=None, num_q_tokens=None) -> DecodeProblem:
     """:func:`xqagen.problem.describe` of a step, on storage-less stand-ins of its tensors: the checks
     read shapes, strides and dtypes only, and the pointers are written per launch (their 16-byte
     alignment is the caller's, as every layer's)."""
     if not isinstance(kv_cache, torch.Tensor) or kv_cache.dim() != 4:
         fail("kv_cache", "a 4-D page pool tensor", getattr(kv_cache, "shape", type(kv_cache).__name__))
     batch, head_dim = page_table.shape[0], kv_cache.shape[-1]
-    shape = (batch, 1, num_q_heads, head_dim) if q_seq_len == 1 else (batch, 1, q_seq_len, num_q_heads, head_dim)
+    if q_cu_seq_lens is not None:  # ragged: q and out packed [num_q_tokens, heads, head_dim]
+        if not isinstance(num_q_tokens, int) or isinstance(num_q_tokens, bool) or num_q_tokens < 0:
+            fail("num_q_tokens", "the packed q's number of tokens (an int >= 0) with q_cu_seq_lens", repr(num_q_tokens))
+        shape = (num_q_tokens, num_q_heads, head_dim)
+    elif q_seq_len == 1:
+        shape = (batch, 1, num_q_heads, head_dim)
+    else:
+        shape = (batch, 1, q_seq_len, num_q_heads, head_dim)
     q = torch.empty_strided(shape, q_strides or _contiguous_strides(shape), dtype=q_dtype, device="meta")
     out = torch.empty_strided(shape, out_strides or _contiguous_strides(shape),
                               dtype=q_dtype if out_dtype is None else out_dtype, device="meta")
     cache = _meta(kv_cache)
     return describe(q, cache, cache, _meta(page_table), _meta(seq_lens), out=out, kv_layout=kv_layout,
                     q_scale=_meta(q_scale), kv_scale=_meta(kv_scale), rcp_out_scale=rcp_out_scale,
-                    sinks=_meta(sinks), sliding_window=sliding_window, mask=_meta(mask), validate=False)
+                    sinks=_meta(sinks), sliding_window=sliding_window, mask=_meta(mask),
+                    q_cu_seq_lens=_meta(q_cu_seq_lens), q_seq_len=q_seq_len if q_cu_seq_lens is not None else None,
+                    validate=False)
 
 
 class DecodeWrapper:
@@ -117,7 +126,8 @@ class DecodeWrapper:
              q_strides: tuple[int, ...] | None = None, out_strides: tuple[int, ...] | None = None,
              mask: torch.Tensor | None = None, sinks: torch.Tensor | None = None, sliding_window: int = 0,
              q_scale: float | torch.Tensor = 1.0, kv_scale: float | torch.Tensor = 1.0, rcp_out_scale: float = 1.0,
-             num_splits: int | None = None, tile=None, enable_pdl: bool = False, sm_count: int | None = None) -> None:
+             num_splits: int | None = None, tile=None, enable_pdl: bool = False, sm_count: int | None = None,
+             q_cu_seq_lens: torch.Tensor | None = None, num_q_tokens: int | None = None) -> None:
         """Check a step's arguments and fix its launch (as :func:`xqagen.api.xqa_decode` defines them).
 
         ``kv_cache``: one layer's K cache; every layer's K and V caches passed to :meth:`run` must
@@ -125,14 +135,17 @@ class DecodeWrapper:
         ``[batch, 1, q_seq_len, num_q_heads, head_dim]``), contiguous unless ``q_strides`` /
         ``out_strides`` say otherwise.  ``page_table``, ``seq_lens``, ``mask``, ``sinks`` and
         tensor scales are read by every launch until the next plan: write new values into them,
-        or plan again.  Values are not checked (no host sync).
+        or plan again.  Values are not checked (no host sync).  Ragged speculative decoding:
+        ``q_cu_seq_lens`` (``[batch + 1]`` offsets, read by every launch) and ``num_q_tokens``, q
+        and out then packed ``[num_q_tokens, num_q_heads, head_dim]``, ``q_seq_len`` the most
+        tokens of a request.
         """
         device = page_table.device if isinstance(page_table, torch.Tensor) else None
         if device is None or device.type != "cuda":
             fail("page_table", "a CUDA tensor (the kernels run on NVIDIA GPUs)",
                  getattr(page_table, "device", page_table))
         for name, t in (("seq_lens", seq_lens), ("kv_cache", kv_cache), ("mask", mask), ("sinks", sinks),
-                        ("q_scale", q_scale), ("kv_scale", kv_scale)):
+                        ("q_cu_seq_lens", q_cu_seq_lens), ("q_scale", q_scale), ("kv_scale", kv_scale)):
             if isinstance(t, torch.Tensor) and t.device != device:
                 fail(name, f"a tensor on {device} (page_table's device)", t.device)
         if self._workspace is not None and self._workspace.device != device:
@@ -142,7 +155,8 @@ class DecodeWrapper:
         problem = _describe_step(page_table, seq_lens, kv_cache, num_q_heads=num_q_heads, q_dtype=q_dtype,
                                  out_dtype=out_dtype, q_seq_len=q_seq_len, kv_layout=kv_layout, q_strides=q_strides,
                                  out_strides=out_strides, mask=mask, sinks=sinks, sliding_window=sliding_window,
-                                 q_scale=q_scale, kv_scale=kv_scale, rcp_out_scale=rcp_out_scale)
+                                 q_scale=q_scale, kv_scale=kv_scale, rcp_out_scale=rcp_out_scale,
+                                 q_cu_seq_lens=q_cu_seq_lens, num_q_tokens=num_q_tokens)
         batch = problem.batch
         if num_splits is not None and (not isinstance(num_splits, int) or isinstance(num_splits, bool)
                                        or num_splits < 1):
@@ -161,11 +175,12 @@ class DecodeWrapper:
                             device=device, pdl=enable_pdl)
         pointers = bound.pointers()
         pointers[_PAGE_TABLE], pointers[_SEQ_LENS] = page_table.data_ptr(), seq_lens.data_ptr()
-        for index, t in ((_SINKS, sinks), (_MASK, mask), (_Q_SCALE, q_scale), (_KV_SCALE, kv_scale)):
+        for index, t in ((_SINKS, sinks), (_MASK, mask), (_Q_CU_SEQ_LENS, q_cu_seq_lens), (_Q_SCALE, q_scale),
+                         (_KV_SCALE, kv_scale)):
             if isinstance(t, torch.Tensor):
                 pointers[index] = t.data_ptr()
         self._bound, self._pointers, self.plan_info = bound, pointers, plan
-        self._keep = (page_table, seq_lens, mask, sinks, q_scale, kv_scale, workspace)  # what the launches read
+        self._keep = (page_table, seq_lens, mask, sinks, q_cu_seq_lens, q_scale, kv_scale, workspace)  # what launches read
 
     def run(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """Launch the planned decode for one layer on torch's current stream; returns ``out``.
