@@ -82,7 +82,7 @@ def xqa_decode(
     if not validate and isinstance(q, torch.Tensor) and not isinstance(tile, Mapping):
         if out is None:
             out = torch.empty(q.shape, dtype=q.dtype if out_dtype is None else out_dtype, device=q.device)
-        scratch, semaphores = (None, None) if workspace is None else (workspace.scratch, workspace.semaphores)
+        scratch, semaphores = (None, None) if workspace is None else (workspace.scratch, workspace.buffer)
         q_scale_tensor = q_scale if isinstance(q_scale, torch.Tensor) else None
         kv_scale_tensor = kv_scale if isinstance(kv_scale, torch.Tensor) else None
         launch_decode(q, k_cache, v_cache, page_table, seq_lens, out, scratch, semaphores, sinks, mask,

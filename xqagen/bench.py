@@ -332,7 +332,7 @@ def host_times(case: BenchCase, *, flashinfer: bool, pdl: bool = False) -> dict[
     wrapper = DecodeWrapper(workspace)
     wrapper.plan(pt, seq_lens, k, num_q_heads=case.num_q_heads, q_dtype=q.dtype, q_seq_len=case.q_seq_len,
                  mask=mask, sinks=sinks, sliding_window=case.window, kv_scale=kv_scale, enable_pdl=pdl)
-    op_args = (q, k, v, pt, seq_lens, out, workspace.scratch, workspace.semaphores, sinks, mask, None, None, 1.0,
+    op_args = (q, k, v, pt, seq_lens, out, workspace.scratch, workspace.buffer, sinks, mask, None, None, 1.0,
                kv_scale, 1.0, case.window, "NHD", 0, 0, pdl)
     xqa_args = (q, k, v, pt, seq_lens, out, *buffers(), case.num_kv_heads, case.page_size)
     xqa_kwargs = dict(sinks=sinks, kv_scale=kv_scale, sliding_win_size=case.window, enable_pdl=pdl,

@@ -98,7 +98,7 @@ class DecodeWrapper:
                         q_dtype: torch.dtype, kv_dtype: torch.dtype, max_kv_len: int, sm_count: int,
                         out_dtype: torch.dtype | None = None, q_seq_len: int = 1, sinks: bool = False,
                         sliding_window: bool = False, tile=None, num_splits: int | None = None) -> tuple[int, int]:
-        """(scratch bytes, number of semaphores) that every step up to ``max_batch`` requests of up to
+        """(scratch bytes, int32 semaphore words, the fault word included) that every step up to ``max_batch`` requests of up to
         ``max_kv_len`` tokens (the page table's capacity) needs for the split count its plan chooses.
 
         Evaluated over every batch size and over KV lengths at and just below each power of two
@@ -119,7 +119,7 @@ class DecodeWrapper:
                                num_splits=num_splits, workspace=unbounded)
             need = plan.path.workspace_need(plan.spec, batch, num_kv_heads, plan.num_splits)
             floats, semaphores = max(floats, need.floats), max(semaphores, need.semaphores)
-        return 4 * floats, semaphores
+        return 4 * floats, semaphores + 1  # the semaphore buffer's last int32 is the fault word
 
     def plan(self, page_table: torch.Tensor, seq_lens: torch.Tensor, kv_cache: torch.Tensor, *, num_q_heads: int,
              q_dtype: torch.dtype, out_dtype: torch.dtype | None = None, q_seq_len: int = 1, kv_layout: str = "NHD",
