@@ -112,11 +112,9 @@ __device__ __forceinline__ void record_fault(Params const& p, int bit) {
   if (p.faults) atomicOr(p.faults, bit);
 }
 
-// Whether `page` is a page of the pool; a fault otherwise.
+// Whether `page` is a page of the pool (a gather records kFaultPage once for the pages it skips).
 __device__ __forceinline__ bool page_in_pool(Params const& p, int page) {
-  bool const in_pool = unsigned(page) < unsigned(p.num_pages);
-  if (!in_pool) record_fault(p, kFaultPage);
-  return in_pool;
+  return unsigned(page) < unsigned(p.num_pages);
 }
 
 // ---- softmax in the log2 domain, with the scale inside the exponent ---------------------------
@@ -480,6 +478,7 @@ struct KvGather {
       tile_page = pages[tok0 / kPageSize];  // tok0 < seq_len here
       tile_page_ok = page_in_pool(p, tile_page);
     }
+    bool skipped_page = !tile_page_ok;  // a page outside the pool: never read, recorded once below
     CUTE_UNROLL
     for (int i = 0; i < (kKvChunksPerTile + kThreads - 1) / kThreads; ++i) {
       int const c = threadIdx.x + i * kThreads;
@@ -491,7 +490,9 @@ struct KvGather {
       int page = tile_page;
       if constexpr (kPageSize < kKvTile) {
         page = valid ? pages[tok / kPageSize] : 0;
-        valid = valid && page_in_pool(p, page);  // outside the pool: zero-fill, never read it
+        bool const in_pool = page_in_pool(p, page);
+        skipped_page |= valid && !in_pool;
+        valid = valid && in_pool;  // outside the pool: zero-fill, never read it
       } else {
         valid = valid && tile_page_ok;
       }
@@ -503,6 +504,7 @@ struct KvGather {
           *reinterpret_cast<uint128_t const*>(valid ? v + slot + col : v),
           *reinterpret_cast<uint128_t*>(&sV(row, col)), valid);
     }
+    if (skipped_page) record_fault(p, kFaultPage);
   }
 };
 
