@@ -113,6 +113,15 @@ def _swizzle(row_elems: int, elem_bytes: int) -> tuple[int, int, int]:
     return bits, base, int(math.log2(row_elems)) - base
 
 
+# The oldest GPU the generic kernels run on (cp.async and ldmatrix feeding SM80 MMAs).
+MIN_ARCH = 80
+
+
+def _arch_number(arch: str) -> int:
+    """80 for ``sm_80``, 90 for ``sm_90a``."""
+    return int(arch.removeprefix("sm_").rstrip("af"))
+
+
 def _round_up(x: int, m: int) -> int:
     return -(-x // m) * m
 
@@ -242,14 +251,19 @@ class GenericPath(KernelPath):
         return EmittedKernel(spec=spec, source=source, kernel_name=spec.name, threads=plan.threads,
                              smem_bytes=plan.smem_bytes, arches=self.arches)
 
+    def unsupported_target(self, arch: str) -> str | None:
+        if _arch_number(arch) < MIN_ARCH:
+            return (f"the generic path builds for sm_{MIN_ARCH} and newer (cp.async, ldmatrix and the SM80 "
+                    f"tensor-core MMAs), not {arch}")
+        return None
+
     def target_arch(self, device_arch: str) -> str | None:
-        major_minor = int(device_arch.removeprefix("sm_").rstrip("af"))
-        return device_arch if major_minor >= 80 else None
+        return None if self.unsupported_target(device_arch) else device_arch
 
     def sass_features(self, spec: KernelSpec, arch: str) -> Mapping[str, str]:
         features = {"HMMA": "no tensor-core MMA", "LDSM": "operands are not loaded with ldmatrix",
                     "LDGSTS": "the KV gather does not use cp.async"}
-        if spec.kv_dtype == "e4m3" and int(arch.removeprefix("sm_").rstrip("af")) >= 89:
+        if spec.kv_dtype == "e4m3" and _arch_number(arch) >= 89:
             features["F2FP"] = "fp8 conversion does not use the hardware converter"
         return features
 

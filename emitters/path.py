@@ -107,6 +107,10 @@ class KernelPath(ABC):
         """The generated translation unit of ``spec``."""
 
     @abstractmethod
+    def unsupported_target(self, arch: str) -> str | None:
+        """Why this path cannot build cubins for ``arch`` (``sm_80``, ``sm_90a``, ...); None: it can."""
+
+    @abstractmethod
     def target_arch(self, device_arch: str) -> str | None:
         """The cubin target for a GPU of ``device_arch`` (``sm_90``, ...); None where this path's
         kernels cannot run on it."""

@@ -394,12 +394,16 @@ def test_build_fails_on_compile_error(write_recipe, fake_compiler, capsys):
     assert len(fake_compiler.calls) == 4, "one failure does not stop the other compiles"
 
 
-def test_build_reports_an_unsupported_arch_as_a_failure(write_recipe, cache_dir, capsys):
-    argv = ["build", str(write_recipe(TWO_VARIANTS)), "--arch", "sm_35", "-j", "1", "--cache-dir", str(cache_dir)]
-    assert main(argv) == 1
-    captured = capsys.readouterr()
-    assert captured.out.count(": FAILED\n") == 2
-    assert "sm_35: invalid arch 'sm_35'" in captured.err
+@pytest.mark.parametrize("arch", ["sm_75", "sm_35"])
+def test_build_refuses_an_arch_the_path_cannot_target(arch, write_recipe, cache_dir, capsys):
+    """sm_75 compiles with NVRTC, but into cubins without tensor-core MMAs, cp.async or ldmatrix
+    that trap: the path says so before anything compiles."""
+    argv = ["build", str(write_recipe(TWO_VARIANTS)), "--arch", f"sm_80,{arch}", "-j", "1", "--cache-dir",
+            str(cache_dir)]
+    assert main(argv) == 2
+    err = _one_error_line(capsys.readouterr().err)
+    assert f"--arch {arch}: the generic path builds for sm_80 and newer" in err
+    assert not any(cache_dir.iterdir()), "nothing compiled"
 
 
 def test_build_fails_once_when_the_cache_cannot_be_written(write_recipe, fake_compiler, tmp_path, capsys):

@@ -83,3 +83,9 @@ def test_kv_len_is_the_window_when_there_is_one():
     # a 4096-token window keeps the default tile where the page table alone would pick the split tile
     assert GENERIC.choose_tile(FP8, shape(1, 4096)).tile.name == "decode_fp8"
     assert GENERIC.choose_tile(FP8, shape(1, 32768)).tile.name == SPLIT_TILE
+
+
+def test_the_generic_path_targets_sm80_and_newer():
+    assert GENERIC.unsupported_target("sm_75") and GENERIC.unsupported_target("sm_70")
+    assert not any(GENERIC.unsupported_target(arch) for arch in ("sm_80", "sm_86", "sm_89", "sm_90", "sm_90a", "sm_120"))
+    assert GENERIC.target_arch("sm_75") is None and GENERIC.target_arch("sm_86") == "sm_86"

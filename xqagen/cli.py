@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import xqagen
-from xqagen.emitters import EmittedKernel, emit
+from xqagen.emitters import EmittedKernel, emit, path_of
 from xqagen.recipes import Recipe, RecipeError, find_recipe, load_recipe, shipped_recipes, sync_generated
 
 if TYPE_CHECKING:
@@ -332,8 +332,14 @@ class _Progress:
 
 
 def _compile_jobs(recipes: Sequence[Recipe], arches: tuple[str, ...] | None) -> list[_CompileJob]:
-    """One job per (variant, arch); a variant shared by several recipes is built once."""
+    """One job per (variant, arch); a variant shared by several recipes is built once.  An ``--arch``
+    that a variant's path cannot build for is an error before anything compiles."""
     kernels = {spec: emit(spec) for recipe in recipes for spec in recipe.variants}
+    for kernel in kernels.values():
+        for arch in arches or ():
+            reason = path_of(kernel.spec).unsupported_target(arch)
+            if reason:
+                raise _UserError(f"--arch {arch}: {reason}")
     return [_CompileJob(kernel, arch) for kernel in kernels.values() for arch in arches or kernel.arches]
 
 
