@@ -10,9 +10,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from .generic import GenericPath
+from .hopper import HopperPath
 from .path import EmittedKernel, KernelPath, LaunchShape, WorkspaceSize
 
-PATHS: Mapping[str, KernelPath] = {path.name: path for path in (GenericPath(),)}
+PATHS: Mapping[str, KernelPath] = {path.name: path for path in (GenericPath(), HopperPath())}
 
 __all__ = ["PATHS", "EmittedKernel", "KernelPath", "LaunchShape", "WorkspaceSize", "emit", "path_of"]
 

@@ -142,6 +142,10 @@ class KernelPath(ABC):
         """The kernel's parameters in declaration order, as ctypes objects: the parameter struct,
         then any ``__grid_constant__`` parameters (tensor maps)."""
 
+    def refresh(self, params: tuple) -> None:
+        """Bring parameters derived from the struct's pointers (tensor maps) up to date after a
+        bound launch rewrote those pointers; nothing for a path whose only parameter is the struct."""
+
     @abstractmethod
     def max_splits(self, spec: KernelSpec, batch: int, num_kv_heads: int, workspace: WorkspaceSize | None) -> int:
         """The most KV splits a launch may use with a workspace of this capacity (None: no

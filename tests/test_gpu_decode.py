@@ -44,10 +44,12 @@ class Case:
     seq_lens: tuple[int, ...] = (1000, 77, 4133)
     num_splits: int | None = None
     tile: str | None = None  # None: the one xqagen.plan chooses for the shape
+    path: str = "generic"
 
     @property
     def id(self) -> str:
-        fields = [f"q{self.q_dtype}", f"kv{self.kv_dtype}", f"d{self.head_dim}", f"g{self.group}",
+        fields = [] if self.path == "generic" else [self.path]
+        fields += [f"q{self.q_dtype}", f"kv{self.kv_dtype}", f"d{self.head_dim}", f"g{self.group}",
                   f"p{self.page_size}", self.kv_layout, f"s{self.q_seq_len}"]
         if self.out_dtype:
             fields.append(f"o{self.out_dtype}")
@@ -72,7 +74,7 @@ class Case:
             features.add("sliding_window")
         return KernelSpec(q_dtype=self.q_dtype, kv_dtype=self.kv_dtype, out_dtype=self.out_dtype,
                           head_dim=self.head_dim, group=self.group, page_size=self.page_size,
-                          q_seq_len=self.q_seq_len, features=frozenset(features), tile=self.tile)
+                          q_seq_len=self.q_seq_len, features=frozenset(features), path=self.path, tile=self.tile)
 
     def launched_spec(self, sm_count: int):
         """The variant xqa_decode runs for this case (xqagen.plan applied to its shape)."""
@@ -137,7 +139,10 @@ def _combinations(count: int, seed: int = 2026) -> list[Case]:
     return cases
 
 
-CASES = SINGLE_AXIS + _combinations(24)
+# The Hopper path (sm_90 only) over the same axes, and combinations of its own.
+HOPPER_CASES = [replace(case, path="hopper") for case in SINGLE_AXIS if case.tile is None] + [
+    replace(case, path="hopper") for case in _combinations(16, seed=90)]
+CASES = SINGLE_AXIS + _combinations(24) + HOPPER_CASES
 
 
 def _compile_one(spec_dict: dict) -> str:
@@ -157,11 +162,13 @@ def precompiled():
     """Compile every variant of the grid in parallel processes (the cubin cache serves the tests)."""
     if not torch.cuda.is_available():
         return
+    from xqagen.emitters import path_of
     from xqagen.runtime import device_arch
 
     os.environ["XQAGEN_TEST_DEVICE_ARCH"] = device_arch(torch.device("cuda"))
     sm_count = torch.cuda.get_device_properties(0).multi_processor_count
-    specs = {case.launched_spec(sm_count) for case in CASES}
+    arch = os.environ["XQAGEN_TEST_DEVICE_ARCH"]
+    specs = {spec for spec in (case.launched_spec(sm_count) for case in CASES) if path_of(spec).target_arch(arch)}
     spawn = multiprocessing.get_context("spawn")  # CUDA is initialised here: never fork
     with ProcessPoolExecutor(max_workers=min(16, os.cpu_count() or 1), mp_context=spawn) as pool:
         list(pool.map(_compile_one, [spec.to_dict() for spec in specs]))
@@ -202,12 +209,17 @@ def _tolerance(case: Case) -> float:
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
-def test_matches_reference(case: Case):
-    _check_against_reference(case)
+def test_matches_reference(case: Case, record_property):
+    record_property("rel_l2_error", _check_against_reference(case))
 
 
-def _check_against_reference(case: Case) -> None:
+def _check_against_reference(case: Case) -> float:
     from xqagen.api import xqa_decode
+    from xqagen.emitters import PATHS
+    from xqagen.runtime import device_arch
+
+    if PATHS[case.path].target_arch(device_arch(torch.device("cuda"))) is None:
+        pytest.skip(f"the {case.path} path does not run on this GPU")
 
     q, k_cache, v_cache, page_table, seq_lens, kwargs = _inputs(case, seed=zlib.crc32(case.id.encode()))
     out_dtype = TORCH_DTYPES[case.out_dtype] if case.out_dtype else q.dtype
@@ -217,15 +229,16 @@ def _check_against_reference(case: Case) -> None:
         ref = (ref * kwargs["rcp_out_scale"]).clamp(-448, 448)
     out = torch.full(q.shape, float("nan"), dtype=torch.float32, device=q.device).to(out_dtype)
     xqa_decode(q, k_cache, v_cache, page_table, seq_lens, out=out, num_splits=case.num_splits, tile=case.tile,
-               **kwargs)
+               path=case.path, **kwargs)
     torch.cuda.synchronize()
     err = relative_l2_error(out.float(), ref)
     assert err < _tolerance(case), f"relative L2 error {err:.3e} for {case.id}"
     # The same inputs again: a race shows as a result that moves between launches.
     out2 = torch.full_like(out.float(), float("nan")).to(out_dtype)
     xqa_decode(q, k_cache, v_cache, page_table, seq_lens, out=out2, num_splits=case.num_splits, tile=case.tile,
-               **kwargs)
+               path=case.path, **kwargs)
     assert torch.equal(out.view(torch.uint8), out2.view(torch.uint8)), "non-deterministic output"
+    return err
 
 
 # The sm_80 code path (software e4m3 conversion, no fp8 output instruction) on every kind of tile.

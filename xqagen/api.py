@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ._torch import torch
 
-from .emitters import LaunchShape
+from .emitters import PATHS, LaunchShape
 from .plan import LaunchPlan, plan_launch
 from .problem import DTYPE_NAMES, TORCH_DTYPES, describe, fail
 from .runtime import (POINTER_FIELDS, BoundLaunch, DecodeKernel, Workspace, default_workspace, fault_word_address,
@@ -51,6 +51,7 @@ def xqa_decode(
     num_splits: int | None = None,
     workspace: Workspace | None = None,
     tile=None,
+    path: str | None = None,
     enable_pdl: bool = False,
     validate: bool = True,
     cache_dir: Path | None = None,
@@ -70,6 +71,8 @@ def xqa_decode(
     num_splits: split-KV count (None: chosen from the grid, the SM count and max sequence length).
     tile: the kernel path's tile, a shipped tile's name or a mapping of tile fields (None: the path
     chooses by launch shape).
+    path: the kernel path, ``"generic"`` or ``"hopper"`` (None: chosen per launch shape, see
+    :mod:`xqagen.plan`).
     enable_pdl: programmatic dependent launch (sm_90+): the kernel may start while the previous
     kernel on the stream finishes, and waits for its writes before reading anything.  Off by
     default: back-to-back decodes measured slower with it on an H100 (docs/benchmarks.md).
@@ -88,13 +91,13 @@ def xqa_decode(
         launch_decode(q, k_cache, v_cache, page_table, seq_lens, out, scratch, semaphores, sinks, mask,
                       q_scale_tensor, kv_scale_tensor, 1.0 if q_scale_tensor is not None else q_scale,
                       1.0 if kv_scale_tensor is not None else kv_scale, rcp_out_scale, sliding_window, kv_layout,
-                      num_splits or 0, 0, enable_pdl, tile=tile, cache_dir=cache_dir)
+                      num_splits or 0, 0, enable_pdl, tile=tile, path=path, cache_dir=cache_dir)
         return out
     return prepare_decode(q, k_cache, v_cache, page_table, seq_lens, out=out, out_dtype=out_dtype,
                           kv_layout=kv_layout, q_scale=q_scale, kv_scale=kv_scale, rcp_out_scale=rcp_out_scale,
                           sinks=sinks, sliding_window=sliding_window, mask=mask, q_cu_seq_lens=q_cu_seq_lens,
                           q_seq_len=q_seq_len, num_splits=num_splits,
-                          workspace=workspace, tile=tile, enable_pdl=enable_pdl, validate=validate,
+                          workspace=workspace, tile=tile, path=path, enable_pdl=enable_pdl, validate=validate,
                           cache_dir=cache_dir).launch()
 
 
@@ -126,7 +129,7 @@ class DecodeCall:
 
 def prepare_decode(q, k_cache, v_cache, page_table, seq_lens, *, out=None, out_dtype=None, kv_layout="NHD",
                    q_scale=1.0, kv_scale=1.0, rcp_out_scale=1.0, sinks=None, sliding_window=0, mask=None,
-                   q_cu_seq_lens=None, q_seq_len=None, num_splits=None, workspace=None, tile=None,
+                   q_cu_seq_lens=None, q_seq_len=None, num_splits=None, workspace=None, tile=None, path=None,
                    enable_pdl=False, validate=True, cache_dir=None, sm_count=None) -> DecodeCall:
     """Validate the arguments of :func:`xqa_decode`, plan its launch and bind it, without launching."""
     if not isinstance(enable_pdl, bool):
@@ -139,7 +142,9 @@ def prepare_decode(q, k_cache, v_cache, page_table, seq_lens, *, out=None, out_d
                        q_scale=q_scale, kv_scale=kv_scale, rcp_out_scale=rcp_out_scale, sinks=sinks,
                        sliding_window=sliding_window, mask=mask, q_cu_seq_lens=q_cu_seq_lens, q_seq_len=q_seq_len,
                        validate=validate)
-    spec = problem.spec(tile=tile)
+    if path is not None and path not in PATHS:
+        fail("path", f"None or one of {', '.join(map(repr, PATHS))}", repr(path))
+    spec = problem.spec(path=path or "generic", tile=tile)
     # Every argument is checked first, so that a CPU tensor reports its real mistakes too.
     device = problem.device
     if device.type != "cuda":
@@ -178,7 +183,7 @@ REWRITTEN_POINTERS = ("q", "k", "v", "page_table", "seq_lens", "out", "sinks", "
 def launch_decode(q, k_cache, v_cache, page_table, seq_lens, out, scratch, semaphores, sinks, mask,
                   q_scale_tensor, kv_scale_tensor, q_scale, kv_scale, rcp_out_scale, sliding_window, kv_layout,
                   num_splits, sm_count, enable_pdl, q_cu_seq_lens=None, q_seq_len=0, *, tile=None,
-                  cache_dir=None) -> None:
+                  path=None, cache_dir=None) -> None:
     """Launch a decode into ``out`` without value checks, planning once per geometry.
 
     The arguments of :func:`xqa_decode` flattened as the op (:mod:`xqagen.ops`) takes them:
@@ -198,7 +203,7 @@ def launch_decode(q, k_cache, v_cache, page_table, seq_lens, out, scratch, semap
                out.dtype, _tensor_key(scratch), _tensor_key(semaphores), _tensor_key(sinks), _tensor_key(mask),
                _tensor_key(q_scale_tensor), _tensor_key(kv_scale_tensor), q_scale, kv_scale, rcp_out_scale,
                sliding_window, kv_layout, num_splits, sm_count, enable_pdl, _tensor_key(q_cu_seq_lens), q_seq_len,
-               tile, cache_dir)
+               tile, path, cache_dir)
         entry = _launches.get(key)
     except (AttributeError, TypeError):  # not tensors, or an unhashable option: the checks below name it
         entry = None
@@ -234,7 +239,7 @@ def launch_decode(q, k_cache, v_cache, page_table, seq_lens, out, scratch, semap
     # A new geometry, or a misaligned view for the checks to report.
     bound = _bind(q, k_cache, v_cache, page_table, seq_lens, out, scratch, semaphores, sinks, mask, q_scale_tensor,
                   kv_scale_tensor, q_scale, kv_scale, rcp_out_scale, sliding_window, kv_layout, num_splits, sm_count,
-                  enable_pdl, q_cu_seq_lens, q_seq_len, tile, cache_dir)
+                  enable_pdl, q_cu_seq_lens, q_seq_len, tile, path, cache_dir)
     with _launches_lock:
         if len(_launches) >= _MAX_LAUNCHES:
             _launches.clear()
@@ -244,7 +249,7 @@ def launch_decode(q, k_cache, v_cache, page_table, seq_lens, out, scratch, semap
 
 def _bind(q, k_cache, v_cache, page_table, seq_lens, out, scratch, semaphores, sinks, mask, q_scale_tensor,
           kv_scale_tensor, q_scale, kv_scale, rcp_out_scale, sliding_window, kv_layout, num_splits, sm_count,
-          enable_pdl, q_cu_seq_lens, q_seq_len, tile, cache_dir) -> BoundLaunch:
+          enable_pdl, q_cu_seq_lens, q_seq_len, tile, path, cache_dir) -> BoundLaunch:
     """The checked, planned and bound launch of :func:`launch_decode`'s arguments."""
     if (scratch is None) != (semaphores is None):
         given = "workspace" if semaphores is None else "semaphores"
@@ -261,6 +266,6 @@ def _bind(q, k_cache, v_cache, page_table, seq_lens, out, scratch, semaphores, s
                           kv_scale=kv_scale if kv_scale_tensor is None else kv_scale_tensor,
                           rcp_out_scale=rcp_out_scale, sinks=sinks, sliding_window=sliding_window, mask=mask,
                           q_cu_seq_lens=q_cu_seq_lens, q_seq_len=q_seq_len or None,
-                          num_splits=num_splits or None, workspace=workspace, tile=tile, enable_pdl=enable_pdl,
-                          validate=False, cache_dir=cache_dir, sm_count=sm_count or None)
+                          num_splits=num_splits or None, workspace=workspace, tile=tile, path=path,
+                          enable_pdl=enable_pdl, validate=False, cache_dir=cache_dir, sm_count=sm_count or None)
     return call.bound

@@ -214,12 +214,12 @@ class _Inputs:
         self.mask = causal_mask(case.batch, case.q_seq_len, device=device) if case.q_seq_len > 1 else None
 
 
-def _run_xqagen(case: BenchCase, inputs: _Inputs, num_splits: int | None, pdl: bool):
+def _run_xqagen(case: BenchCase, inputs: _Inputs, num_splits: int | None, pdl: bool, path: str | None = None):
     """(launch(i) on input copy i, output, split count); validation stays out of the timed loop."""
     out = torch.empty_like(inputs.q)
     calls = [prepare_decode(inputs.q, k, v, pt, inputs.seq_lens, out=out, kv_scale=inputs.kv_scale,
                             sinks=inputs.sinks, sliding_window=case.window, mask=inputs.mask,
-                            num_splits=num_splits, enable_pdl=pdl)
+                            num_splits=num_splits, enable_pdl=pdl, path=path)
              for k, v, pt in inputs.sets]
     return (lambda i: calls[i].launch()), out, calls[0].num_splits
 
@@ -270,10 +270,11 @@ def prebuild_flashinfer(cases: list[BenchCase]) -> None:
 
 
 def run_case(case: BenchCase, copy_tbps: float, read_tbps: float, *, flashinfer: bool,
-             num_splits: int | None = None, l2_bytes: int = 0, pdl: bool = False) -> BenchResult:
+             num_splits: int | None = None, l2_bytes: int = 0, pdl: bool = False,
+             path: str | None = None) -> BenchResult:
     copies = max(1, min(4, math.ceil(4 * l2_bytes / case.kv_bytes))) if l2_bytes else 1
     inputs = _Inputs(case, copies)
-    launch, out, splits = _run_xqagen(case, inputs, num_splits, pdl)
+    launch, out, splits = _run_xqagen(case, inputs, num_splits, pdl, path)
     ms = time_cuda_graph(_rotating(launch, copies))
     kv_tbps = case.kv_bytes / ms / 1e9
     result = BenchResult(case, ms, time_cuda(_rotating(launch, copies)), kv_tbps, kv_tbps / copy_tbps,
@@ -485,6 +486,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="time the host per eager call of each entry point instead of the kernels")
     parser.add_argument("--pdl-gemm", action="store_true",
                         help="time GEMM -> decode -> GEMM steps, both libraries, PDL off and on (sm_90+)")
+    parser.add_argument("--path", choices=("generic", "hopper"), default=None,
+                        help="force xqagen's kernel path (default: chosen per launch shape)")
     parser.add_argument("--json", help="also write one JSON object per case to this file")
     args = parser.parse_args(argv)
     if args.list:
@@ -534,7 +537,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for case in cases:
         result = run_case(case, copy_tbps, read_tbps, flashinfer=flashinfer, num_splits=args.num_splits,
-                          l2_bytes=getattr(props, "L2_cache_size", 0), pdl=pdl)
+                          l2_bytes=getattr(props, "L2_cache_size", 0), pdl=pdl, path=args.path)
         results.append(result)
         print(format_table([result], copy_tbps, read_tbps, props.name).splitlines()[-1], flush=True)
         torch.cuda.empty_cache()
@@ -543,7 +546,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             f.write(json.dumps({"device": props.name, "copy_TBps": copy_tbps, "read_TBps": read_tbps,
-                                "pdl": pdl}) + "\n")
+                                "pdl": pdl, "path": args.path}) + "\n")
             for r in results:
                 f.write(json.dumps(r.row()) + "\n")
     return 0

@@ -255,6 +255,7 @@ class BoundLaunch:
         self._param_ptrs = (ctypes.c_void_p * len(params))(*map(ctypes.addressof, params))  # kept alive likewise
         self._struct = memoryview(params[0]).cast("B")  # the path's parameter struct comes first
         self._function = int(kernel.load(device).function)
+        self._refresh = kernel.path.refresh if len(params) > 1 else None
         self._attribute = _LaunchAttribute(id=_PROGRAMMATIC_STREAM_SERIALIZATION)
         self._attribute.value[0] = 1  # programmaticStreamSerializationAllowed, the union's first int
         self._config = _LaunchConfig(grid=grid, block=(kernel.emitted.threads, 1, 1),
@@ -274,6 +275,8 @@ class BoundLaunch:
         """Rewrite every pointer field (values in :data:`POINTER_FIELDS` order); the next launch
         reads them.  Strides, sizes and scales stay as bound."""
         _POINTERS.pack_into(self._struct, 0, *pointers)
+        if self._refresh is not None:
+            self._refresh(self.params)
 
     def __call__(self, stream: torch.cuda.Stream | None = None) -> None:
         handle = self._raw_stream(self._index) if stream is None else stream.cuda_stream

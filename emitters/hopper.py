@@ -1,0 +1,225 @@
+"""The Hopper path: a warp-specialised sm_90a paged-KV decode kernel (TMA + mbarrier pipeline + wgmma).
+
+One producer warp loads K and V tiles with TMA (the page id is a tensor-map coordinate) into a
+multi-stage shared-memory pipeline (CUTLASS's ``PipelineTmaAsync``); one consumer warpgroup runs
+wgmma and the online softmax.  KV tokens sit on the wgmma's M side (swap-AB): S^T = K Q^T and
+O^T = V^T P^T, with the query rows (8 to 64) as N, so a group of 8 pays for 8 rows rather than 64.
+fp8 KV is converted exactly to fp16 in registers and multiplied with 16-bit wgmma (the register-A
+form); Q and P are never quantised to 8 bits.
+
+:class:`HopperPlan` holds every derived compile-time decision; :class:`HopperPath` answers the
+launcher's questions from it and packs the K/V tensor maps (:mod:`xqagen.tensor_maps`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from xqagen.spec import KernelSpec, SpecError, check_int_range
+
+from .params import KernelParams, SplitWorkspace
+from .path import EmittedKernel, KernelPath, LaunchShape, WorkspaceSize
+from .render import piece_context, render
+
+TARGET = "sm_90a"  # wgmma and setmaxnreg exist only on the sm_90a target
+MAX_SMEM_PER_CTA = 227 * 1024
+ELEM_BYTES = {"fp16": 2, "bf16": 2, "e4m3": 1}
+
+KV_TILE = 64  # KV tokens per stage: the M of one wgmma
+CONSUMER_THREADS = 128  # one warpgroup
+PRODUCER_THREADS = 32  # one warp issues every TMA
+# Query rows per CTA (the wgmma N, a power of two from 8); more rows tile over CTAs.  At 64 rows the
+# consumer's accumulators, fp8 fragments and per-row state exceed 255 registers (fp8 d128 with a
+# mask: 254 and spills).
+MAX_ROWS_CTA = 32
+# TMA box and swizzle: a shared-memory row of K/V is cut into chunks of at most 128 bytes (the
+# widest swizzle), each chunk one box of a tile.
+MAX_CHUNK_BYTES = 128
+
+# ---- launch-shape heuristics (same reasoning as the generic path's; H200 measurements in
+# docs/benchmarks.md) ----
+TARGET_WARPS_PER_SM = 8
+MAX_AUTO_SPLITS = 16
+MIN_TILES_PER_SPLIT = 4
+MAX_SPLITS = 128
+
+
+@dataclass(frozen=True)
+class HopperTile:
+    """How a CTA of the Hopper path walks the KV sequence.
+
+    stages: depth of the TMA pipeline, in 64-token K+V tiles.
+    """
+
+    name: str
+    stages: int = 4
+
+    def __post_init__(self) -> None:
+        owner = f"HopperTile({self.name!r})"
+        if not isinstance(self.name, str) or not self.name.isidentifier():
+            raise SpecError(f"HopperTile.name = {self.name!r} is invalid; expected an identifier")
+        check_int_range(owner, "stages", self.stages, 2, 8)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+TILES: Mapping[str, HopperTile] = {tile.name: tile for tile in (
+    HopperTile("tma4", stages=4),
+    HopperTile("tma3", stages=3),
+    HopperTile("tma2", stages=2),
+)}
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+@dataclass(frozen=True)
+class HopperPlan:
+    mma_dtype: str
+    rows_cta: int  # N of the wgmma: query rows per CTA, a multiple of 8
+    row_tiles: int
+    head_dim_pad: int  # head_dim rounded up to the 64-row M blocks of O^T (TMA zero-fills the rest)
+    chunk_bytes: int  # bytes of one swizzled K/V row chunk (one TMA box wide): 64 or 128
+    box_tokens: int  # tokens per TMA box: a page, or a whole tile of a larger page
+    p_atom: str  # GMMA shared-memory atom of P (MN-major)
+    threads: int
+    smem_bytes: int
+    stage_bytes: int  # K + V bytes one stage receives (the pipeline's transaction count)
+    workspace: SplitWorkspace
+
+    @classmethod
+    def of(cls, spec: KernelSpec) -> "HopperPlan":
+        kv_bytes = ELEM_BYTES[spec.kv_dtype]
+        mma_dtype = "fp16" if spec.kv_dtype == "e4m3" else spec.q_dtype
+        head_dim_pad = _round_up(spec.head_dim, 64)
+        rows_cta = min(MAX_ROWS_CTA, max(8, 1 << (spec.rows - 1).bit_length()))
+        row_bytes = head_dim_pad * kv_bytes
+        chunk_bytes = MAX_CHUNK_BYTES if row_bytes % MAX_CHUNK_BYTES == 0 else 64
+        p_atom = {64: "Layout_MN_SW128_Atom", 32: "Layout_MN_SW64_Atom", 16: "Layout_MN_SW32_Atom",
+                  8: "Layout_MN_INTER_Atom"}[rows_cta]  # P's rows of 16-bit values, as wide as the swizzle allows
+        stage_bytes = 2 * KV_TILE * head_dim_pad * kv_bytes
+        pipe = spec.tile.stages * stage_bytes
+        staging = rows_cta * (head_dim_pad + 4) * 4  # fp32 output rows for the epilogue, after the pipeline
+        q_bytes = rows_cta * head_dim_pad * 2
+        p_bytes = rows_cta * KV_TILE * 2
+        small = 2 * 4 * rows_cta * 4 + 2 * spec.tile.stages * 8 + 16  # row maxima and sums per warp, mbarriers, flag
+        smem = _round_up(max(pipe, staging), 1024) + _round_up(q_bytes, 1024) + _round_up(p_bytes, 1024) + small
+        smem = _round_up(smem, 1024)  # the storage's 1024-byte alignment (128-byte swizzle atoms) pads its size
+        if smem > MAX_SMEM_PER_CTA:
+            raise SpecError(f"tile {spec.tile.name!r} needs {smem} bytes of shared memory for head_dim {spec.head_dim} "
+                            f"({spec.kv_dtype} KV); the limit is {MAX_SMEM_PER_CTA}: use fewer stages")
+        return cls(mma_dtype=mma_dtype, rows_cta=rows_cta, row_tiles=-(-spec.rows // rows_cta),
+                   head_dim_pad=head_dim_pad, chunk_bytes=chunk_bytes,
+                   box_tokens=min(spec.page_size, KV_TILE), p_atom=p_atom,
+                   threads=CONSUMER_THREADS + PRODUCER_THREADS, smem_bytes=smem, stage_bytes=stage_bytes,
+                   workspace=SplitWorkspace(rows=rows_cta, head_dim=spec.head_dim))
+
+
+@functools.lru_cache(maxsize=None)
+def plan_of(spec: KernelSpec) -> HopperPlan:
+    return HopperPlan.of(spec)
+
+
+class HopperPath(KernelPath):
+    name = "hopper"
+    tile_type = HopperTile
+    arches = (TARGET,)
+
+    @property
+    def tiles(self) -> Mapping[str, HopperTile]:
+        return TILES
+
+    def default_tile(self, spec: KernelSpec) -> HopperTile:
+        """Four stages; three where a 16-bit head_dim above 128 would not fit four."""
+        if ELEM_BYTES[spec.kv_dtype] * _round_up(spec.head_dim, 64) > 256:
+            return TILES["tma3"] if spec.head_dim <= 192 else TILES["tma2"]
+        return TILES["tma4"]
+
+    def unsupported(self, spec: KernelSpec) -> str | None:
+        try:
+            plan_of(spec)
+        except SpecError as err:
+            return str(err)
+        return None
+
+    def emit(self, spec: KernelSpec) -> EmittedKernel:
+        plan = plan_of(spec)
+        source = render("hopper_decode.cu.j2", tile=spec.tile, plan=plan, kernel_name=spec.name, kv_tile=KV_TILE,
+                        consumer_threads=CONSUMER_THREADS,
+                        **piece_context(spec, mma_dtype=plan.mma_dtype, workspace=plan.workspace))
+        return EmittedKernel(spec=spec, source=source, kernel_name=spec.name, threads=plan.threads,
+                             smem_bytes=plan.smem_bytes, arches=self.arches)
+
+    def unsupported_target(self, arch: str) -> str | None:
+        if arch != TARGET:
+            return f"the hopper path builds for {TARGET} only (wgmma and TMA), not {arch}"
+        return None
+
+    def target_arch(self, device_arch: str) -> str | None:
+        return TARGET if device_arch in ("sm_90", TARGET) else None
+
+    def sass_features(self, spec: KernelSpec, arch: str) -> Mapping[str, str]:
+        return {"HGMMA": "no wgmma", "UTMALDG": "K/V are not loaded with TMA",
+                "SYNCS": "no mbarrier synchronisation (the TMA pipeline)"}
+
+    # ---- launch time ----
+    def block_threads(self, spec: KernelSpec) -> int:
+        return plan_of(spec).threads
+
+    def smem_bytes(self, spec: KernelSpec) -> int:
+        return plan_of(spec).smem_bytes
+
+    def grid(self, spec: KernelSpec, batch: int, num_kv_heads: int, num_splits: int) -> tuple[int, int, int]:
+        return num_splits, num_kv_heads * plan_of(spec).row_tiles, batch
+
+    def workspace_need(self, spec: KernelSpec, batch: int, num_kv_heads: int, num_splits: int) -> WorkspaceSize:
+        if num_splits == 1:
+            return WorkspaceSize(0, 0)
+        output_tiles = batch * num_kv_heads * plan_of(spec).row_tiles
+        return WorkspaceSize(plan_of(spec).workspace.floats(output_tiles, num_splits), output_tiles)
+
+    def pack(self, spec, problem, num_splits, workspace) -> tuple:
+        from xqagen.tensor_maps import kv_tensor_maps
+
+        params = KernelParams(**problem.params(), workspace=workspace.scratch.data_ptr(),
+                              semaphores=workspace.semaphores.data_ptr(), faults=workspace.faults_ptr,
+                              num_splits=num_splits)
+        plan = plan_of(spec)
+        return (params, *kv_tensor_maps(problem, chunk_elems=plan.chunk_bytes // ELEM_BYTES[spec.kv_dtype],
+                                        box_tokens=plan.box_tokens))
+
+    def refresh(self, params: tuple) -> None:
+        from xqagen.tensor_maps import retarget
+
+        retarget(params[1], params[0].k)
+        retarget(params[2], params[0].v)
+
+    def max_splits(self, spec: KernelSpec, batch: int, num_kv_heads: int, workspace: WorkspaceSize | None) -> int:
+        if workspace is None:
+            return 1
+        output_tiles = batch * num_kv_heads * plan_of(spec).row_tiles
+        if output_tiles > workspace.semaphores:
+            return 1
+        per_split = plan_of(spec).workspace.floats(output_tiles, 1)
+        return max(1, min(MAX_SPLITS, workspace.floats // per_split))
+
+    def launch_specs(self, spec: KernelSpec) -> list[KernelSpec]:
+        return [spec]
+
+    def choose_tile(self, spec: KernelSpec, shape: LaunchShape) -> KernelSpec:
+        return spec
+
+    def auto_splits(self, spec: KernelSpec, shape: LaunchShape) -> int:
+        """Splits that bring the grid to about TARGET_WARPS_PER_SM warps per SM; 1 when the batch
+        already fills the GPU."""
+        base = shape.batch * shape.num_kv_heads * plan_of(spec).row_tiles
+        target = TARGET_WARPS_PER_SM * shape.sm_count / (plan_of(spec).threads // 32)
+        tiles = max(1, math.ceil(shape.kv_len / KV_TILE))
+        limit = min(MAX_AUTO_SPLITS, max(1, tiles // MIN_TILES_PER_SPLIT))
+        return max(1, min(limit, round(target / base)))
