@@ -30,7 +30,7 @@ MAX_SMEM_PER_CTA = 227 * 1024
 ELEM_BYTES = {"fp16": 2, "bf16": 2, "e4m3": 1}
 
 KV_TILE = 64  # KV tokens per stage: the M of one wgmma
-CONSUMER_THREADS = 128  # one warpgroup
+WARPGROUP_THREADS = 128
 PRODUCER_THREADS = 32  # one warp issues every TMA
 # Query rows per CTA (the wgmma N, a power of two from 8); more rows tile over CTAs.  At 64 rows the
 # consumer's accumulators, fp8 fragments and per-row state exceed 255 registers (fp8 d128 with a
@@ -53,26 +53,29 @@ class HopperTile:
     """How a CTA of the Hopper path walks the KV sequence.
 
     stages: depth of the TMA pipeline, in 64-token K+V tiles.
+    consumers: consumer warpgroups; each takes every consumers-th tile with its own softmax state,
+      merged at the end, so that one CTA has that many tiles in the tensor cores at once.
     """
 
     name: str
     stages: int = 4
+    consumers: int = 1
 
     def __post_init__(self) -> None:
         owner = f"HopperTile({self.name!r})"
         if not isinstance(self.name, str) or not self.name.isidentifier():
             raise SpecError(f"HopperTile.name = {self.name!r} is invalid; expected an identifier")
         check_int_range(owner, "stages", self.stages, 2, 8)
+        check_int_range(owner, "consumers", self.consumers, 1, 2)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
+# The shipped catalogue: stages x consumer warpgroups (HopperPath.default_tile chooses).
 TILES: Mapping[str, HopperTile] = {tile.name: tile for tile in (
-    HopperTile("tma4", stages=4),
-    HopperTile("tma3", stages=3),
-    HopperTile("tma2", stages=2),
-)}
+    HopperTile(f"tma{stages}x{consumers}", stages=stages, consumers=consumers)
+    for stages in (2, 3, 4) for consumers in (1, 2))}
 
 
 def _round_up(x: int, m: int) -> int:
@@ -105,10 +108,11 @@ class HopperPlan:
                   8: "Layout_MN_INTER_Atom"}[rows_cta]  # P's rows of 16-bit values, as wide as the swizzle allows
         stage_bytes = 2 * KV_TILE * head_dim_pad * kv_bytes
         pipe = spec.tile.stages * stage_bytes
-        staging = rows_cta * (head_dim_pad + 4) * 4  # fp32 output rows for the epilogue, after the pipeline
+        consumers = spec.tile.consumers
+        staging = consumers * rows_cta * (head_dim_pad + 4) * 4  # fp32 output rows per consumer, after the pipeline
         q_bytes = rows_cta * head_dim_pad * 2
-        p_bytes = rows_cta * KV_TILE * 2
-        small = 2 * 4 * rows_cta * 4 + 2 * spec.tile.stages * 8 + 16  # row maxima and sums per warp, mbarriers, flag
+        p_bytes = consumers * rows_cta * KV_TILE * 2
+        small = consumers * 2 * 4 * rows_cta * 4 + 2 * spec.tile.stages * 8 + 16  # row maxima and sums per warp, mbarriers, flag
         smem = _round_up(max(pipe, staging), 1024) + _round_up(q_bytes, 1024) + _round_up(p_bytes, 1024) + small
         smem = _round_up(smem, 1024)  # the storage's 1024-byte alignment (128-byte swizzle atoms) pads its size
         if smem > MAX_SMEM_PER_CTA:
@@ -117,7 +121,7 @@ class HopperPlan:
         return cls(mma_dtype=mma_dtype, rows_cta=rows_cta, row_tiles=-(-spec.rows // rows_cta),
                    head_dim_pad=head_dim_pad, chunk_bytes=chunk_bytes,
                    box_tokens=min(spec.page_size, KV_TILE), p_atom=p_atom,
-                   threads=CONSUMER_THREADS + PRODUCER_THREADS, smem_bytes=smem, stage_bytes=stage_bytes,
+                   threads=consumers * WARPGROUP_THREADS + PRODUCER_THREADS, smem_bytes=smem, stage_bytes=stage_bytes,
                    workspace=SplitWorkspace(rows=rows_cta, head_dim=spec.head_dim))
 
 
@@ -138,8 +142,8 @@ class HopperPath(KernelPath):
     def default_tile(self, spec: KernelSpec) -> HopperTile:
         """Four stages; three where a 16-bit head_dim above 128 would not fit four."""
         if ELEM_BYTES[spec.kv_dtype] * _round_up(spec.head_dim, 64) > 256:
-            return TILES["tma3"] if spec.head_dim <= 192 else TILES["tma2"]
-        return TILES["tma4"]
+            return TILES["tma3x1"] if spec.head_dim <= 192 else TILES["tma2x1"]
+        return TILES["tma4x1"]
 
     def unsupported(self, spec: KernelSpec) -> str | None:
         try:
@@ -151,7 +155,6 @@ class HopperPath(KernelPath):
     def emit(self, spec: KernelSpec) -> EmittedKernel:
         plan = plan_of(spec)
         source = render("hopper_decode.cu.j2", tile=spec.tile, plan=plan, kernel_name=spec.name, kv_tile=KV_TILE,
-                        consumer_threads=CONSUMER_THREADS,
                         **piece_context(spec, mma_dtype=plan.mma_dtype, workspace=plan.workspace))
         return EmittedKernel(spec=spec, source=source, kernel_name=spec.name, threads=plan.threads,
                              smem_bytes=plan.smem_bytes, arches=self.arches)

@@ -214,12 +214,13 @@ class _Inputs:
         self.mask = causal_mask(case.batch, case.q_seq_len, device=device) if case.q_seq_len > 1 else None
 
 
-def _run_xqagen(case: BenchCase, inputs: _Inputs, num_splits: int | None, pdl: bool, path: str | None = None):
+def _run_xqagen(case: BenchCase, inputs: _Inputs, num_splits: int | None, pdl: bool, path: str | None = None,
+                tile=None):
     """(launch(i) on input copy i, output, split count); validation stays out of the timed loop."""
     out = torch.empty_like(inputs.q)
     calls = [prepare_decode(inputs.q, k, v, pt, inputs.seq_lens, out=out, kv_scale=inputs.kv_scale,
                             sinks=inputs.sinks, sliding_window=case.window, mask=inputs.mask,
-                            num_splits=num_splits, enable_pdl=pdl, path=path)
+                            num_splits=num_splits, enable_pdl=pdl, path=path, tile=tile)
              for k, v, pt in inputs.sets]
     return (lambda i: calls[i].launch()), out, calls[0].num_splits
 
@@ -271,10 +272,10 @@ def prebuild_flashinfer(cases: list[BenchCase]) -> None:
 
 def run_case(case: BenchCase, copy_tbps: float, read_tbps: float, *, flashinfer: bool,
              num_splits: int | None = None, l2_bytes: int = 0, pdl: bool = False,
-             path: str | None = None) -> BenchResult:
+             path: str | None = None, tile=None) -> BenchResult:
     copies = max(1, min(4, math.ceil(4 * l2_bytes / case.kv_bytes))) if l2_bytes else 1
     inputs = _Inputs(case, copies)
-    launch, out, splits = _run_xqagen(case, inputs, num_splits, pdl, path)
+    launch, out, splits = _run_xqagen(case, inputs, num_splits, pdl, path, tile)
     ms = time_cuda_graph(_rotating(launch, copies))
     kv_tbps = case.kv_bytes / ms / 1e9
     result = BenchResult(case, ms, time_cuda(_rotating(launch, copies)), kv_tbps, kv_tbps / copy_tbps,

@@ -1,0 +1,81 @@
+"""Time every combination of tiles and split counts of a kernel path on the bench cases (one process,
+CUDA-graph timed, against the streaming-read ceiling measured in the same run), to choose a path's
+default tiles and split rule from data.  The variants are compiled first in parallel processes.
+
+    python tools/tile_sweep.py --path hopper --tile tma3x1 --tile tma4x2 --splits 1,2,4 \
+        --case llama70b_fp8_b64_s8k --json sweep.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
+
+import torch
+
+from xqagen import bench
+from xqagen.compiler import compile_kernel
+from xqagen.emitters import PATHS
+from xqagen.spec import KernelSpec, SpecError
+
+
+def case_spec(case: bench.BenchCase, path: str, tile: str | None) -> KernelSpec:
+    features = {name for name, on in (("sinks", case.sinks), ("sliding_window", case.window > 0)) if on}
+    return KernelSpec(q_dtype=case.q_dtype, kv_dtype=case.kv_dtype, head_dim=case.head_dim,
+                      group=case.num_q_heads // case.num_kv_heads, page_size=case.page_size,
+                      q_seq_len=case.q_seq_len, features=frozenset(features), path=path, tile=tile)
+
+
+def _compile(spec_dict: dict) -> None:
+    spec = KernelSpec.from_dict(spec_dict)
+    path = PATHS[spec.path]
+    emitted = path.emit(spec)
+    compile_kernel(emitted.source, emitted.kernel_name, path.arches[0])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--path", default="hopper", choices=tuple(PATHS))
+    parser.add_argument("--tile", action="append", help="tile names (default: the path's default)")
+    parser.add_argument("--splits", default="0", help="comma-separated split counts; 0: the path's choice")
+    parser.add_argument("--case", action="append", help="bench case names (default: all)")
+    parser.add_argument("--json", help="write one JSON object per measurement to this file")
+    args = parser.parse_args()
+    cases = [c for c in bench.DESIGN_CASES if not args.case or c.name in args.case]
+    tiles = args.tile or [None]
+    splits = [int(s) for s in args.splits.split(",")]
+    runs = []  # (case, tile) pairs whose variant exists (a tile may not fit a head size in shared memory)
+    for case in cases:
+        for tile in tiles:
+            try:
+                runs.append((case, tile, case_spec(case, args.path, tile)))
+            except SpecError as err:
+                print(f"skipped {case.name} {tile}: {err}")
+    specs = {spec for _, _, spec in runs}
+    with ProcessPoolExecutor(max_workers=os.cpu_count(), mp_context=multiprocessing.get_context("spawn")) as pool:
+        list(pool.map(_compile, [spec.to_dict() for spec in specs]))
+    copy_tbps, read_tbps = bench.copy_bandwidth_tbps(), bench.read_bandwidth_tbps()
+    l2_bytes = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 0)
+    rows = []
+    print(f"streaming read {read_tbps:.2f} TB/s")
+    for case, tile, _ in runs:
+        for num_splits in splits:
+            r = bench.run_case(case, copy_tbps, read_tbps, flashinfer=False, num_splits=num_splits or None,
+                               l2_bytes=l2_bytes, path=args.path, tile=tile)
+            rows.append(dict(case=case.name, path=args.path, tile=tile, splits=r.num_splits, ms=r.ms,
+                             read_fraction=r.read_fraction))
+            print(f"{case.name:28} {str(tile):10} {r.num_splits:>4} {r.ms:8.4f} ms {100 * r.read_fraction:5.1f}%",
+                  flush=True)
+            torch.cuda.empty_cache()
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(json.dumps({"device": torch.cuda.get_device_name(0), "read_TBps": read_tbps}) + "\n")
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
