@@ -67,6 +67,10 @@ class HopperTile:
             raise SpecError(f"HopperTile.name = {self.name!r} is invalid; expected an identifier")
         check_int_range(owner, "stages", self.stages, 2, 8)
         check_int_range(owner, "consumers", self.consumers, 1, 2)
+        if self.stages % self.consumers:
+            # A warpgroup waits on its next stage's barrier by phase parity: with each warpgroup on its
+            # own stages it can never be two phases ahead of one of them.
+            raise SpecError(f"{owner}.stages = {self.stages} must be a multiple of consumers = {self.consumers}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -75,7 +79,7 @@ class HopperTile:
 # The shipped catalogue: stages x consumer warpgroups (HopperPath.default_tile chooses).
 TILES: Mapping[str, HopperTile] = {tile.name: tile for tile in (
     HopperTile(f"tma{stages}x{consumers}", stages=stages, consumers=consumers)
-    for stages in (2, 3, 4) for consumers in (1, 2))}
+    for stages, consumers in ((2, 1), (3, 1), (4, 1), (2, 2), (4, 2), (6, 2)))}
 
 
 def _round_up(x: int, m: int) -> int:

@@ -145,9 +145,9 @@ HOPPER_CASES = [replace(case, path="hopper") for case in SINGLE_AXIS if case.til
     # two consumer warpgroups taking alternate tiles, on every feature
     replace(BASE, path="hopper", tile=tile, **change) for tile, change in (
         ("tma4x2", dict()), ("tma4x2", dict(kv_dtype="e4m3", seq_lens=(9000, 130, 1, 64))),
-        ("tma3x2", dict(kv_dtype="e4m3", out_dtype="e4m3", page_size=16, kv_layout="HND")),
+        ("tma6x2", dict(kv_dtype="e4m3", out_dtype="e4m3", page_size=16, kv_layout="HND")),
         ("tma2x2", dict(head_dim=256, kv_dtype="e4m3", seq_lens=(3001, 65))),
-        ("tma3x2", dict(q_seq_len=4, mask="tree", kv_dtype="e4m3", sinks=True, window=300, num_splits=3)),
+        ("tma4x2", dict(q_seq_len=4, mask="tree", kv_dtype="e4m3", sinks=True, window=300, num_splits=3)),
         ("tma2x2", dict(group=32, q_seq_len=2, mask="causal", seq_lens=(20000, 3), num_splits=5)),
         ("tma4x2", dict(group=5, kv_dtype="e4m3", head_dim=64, seq_lens=(127,))))]
 CASES = SINGLE_AXIS + _combinations(24) + HOPPER_CASES
