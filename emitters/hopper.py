@@ -40,10 +40,19 @@ MAX_ROWS_CTA = 32
 # widest swizzle), each chunk one box of a tile.
 MAX_CHUNK_BYTES = 128
 
-# ---- launch-shape heuristics (same reasoning as the generic path's; H200 measurements in
-# docs/benchmarks.md) ----
-TARGET_WARPS_PER_SM = 8
-MAX_AUTO_SPLITS = 16
+# ---- residency and launch-shape heuristics (H200 measurements in docs/benchmarks.md) ----
+SMEM_PER_SM = 228 * 1024
+SMEM_RESERVED_PER_CTA = 1024
+REGISTERS_PER_SM = 65536
+# Registers per thread, estimated from a variant's accumulators (ptxas reports of fp8/16-bit KV,
+# head_dim 64-256, 8-32 rows: within 25 of the estimate): a base, each accumulator value once per
+# O^T block plus S^T, four per row of per-row state, and the fp8 fragments.
+REGISTER_BASE = 72
+REGISTERS_FP8_FRAGMENTS = 16
+# Splits fill the GPU's resident CTA slots once (more splits cost merge work and gain nothing);
+# a split keeps at least MIN_TILES_PER_SPLIT tiles.  The last CTA of each output tile merges
+# every split alone.
+MAX_AUTO_SPLITS = 32
 MIN_TILES_PER_SPLIT = 4
 MAX_SPLITS = 128
 
@@ -98,6 +107,7 @@ class HopperPlan:
     threads: int
     smem_bytes: int
     stage_bytes: int  # K + V bytes one stage receives (the pipeline's transaction count)
+    resident_ctas: int  # CTAs one SM holds (shared memory and estimated registers)
     workspace: SplitWorkspace
 
     @classmethod
@@ -122,10 +132,16 @@ class HopperPlan:
         if smem > MAX_SMEM_PER_CTA:
             raise SpecError(f"tile {spec.tile.name!r} needs {smem} bytes of shared memory for head_dim {spec.head_dim} "
                             f"({spec.kv_dtype} KV); the limit is {MAX_SMEM_PER_CTA}: use fewer stages")
+        threads = consumers * WARPGROUP_THREADS + PRODUCER_THREADS
+        values = rows_cta // 2  # accumulator values per thread of one 64 x rows_cta wgmma
+        registers = (REGISTER_BASE + values * (head_dim_pad // 64 + 1) + rows_cta
+                     + (REGISTERS_FP8_FRAGMENTS if spec.kv_dtype == "e4m3" else 0))
+        resident = max(1, min(SMEM_PER_SM // (smem + SMEM_RESERVED_PER_CTA),
+                              REGISTERS_PER_SM // (threads * _round_up(registers, 8))))
         return cls(mma_dtype=mma_dtype, rows_cta=rows_cta, row_tiles=-(-spec.rows // rows_cta),
                    head_dim_pad=head_dim_pad, chunk_bytes=chunk_bytes,
                    box_tokens=min(spec.page_size, KV_TILE), p_atom=p_atom,
-                   threads=consumers * WARPGROUP_THREADS + PRODUCER_THREADS, smem_bytes=smem, stage_bytes=stage_bytes,
+                   threads=threads, smem_bytes=smem, stage_bytes=stage_bytes, resident_ctas=resident,
                    workspace=SplitWorkspace(rows=rows_cta, head_dim=spec.head_dim))
 
 
@@ -223,10 +239,10 @@ class HopperPath(KernelPath):
         return spec
 
     def auto_splits(self, spec: KernelSpec, shape: LaunchShape) -> int:
-        """Splits that bring the grid to about TARGET_WARPS_PER_SM warps per SM; 1 when the batch
-        already fills the GPU."""
+        """As many splits as fit the GPU's resident CTA slots in one wave; 1 when the batch already
+        fills them."""
         base = shape.batch * shape.num_kv_heads * plan_of(spec).row_tiles
-        target = TARGET_WARPS_PER_SM * shape.sm_count / (plan_of(spec).threads // 32)
+        slots = plan_of(spec).resident_ctas * shape.sm_count
         tiles = max(1, math.ceil(shape.kv_len / KV_TILE))
         limit = min(MAX_AUTO_SPLITS, max(1, tiles // MIN_TILES_PER_SPLIT))
-        return max(1, min(limit, round(target / base)))
+        return max(1, min(limit, slots // base))
