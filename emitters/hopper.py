@@ -40,18 +40,11 @@ MAX_ROWS_CTA = 32
 # widest swizzle), each chunk one box of a tile.
 MAX_CHUNK_BYTES = 128
 
-# ---- residency and launch-shape heuristics (H200 measurements in docs/benchmarks.md) ----
-SMEM_PER_SM = 228 * 1024
-SMEM_RESERVED_PER_CTA = 1024
-REGISTERS_PER_SM = 65536
-# Registers per thread, estimated from a variant's accumulators (ptxas reports of fp8/16-bit KV,
-# head_dim 64-256, 8-32 rows: within 25 of the estimate): a base, each accumulator value once per
-# O^T block plus S^T, four per row of per-row state, and the fp8 fragments.
-REGISTER_BASE = 72
-REGISTERS_FP8_FRAGMENTS = 16
-# Splits fill the GPU's resident CTA slots once (more splits cost merge work and gain nothing);
-# a split keeps at least MIN_TILES_PER_SPLIT tiles.  The last CTA of each output tile merges
-# every split alone.
+# ---- launch-shape heuristics (H200 measurements in docs/benchmarks.md) ----
+# Splits fill the GPU once with one CTA per SM: two resident CTAs of two consumer warpgroups each
+# measured slower than one with twice the tiles (H200, fp8 d128: batch 8 x 32k 0.1320 ms at 2
+# splits against 0.1493 at 4; batch 1 x 32k 0.0226 ms at 16 against 0.0266 at 32).  A split keeps
+# at least MIN_TILES_PER_SPLIT tiles; the last CTA of each output tile merges every split alone.
 MAX_AUTO_SPLITS = 32
 MIN_TILES_PER_SPLIT = 4
 MAX_SPLITS = 128
@@ -107,7 +100,6 @@ class HopperPlan:
     threads: int
     smem_bytes: int
     stage_bytes: int  # K + V bytes one stage receives (the pipeline's transaction count)
-    resident_ctas: int  # CTAs one SM holds (shared memory and estimated registers)
     workspace: SplitWorkspace
 
     @classmethod
@@ -133,15 +125,10 @@ class HopperPlan:
             raise SpecError(f"tile {spec.tile.name!r} needs {smem} bytes of shared memory for head_dim {spec.head_dim} "
                             f"({spec.kv_dtype} KV); the limit is {MAX_SMEM_PER_CTA}: use fewer stages")
         threads = consumers * WARPGROUP_THREADS + PRODUCER_THREADS
-        values = rows_cta // 2  # accumulator values per thread of one 64 x rows_cta wgmma
-        registers = (REGISTER_BASE + values * (head_dim_pad // 64 + 1) + rows_cta
-                     + (REGISTERS_FP8_FRAGMENTS if spec.kv_dtype == "e4m3" else 0))
-        resident = max(1, min(SMEM_PER_SM // (smem + SMEM_RESERVED_PER_CTA),
-                              REGISTERS_PER_SM // (threads * _round_up(registers, 8))))
         return cls(mma_dtype=mma_dtype, rows_cta=rows_cta, row_tiles=-(-spec.rows // rows_cta),
                    head_dim_pad=head_dim_pad, chunk_bytes=chunk_bytes,
                    box_tokens=min(spec.page_size, KV_TILE), p_atom=p_atom,
-                   threads=threads, smem_bytes=smem, stage_bytes=stage_bytes, resident_ctas=resident,
+                   threads=threads, smem_bytes=smem, stage_bytes=stage_bytes,
                    workspace=SplitWorkspace(rows=rows_cta, head_dim=spec.head_dim))
 
 
@@ -160,10 +147,14 @@ class HopperPath(KernelPath):
         return TILES
 
     def default_tile(self, spec: KernelSpec) -> HopperTile:
-        """Four stages; three where a 16-bit head_dim above 128 would not fit four."""
-        if ELEM_BYTES[spec.kv_dtype] * _round_up(spec.head_dim, 64) > 256:
-            return TILES["tma3x1"] if spec.head_dim <= 192 else TILES["tma2x1"]
-        return TILES["tma4x1"]
+        """Two consumer warpgroups, and as many stages as keep the pipeline near 96-128 KiB: six
+        16 KiB stages (fp8 d128, 16-bit d64), four of 32 KiB, two of larger ones (H200 sweep in
+        docs/benchmarks.md: fp8 b64 x 8k 0.2632 ms with six stages against 0.3053 with one
+        consumer and two stages)."""
+        stage_bytes = 2 * KV_TILE * _round_up(spec.head_dim, 64) * ELEM_BYTES[spec.kv_dtype]
+        if stage_bytes <= 16 * 1024:
+            return TILES["tma6x2"]
+        return TILES["tma4x2" if stage_bytes <= 32 * 1024 else "tma2x2"]
 
     def unsupported(self, spec: KernelSpec) -> str | None:
         try:
@@ -239,10 +230,8 @@ class HopperPath(KernelPath):
         return spec
 
     def auto_splits(self, spec: KernelSpec, shape: LaunchShape) -> int:
-        """As many splits as fit the GPU's resident CTA slots in one wave; 1 when the batch already
-        fills them."""
+        """As many splits as give each SM one CTA; 1 when the batch already fills the SMs."""
         base = shape.batch * shape.num_kv_heads * plan_of(spec).row_tiles
-        slots = plan_of(spec).resident_ctas * shape.sm_count
         tiles = max(1, math.ceil(shape.kv_len / KV_TILE))
         limit = min(MAX_AUTO_SPLITS, max(1, tiles // MIN_TILES_PER_SPLIT))
-        return max(1, min(limit, slots // base))
+        return max(1, min(limit, shape.sm_count // base))

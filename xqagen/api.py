@@ -22,10 +22,10 @@ from pathlib import Path
 from ._torch import torch
 
 from .emitters import PATHS, LaunchShape
-from .plan import LaunchPlan, plan_launch
+from .plan import LaunchPlan, choose_path, plan_launch
 from .problem import DTYPE_NAMES, TORCH_DTYPES, describe, fail
-from .runtime import (POINTER_FIELDS, BoundLaunch, DecodeKernel, Workspace, default_workspace, fault_word_address,
-                      get_kernel, sm_count as device_sm_count, supports_pdl)
+from .runtime import (POINTER_FIELDS, BoundLaunch, DecodeKernel, Workspace, default_workspace, device_arch,
+                      fault_word_address, get_kernel, sm_count as device_sm_count, supports_pdl)
 
 __all__ = ["DTYPE_NAMES", "TORCH_DTYPES", "DecodeCall", "launch_decode", "prepare_decode", "xqa_decode"]
 
@@ -144,11 +144,11 @@ def prepare_decode(q, k_cache, v_cache, page_table, seq_lens, *, out=None, out_d
                        validate=validate)
     if path is not None and path not in PATHS:
         fail("path", f"None or one of {', '.join(map(repr, PATHS))}", repr(path))
-    spec = problem.spec(path=path or "generic", tile=tile)
     # Every argument is checked first, so that a CPU tensor reports its real mistakes too.
     device = problem.device
     if device.type != "cuda":
         fail("q", "CUDA tensors (the kernels run on NVIDIA GPUs)", f"tensors on {device}")
+    spec = variant_for(problem, path=path, tile=tile, device=device, k_cache=problem.k_cache, v_cache=problem.v_cache)
     if enable_pdl and not supports_pdl(device):
         fail("enable_pdl", "False on a GPU older than sm_90 (programmatic dependent launch needs sm_90+)",
              f"True on {torch.cuda.get_device_name(device)}")
@@ -163,6 +163,30 @@ def prepare_decode(q, k_cache, v_cache, page_table, seq_lens, *, out=None, out_d
     bound = kernel.bind(params, batch=problem.batch, num_kv_heads=problem.num_kv_heads, num_splits=plan.num_splits,
                         device=device, pdl=enable_pdl)
     return DecodeCall(plan, kernel, problem.out, bound)
+
+
+def variant_for(problem, *, path: str | None, tile, device: torch.device, k_cache: torch.Tensor,
+                v_cache: torch.Tensor):
+    """The kernel variant of a validated problem launched on CUDA ``device``: on ``path`` and
+    ``tile`` when given, else on the path :func:`xqagen.plan.choose_path` picks for the GPU.
+    ``k_cache`` and ``v_cache`` are the pools the launches read (the problem's may be shape-only).
+    A Hopper-path variant needs pools TMA can read."""
+    from .tensor_maps import tma_incompatibility
+
+    if path is not None and path not in PATHS:
+        fail("path", f"None or one of {', '.join(map(repr, PATHS))}", repr(path))
+    spec = problem.spec(path=path or "generic", tile=tile)
+
+    def kv_incompatibility() -> str | None:
+        strides = problem.layout.strides(k_cache)
+        return tma_incompatibility(k_cache, strides) or tma_incompatibility(v_cache, strides)
+
+    if spec.path == "hopper" and (reason := kv_incompatibility()):
+        fail("k_cache", "a KV pool TMA can read on the hopper path (16-byte aligned, strides multiples of 16 bytes)",
+             reason)
+    if path is None and tile is None:
+        spec = choose_path(spec, device_arch(device), kv_incompatibility)
+    return spec
 
 
 def _tensor_key(t: torch.Tensor | None):

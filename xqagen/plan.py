@@ -1,7 +1,7 @@
 """The second step of a decode call: which kernel runs it, on which tile, in how many KV splits.
 
-:func:`plan_launch` is the one place where path, tile and split count are chosen; the API, the
-benchmark and the GPU tests call it.  Each choice is the path's (``xqagen.emitters``): a tile by
+:func:`choose_path` picks the kernel path of a call that names none, and :func:`plan_launch` the
+tile and split count; the API, the benchmark and the GPU tests call them.  Each choice is the path's (``xqagen.emitters``): a tile by
 launch shape (:meth:`~xqagen.emitters.KernelPath.choose_tile`), a split count
 (:meth:`~xqagen.emitters.KernelPath.auto_splits`), capped by what the workspace holds.  An explicit
 ``tile`` or ``num_splits`` overrides the path's choice.
@@ -9,10 +9,31 @@ launch shape (:meth:`~xqagen.emitters.KernelPath.choose_tile`), a split count
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from .emitters import KernelPath, LaunchShape, WorkspaceSize, path_of
-from .spec import KernelSpec
+from .emitters import PATHS, KernelPath, LaunchShape, WorkspaceSize, path_of
+from .spec import KernelSpec, SpecError
+
+
+def choose_path(spec: KernelSpec, device_arch: str, kv_incompatibility: Callable[[], str | None]) -> KernelSpec:
+    """``spec`` (on the generic path's default tile) moved to the path that runs it fastest on a GPU
+    of ``device_arch``: the Hopper path on sm_90 for an fp8 KV cache that TMA can read
+    (``kv_incompatibility()`` is None), the generic path otherwise.
+
+    The rule follows the H200 measurements in docs/benchmarks.md ("Path dispatch"): with fp8 KV the
+    Hopper path's wgmma and register conversion keep up with HBM where the generic path's mma.sync
+    does not (batch 64 x 8k: 0.261 against 0.286 ms); 16-bit KV streams at 97% of read bandwidth on
+    the generic path against 91-93% on the Hopper path.
+    """
+    hopper = PATHS["hopper"]
+    if spec.kv_dtype != "e4m3" or hopper.target_arch(device_arch) is None or kv_incompatibility() is not None:
+        return spec
+    try:
+        return dataclasses.replace(spec, path=hopper.name, tile=None)
+    except SpecError:  # a variant the Hopper path does not take runs on the generic path
+        return spec
 
 
 @dataclass(frozen=True)

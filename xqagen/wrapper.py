@@ -14,12 +14,14 @@ runs every launch in one split.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import torch
 
 from .emitters import LaunchShape, WorkspaceSize
-from .plan import plan_launch
+from .api import variant_for
+from .plan import choose_path, plan_launch
 from .problem import DTYPE_NAMES, DecodeProblem, describe, fail
 from .runtime import POINTER_FIELDS, BoundLaunch, Workspace, get_kernel, sm_count as device_sm_count, supports_pdl
 from .spec import KernelSpec
@@ -97,24 +99,29 @@ class DecodeWrapper:
     def workspace_bytes(*, max_batch: int, num_q_heads: int, num_kv_heads: int, head_dim: int, page_size: int,
                         q_dtype: torch.dtype, kv_dtype: torch.dtype, max_kv_len: int, sm_count: int,
                         out_dtype: torch.dtype | None = None, q_seq_len: int = 1, sinks: bool = False,
-                        sliding_window: bool = False, tile=None, num_splits: int | None = None) -> tuple[int, int]:
+                        sliding_window: bool = False, tile=None, path: str | None = None,
+                        num_splits: int | None = None) -> tuple[int, int]:
         """(scratch bytes, int32 semaphore words, the fault word included) that every step up to ``max_batch`` requests of up to
         ``max_kv_len`` tokens (the page table's capacity) needs for the split count its plan chooses.
 
         Evaluated over every batch size and over KV lengths at and just below each power of two
-        (where the paths change tile) and at ``max_kv_len``.  A smaller workspace is not an error:
+        (where the paths change tile) and at ``max_kv_len``, for ``path`` or (None) every path
+        :func:`xqagen.plan.choose_path` may pick.  A smaller workspace is not an error:
         a launch that would not fit runs in fewer splits.
         """
         features = frozenset(name for name, on in (("sinks", sinks), ("sliding_window", sliding_window)) if on)
         spec = KernelSpec(q_dtype=DTYPE_NAMES[q_dtype], kv_dtype=DTYPE_NAMES[kv_dtype],
                           out_dtype=DTYPE_NAMES[out_dtype] if out_dtype is not None else None, head_dim=head_dim,
                           group=num_q_heads // num_kv_heads, page_size=page_size, q_seq_len=q_seq_len,
-                          features=features, tile=tile)
+                          features=features, path=path or "generic", tile=tile)
+        specs = {spec}
+        if path is None and tile is None:  # what dispatch picks on a GPU that takes the Hopper path
+            specs.add(choose_path(spec, "sm_90", lambda: None))
         unbounded = WorkspaceSize(1 << 62, 1 << 62)
         powers = [1 << k for k in range(max_kv_len.bit_length()) if 1 << k <= max_kv_len]
         kv_lens = sorted({max_kv_len, *powers, *(p - 1 for p in powers if p > 1)})
         floats = semaphores = 0
-        for batch, kv_len in itertools.product(range(1, max_batch + 1), kv_lens):
+        for spec, batch, kv_len in itertools.product(specs, range(1, max_batch + 1), kv_lens):
             plan = plan_launch(spec, LaunchShape(batch, num_kv_heads, kv_len, sm_count), tile_given=tile is not None,
                                num_splits=num_splits, workspace=unbounded)
             need = plan.path.workspace_need(plan.spec, batch, num_kv_heads, plan.num_splits)
@@ -126,8 +133,9 @@ class DecodeWrapper:
              q_strides: tuple[int, ...] | None = None, out_strides: tuple[int, ...] | None = None,
              mask: torch.Tensor | None = None, sinks: torch.Tensor | None = None, sliding_window: int = 0,
              q_scale: float | torch.Tensor = 1.0, kv_scale: float | torch.Tensor = 1.0, rcp_out_scale: float = 1.0,
-             num_splits: int | None = None, tile=None, enable_pdl: bool = False, sm_count: int | None = None,
-             q_cu_seq_lens: torch.Tensor | None = None, num_q_tokens: int | None = None) -> None:
+             num_splits: int | None = None, tile=None, path: str | None = None, enable_pdl: bool = False,
+             sm_count: int | None = None, q_cu_seq_lens: torch.Tensor | None = None,
+             num_q_tokens: int | None = None) -> None:
         """Check a step's arguments and fix its launch (as :func:`xqagen.api.xqa_decode` defines them).
 
         ``kv_cache``: one layer's K cache; every layer's K and V caches passed to :meth:`run` must
@@ -166,11 +174,14 @@ class DecodeWrapper:
             workspace = Workspace(torch.empty(0, dtype=torch.float32, device=device),
                                   torch.empty(0, dtype=torch.int32, device=device))
         launch_shape = LaunchShape(batch, problem.num_kv_heads, problem.kv_len, sm_count or device_sm_count(device))
-        plan = plan_launch(problem.spec(tile=tile), launch_shape,
+        spec = variant_for(problem, path=path, tile=tile, device=device, k_cache=kv_cache, v_cache=kv_cache)
+        plan = plan_launch(spec, launch_shape,
                            tile_given=tile is not None, num_splits=num_splits,
                            workspace=self._workspace.size if self._workspace is not None else None)
         kernel = get_kernel(plan.spec, cache_dir=self._cache_dir)
-        params = kernel.path.pack(plan.spec, problem, plan.num_splits, workspace)
+        # packed against a real pool: a path may derive more than pointers from it (tensor maps)
+        real_pools = dataclasses.replace(problem, k_cache=kv_cache, v_cache=kv_cache)
+        params = kernel.path.pack(plan.spec, real_pools, plan.num_splits, workspace)
         bound = kernel.bind(params, batch=batch, num_kv_heads=problem.num_kv_heads, num_splits=plan.num_splits,
                             device=device, pdl=enable_pdl)
         pointers = bound.pointers()
