@@ -421,6 +421,61 @@ def test_build_fails_once_when_the_cache_cannot_be_written(write_recipe, fake_co
     assert captured.err.count("xqagen: error: 4 of the cubins could not be written to the cache") == 1
 
 
+def test_build_out_adds_the_cubins_to_a_store(write_recipe, fake_compiler, tmp_path, capsys):
+    from xqagen import compiler, cubins
+    from xqagen.emitters import emit
+
+    first = load_recipe(write_recipe(TWO_VARIANTS, name="first"))
+    second = load_recipe(write_recipe("variants: [{q_dtype: bf16, kv_dtype: bf16, page_size: 32, tile: decode}]",
+                                      name="second"))
+    store = tmp_path / "store"
+    assert main(["build", str(first.source_path), "-j", "1", "--out", str(store)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == f"cubin store {store}: 4 cubins written, 4 in all"
+    assert main(["build", str(second.source_path), "--arch", "sm_80", "-j", "1", "--out", str(store)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == f"cubin store {store}: 1 cubins written, 5 in all"
+    built = [(spec, arch) for spec in first.variants for arch in ("sm_80", "sm_90")] + [(second.variants[0], "sm_80")]
+    assert cubins.open_store(store).entries == {
+        compiler.cache_key(emit(spec).source, spec.name, arch): {"kernel_name": spec.name, "arch": arch}
+        for spec, arch in built}
+
+
+@pytest.mark.parametrize("manifest, message", [
+    (None, "is neither empty nor a cubin store (no manifest.json)"),
+    ({"format": 1, "toolchain": {"nvrtc": [12, 0], "packages": {}}, "entries": {}},
+     "holds cubins of another toolchain (nvrtc 12.0 against "),
+    ({"format": 2, "toolchain": {}, "entries": {}}, "not a cubin store of format 1 (format 2)"),
+])
+def test_build_out_refuses_a_folder_that_cannot_take_the_cubins(manifest, message, write_recipe, fake_compiler,
+                                                                 tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "manifest.json" if manifest else out / "notes.txt").write_text(json.dumps(manifest))
+    assert main(["build", str(write_recipe(TWO_VARIANTS)), "-j", "1", "--out", str(out)]) == 2
+    assert message in _one_error_line(capsys.readouterr().err)
+    assert not fake_compiler.calls, "refused before compiling"
+
+
+def test_build_out_writes_no_store_when_a_compile_fails(write_recipe, fake_compiler, tmp_path, capsys):
+    recipe = load_recipe(write_recipe(TWO_VARIANTS))
+    fake_compiler.failing.add(recipe.variants[0].name)
+    store = tmp_path / "store"
+    assert main(["build", str(recipe.source_path), "-j", "1", "--out", str(store)]) == 1
+    assert f"xqagen: error: the cubin store {store} was not written: 2 cubins failed" in capsys.readouterr().err
+    assert not store.exists()
+
+
+def test_env_lists_the_cubin_stores_and_whether_jit_is_on(monkeypatch, tmp_path, capsys):
+    from xqagen import cubins
+
+    cubins.write_store(tmp_path / "store", [])
+    monkeypatch.setenv("XQAGEN_CUBIN_DIR", str(tmp_path / "store"))
+    monkeypatch.setenv("XQAGEN_DISABLE_JIT", "1")
+    assert main(["env"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(rf"^cubin store: +{tmp_path / 'store'} \(0 cubins; XQAGEN_CUBIN_DIR\)$", out, re.M), out
+    assert re.search(r"^jit: +disabled$", out, re.M)
+
+
 @pytest.mark.slow
 def test_build_compiles_for_real_in_worker_processes_then_hits_the_cache(write_recipe, cache_dir, capsys):
     recipe_path = str(write_recipe("variants: [{q_dtype: bf16, kv_dtype: e4m3, page_size: [16, 64], tile: decode}]"))
