@@ -502,3 +502,71 @@ def test_bench_table_reports_both_timings_and_ratios():
     row = result.row()
     assert row["speedup"] == {"generic": 1.5, "sm90": 1.0}
     assert row["speedup_events"] == {"generic": 1.5, "sm90": 1.0}
+
+
+def _bench_records(tmp_path: Path) -> Path:
+    """A kernel bench's --json file as bench writes it: two cases, FlashInfer timed on the first only."""
+    from xqagen.bench import DESIGN_CASES, BenchResult, run_versions
+
+    header = {"device": "GPU", "copy_TBps": 3.0, "read_TBps": 3.2, "pdl": False, "versions": run_versions()}
+    timed = BenchResult(DESIGN_CASES[0], ms=0.5, ms_events=0.6, kv_tbps=2.0, copy_fraction=0.66, read_fraction=0.62,
+                        num_splits=1, flashinfer_ms={"generic": 1.0, "sm90": 0.4},
+                        flashinfer_ms_events={"generic": 1.1, "sm90": 0.5},
+                        flashinfer_rel_diff={"generic": 1e-3, "sm90": 2e-3})
+    alone = BenchResult(DESIGN_CASES[1], ms=0.25, ms_events=0.3, kv_tbps=1.5, copy_fraction=0.5, read_fraction=0.47,
+                        num_splits=4)
+    path = tmp_path / "bench.jsonl"
+    path.write_text("".join(json.dumps(record) + "\n" for record in (header, timed.row(), alone.row())))
+    return path
+
+
+def test_bench_records_the_versions_it_ran_with():
+    import torch
+
+    from xqagen import compiler
+    from xqagen.bench import run_versions
+
+    versions = run_versions()
+    described = subprocess.run(["git", "-C", str(Path(xqagen.__file__).parent.parent), "describe", "--always",
+                                "--dirty"], capture_output=True, text=True)
+    assert versions["xqagen"] == (described.stdout.strip() if described.returncode == 0 else xqagen.__version__)
+    assert versions["nvrtc"] == "%d.%d" % compiler.nvrtc_version()
+    assert versions["torch"] == torch.__version__
+    assert versions.keys() == {"xqagen", "torch", "driver", "nvrtc", "flashinfer"}
+
+
+def test_bench_plot_series_are_each_librarys_kv_bandwidth(tmp_path):
+    from xqagen.bench import kv_bandwidths, read_records
+
+    header, rows = read_records(_bench_records(tmp_path))
+    assert (header["copy_TBps"], header["read_TBps"]) == (3.0, 3.2)
+    # the same KV bytes in FlashInfer's time: 2 TB/s in 0.5 ms is 1 TB/s in 1 ms
+    assert kv_bandwidths(rows) == {"xqagen": [2.0, 1.5], "FlashInfer XQA": [1.0, None],
+                                   "FlashInfer XQA sm90": [2.5, None]}
+
+
+def test_bench_plot_draws_a_recorded_run_without_a_gpu(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    plot = tmp_path / "bench.png"
+    assert main(["bench", "--from", str(_bench_records(tmp_path)), "--plot", str(plot)]) == 0
+    assert capsys.readouterr().out == f"plotted 2 cases to {plot}\n"
+    assert plot.read_bytes().startswith(b"\x89PNG\r\n")
+
+
+def test_bench_plot_without_matplotlib_is_one_error(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    assert main(["bench", "--from", str(_bench_records(tmp_path)), "--plot", str(tmp_path / "bench.png")]) == 2
+    assert _one_error_line(capsys.readouterr().err) == (
+        "xqagen: error: xqagen bench --plot needs matplotlib, which is not installed: pip install 'xqagen[plot]'\n")
+
+
+@pytest.mark.parametrize("records", ['{"device": "GPU", "pdl": false, "mode": "host-time"}\n{"case": "c", "run": 9.0}',
+                                     "not json", ""])
+def test_bench_plot_refuses_what_is_not_a_kernel_bench_run(records, tmp_path, capsys):
+    path = tmp_path / "records.jsonl"
+    path.write_text(records)
+    with pytest.raises(SystemExit) as exited:
+        main(["bench", "--from", str(path), "--plot", str(tmp_path / "bench.png")])
+    assert exited.value.code == 2
+    assert f"xqagen bench: error: {path}" in capsys.readouterr().err

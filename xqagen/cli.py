@@ -500,13 +500,14 @@ def _store_rows() -> list[tuple[str, str]]:
 def _bench(argv: list[str]) -> int:
     try:
         from xqagen.bench import main as bench_main
+
+        return bench_main(argv) or 0
     except ModuleNotFoundError as err:
-        if err.name == "torch":
+        if err.name in ("torch", "matplotlib"):  # optional extras, whose messages say how to install them
             raise _UserError(str(err)) from err
         if err.name != "xqagen.bench":
             raise
         raise _UserError("benchmarks are not available in this installation (no xqagen.bench)") from err
-    return bench_main(argv) or 0
 
 
 if __name__ == "__main__":
