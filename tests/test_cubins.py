@@ -223,3 +223,35 @@ def test_installed_cubin_package_serves_without_jit(built, no_jit, monkeypatch, 
     assert "entry point 'test-model'" in store.origin
     compiled = load_cubin(built.kernel, "sm_89")
     assert compiled.path.parent == store.path and compiled.cubin == _store_cubin(built.store, built.kernel, "sm_80")
+
+
+@pytest.mark.gpu
+def test_decode_launches_from_a_store_without_jit(monkeypatch, tmp_path):
+    """On a GPU: a store built for it serves xqa_decode with JIT disabled and an empty cache."""
+    import torch
+
+    from xqagen import runtime
+    from xqagen.api import xqa_decode
+    from xqagen.reference import make_paged_kv, relative_l2_error, xqa_reference
+
+    device = torch.device("cuda")
+    target = candidate_targets(GENERIC, runtime.device_arch(device))[0]  # what the GPU would compile
+    (tmp_path / "one.yaml").write_text(RECIPE.replace("[16, 32]", "16"))
+    argv = ["build", str(tmp_path / "one.yaml"), "--arch", target, "-j", "1", "--cache-dir",
+            str(tmp_path / "build-cache"), "--out", str(tmp_path / "store")]
+    assert main(argv) == 0
+    monkeypatch.setenv("XQAGEN_CUBIN_DIR", str(tmp_path / "store"))
+    monkeypatch.setenv("XQAGEN_DISABLE_JIT", "1")
+    monkeypatch.setenv("XQAGEN_CACHE_DIR", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(runtime, "_handles", {})  # no handle loaded by an earlier test
+
+    gen = torch.Generator(device=device).manual_seed(12)
+    seq_lens = [300, 77]
+    k_cache, v_cache, page_table = make_paged_kv(2, seq_lens, 8, 128, 16, torch.bfloat16, generator=gen,
+                                                 device=device)
+    q = torch.randn(2, 1, 32, 128, generator=gen, device=device).to(torch.bfloat16)
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device=device)
+    out = xqa_decode(q, k_cache, v_cache, page_table, lens, tile="decode", num_splits=1)
+    ref = xqa_reference(q, k_cache, v_cache, page_table, lens, num_kv_heads=8, out_dtype=torch.float32)
+    assert relative_l2_error(out.float(), ref) < 5e-3
+    assert not (tmp_path / "empty-cache").exists(), "nothing compiled or cached"
