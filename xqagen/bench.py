@@ -590,10 +590,11 @@ def plot_bandwidth(header: dict, rows: list[dict], out: Path) -> None:
     axes.set_xticks(range(len(rows)), [row["case"] for row in rows], rotation=30, ha="right")
     axes.set_ylabel("KV TB/s (KV bytes / CUDA-graph time per launch)")
     versions = header.get("versions", {})
-    axes.set_title(f"KV bandwidth on {header.get('device', 'an unknown GPU')}, PDL {'on' if header.get('pdl') else 'off'}\n"
+    pdl = "on" if header.get("pdl") else "off"
+    axes.set_title(f"KV bandwidth on {header.get('device', 'an unknown GPU')}, PDL {pdl}\n"
                    + ", ".join(f"{name} {value}" for name, value in versions.items() if value is not None),
                    fontsize="medium")
-    axes.legend(fontsize="small")
+    figure.legend(loc="outside lower center", ncols=3, fontsize="small")  # bars reach the ceilings: keep it off them
     figure.savefig(out)
 
 

@@ -202,8 +202,8 @@ def check_store_target(directory: Path) -> Mapping[str, Mapping[str, str]]:
     if (directory / MANIFEST).exists():
         store = open_store(directory)
         if store.toolchain != compiler.toolchain():
-            raise StoreError(f"{directory} holds cubins of another toolchain ({_toolchain_difference(store.toolchain)}); "
-                             "write to an empty folder")
+            raise StoreError(f"{directory} holds cubins of another toolchain "
+                             f"({_toolchain_difference(store.toolchain)}); write to an empty folder")
         return store.entries
     if directory.is_dir() and any(directory.iterdir()):
         raise StoreError(f"{directory} is neither empty nor a cubin store (no {MANIFEST})")
