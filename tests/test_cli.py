@@ -421,6 +421,61 @@ def test_build_fails_once_when_the_cache_cannot_be_written(write_recipe, fake_co
     assert captured.err.count("xqagen: error: 4 of the cubins could not be written to the cache") == 1
 
 
+def test_build_out_adds_the_cubins_to_a_store(write_recipe, fake_compiler, tmp_path, capsys):
+    from xqagen import compiler, cubins
+    from xqagen.emitters import emit
+
+    first = load_recipe(write_recipe(TWO_VARIANTS, name="first"))
+    second = load_recipe(write_recipe("variants: [{q_dtype: bf16, kv_dtype: bf16, page_size: 32, tile: decode}]",
+                                      name="second"))
+    store = tmp_path / "store"
+    assert main(["build", str(first.source_path), "-j", "1", "--out", str(store)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == f"cubin store {store}: 4 cubins written, 4 in all"
+    assert main(["build", str(second.source_path), "--arch", "sm_80", "-j", "1", "--out", str(store)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == f"cubin store {store}: 1 cubins written, 5 in all"
+    built = [(spec, arch) for spec in first.variants for arch in ("sm_80", "sm_90")] + [(second.variants[0], "sm_80")]
+    assert cubins.open_store(store).entries == {
+        compiler.cache_key(emit(spec).source, spec.name, arch): {"kernel_name": spec.name, "arch": arch}
+        for spec, arch in built}
+
+
+@pytest.mark.parametrize("manifest, message", [
+    (None, "is neither empty nor a cubin store (no manifest.json)"),
+    ({"format": 1, "toolchain": {"nvrtc": [12, 0], "packages": {}}, "entries": {}},
+     "holds cubins of another toolchain (nvrtc 12.0 against "),
+    ({"format": 2, "toolchain": {}, "entries": {}}, "not a cubin store of format 1 (format 2)"),
+])
+def test_build_out_refuses_a_folder_that_cannot_take_the_cubins(manifest, message, write_recipe, fake_compiler,
+                                                                 tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "manifest.json" if manifest else out / "notes.txt").write_text(json.dumps(manifest))
+    assert main(["build", str(write_recipe(TWO_VARIANTS)), "-j", "1", "--out", str(out)]) == 2
+    assert message in _one_error_line(capsys.readouterr().err)
+    assert not fake_compiler.calls, "refused before compiling"
+
+
+def test_build_out_writes_no_store_when_a_compile_fails(write_recipe, fake_compiler, tmp_path, capsys):
+    recipe = load_recipe(write_recipe(TWO_VARIANTS))
+    fake_compiler.failing.add(recipe.variants[0].name)
+    store = tmp_path / "store"
+    assert main(["build", str(recipe.source_path), "-j", "1", "--out", str(store)]) == 1
+    assert f"xqagen: error: the cubin store {store} was not written: 2 cubins failed" in capsys.readouterr().err
+    assert not store.exists()
+
+
+def test_env_lists_the_cubin_stores_and_whether_jit_is_on(monkeypatch, tmp_path, capsys):
+    from xqagen import cubins
+
+    cubins.write_store(tmp_path / "store", [])
+    monkeypatch.setenv("XQAGEN_CUBIN_DIR", str(tmp_path / "store"))
+    monkeypatch.setenv("XQAGEN_DISABLE_JIT", "1")
+    assert main(["env"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(rf"^cubin store: +{tmp_path / 'store'} \(0 cubins; XQAGEN_CUBIN_DIR\)$", out, re.M), out
+    assert re.search(r"^jit: +disabled$", out, re.M)
+
+
 @pytest.mark.slow
 def test_build_compiles_for_real_in_worker_processes_then_hits_the_cache(write_recipe, cache_dir, capsys):
     recipe_path = str(write_recipe("variants: [{q_dtype: bf16, kv_dtype: e4m3, page_size: [16, 64], tile: decode}]"))
@@ -447,3 +502,71 @@ def test_bench_table_reports_both_timings_and_ratios():
     row = result.row()
     assert row["speedup"] == {"generic": 1.5, "sm90": 1.0}
     assert row["speedup_events"] == {"generic": 1.5, "sm90": 1.0}
+
+
+def _bench_records(tmp_path: Path) -> Path:
+    """A kernel bench's --json file as bench writes it: two cases, FlashInfer timed on the first only."""
+    from xqagen.bench import DESIGN_CASES, BenchResult, run_versions
+
+    header = {"device": "GPU", "copy_TBps": 3.0, "read_TBps": 3.2, "pdl": False, "versions": run_versions()}
+    timed = BenchResult(DESIGN_CASES[0], ms=0.5, ms_events=0.6, kv_tbps=2.0, copy_fraction=0.66, read_fraction=0.62,
+                        num_splits=1, flashinfer_ms={"generic": 1.0, "sm90": 0.4},
+                        flashinfer_ms_events={"generic": 1.1, "sm90": 0.5},
+                        flashinfer_rel_diff={"generic": 1e-3, "sm90": 2e-3})
+    alone = BenchResult(DESIGN_CASES[1], ms=0.25, ms_events=0.3, kv_tbps=1.5, copy_fraction=0.5, read_fraction=0.47,
+                        num_splits=4)
+    path = tmp_path / "bench.jsonl"
+    path.write_text("".join(json.dumps(record) + "\n" for record in (header, timed.row(), alone.row())))
+    return path
+
+
+def test_bench_records_the_versions_it_ran_with():
+    import torch
+
+    from xqagen import compiler
+    from xqagen.bench import run_versions
+
+    versions = run_versions()
+    described = subprocess.run(["git", "-C", str(Path(xqagen.__file__).parent.parent), "describe", "--always",
+                                "--dirty"], capture_output=True, text=True)
+    assert versions["xqagen"] == (described.stdout.strip() if described.returncode == 0 else xqagen.__version__)
+    assert versions["nvrtc"] == "%d.%d" % compiler.nvrtc_version()
+    assert versions["torch"] == torch.__version__
+    assert versions.keys() == {"xqagen", "torch", "driver", "nvrtc", "flashinfer"}
+
+
+def test_bench_plot_series_are_each_librarys_kv_bandwidth(tmp_path):
+    from xqagen.bench import kv_bandwidths, read_records
+
+    header, rows = read_records(_bench_records(tmp_path))
+    assert (header["copy_TBps"], header["read_TBps"]) == (3.0, 3.2)
+    # the same KV bytes in FlashInfer's time: 2 TB/s in 0.5 ms is 1 TB/s in 1 ms
+    assert kv_bandwidths(rows) == {"xqagen": [2.0, 1.5], "FlashInfer XQA": [1.0, None],
+                                   "FlashInfer XQA sm90": [2.5, None]}
+
+
+def test_bench_plot_draws_a_recorded_run_without_a_gpu(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    plot = tmp_path / "bench.png"
+    assert main(["bench", "--from", str(_bench_records(tmp_path)), "--plot", str(plot)]) == 0
+    assert capsys.readouterr().out == f"plotted 2 cases to {plot}\n"
+    assert plot.read_bytes().startswith(b"\x89PNG\r\n")
+
+
+def test_bench_plot_without_matplotlib_is_one_error(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    assert main(["bench", "--from", str(_bench_records(tmp_path)), "--plot", str(tmp_path / "bench.png")]) == 2
+    assert _one_error_line(capsys.readouterr().err) == (
+        "xqagen: error: xqagen bench --plot needs matplotlib, which is not installed: pip install 'xqagen[plot]'\n")
+
+
+@pytest.mark.parametrize("records", ['{"device": "GPU", "pdl": false, "mode": "host-time"}\n{"case": "c", "run": 9.0}',
+                                     "not json", ""])
+def test_bench_plot_refuses_what_is_not_a_kernel_bench_run(records, tmp_path, capsys):
+    path = tmp_path / "records.jsonl"
+    path.write_text(records)
+    with pytest.raises(SystemExit) as exited:
+        main(["bench", "--from", str(path), "--plot", str(tmp_path / "bench.png")])
+    assert exited.value.code == 2
+    assert f"xqagen bench: error: {path}" in capsys.readouterr().err

@@ -25,19 +25,30 @@ its output, for both libraries, programmatic dependent launch off and on.  Per s
 from eager launches between events.  ``step - gemms`` is what the decode adds to a step; PDL helps
 where it shrinks that (the decode's launch and prologue overlap the first GEMM's tail), and the
 graph column is what a captured decode step sees.
+
+``--json FILE`` writes one JSON object per line: a header (the device, PDL, the versions the run
+used: :func:`run_versions`; for the kernel bench also the copy and streaming-read bandwidths),
+then one record per case.  ``--plot FILE`` draws each case's KV bandwidth for xqagen and each
+FlashInfer path against those two ceilings (matplotlib, the ``plot`` extra); with ``--from JSON``
+it draws a recorded run and runs nothing.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import itertools
 import json
 import math
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import xqagen
 
 from ._torch import torch
 
@@ -475,6 +486,120 @@ def format_table(results: list[BenchResult], copy_tbps: float, read_tbps: float,
     return "\n".join(lines)
 
 
+def run_versions() -> dict[str, str | None]:
+    """What a bench ran with: xqagen (``git describe`` of its checkout, else the package version),
+    torch, the CUDA driver and NVRTC, and FlashInfer (None where one is absent)."""
+    from .compiler import nvrtc_version
+
+    return {"xqagen": _xqagen_version(), "torch": torch.__version__, "driver": _driver_version(),
+            "nvrtc": "%d.%d" % nvrtc_version(), "flashinfer": _installed_version("flashinfer-python")}
+
+
+def _xqagen_version() -> str:
+    root = Path(xqagen.__file__).resolve().parent.parent
+    if (root / ".git").exists():  # a checkout (or worktree) of which the package is the top folder
+        try:
+            described = subprocess.run(["git", "-C", str(root), "describe", "--always", "--dirty"],
+                                       capture_output=True, text=True, check=False)
+        except OSError:  # no git
+            return xqagen.__version__
+        if described.returncode == 0:
+            return described.stdout.strip()
+    return xqagen.__version__
+
+
+def _driver_version() -> str | None:
+    from cuda.bindings import driver
+
+    try:
+        status, version = driver.cuDriverGetVersion()
+    except RuntimeError:  # no libcuda
+        return None
+    return f"{version // 1000}.{version % 1000 // 10}" if status == driver.CUresult.CUDA_SUCCESS else None
+
+
+def _installed_version(distribution: str) -> str | None:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+# ---- --plot ----
+
+#: FlashInfer's XQA paths as the plot labels them
+FLASHINFER_LABELS = {"generic": "FlashInfer XQA", "sm90": "FlashInfer XQA sm90"}
+
+
+def read_records(path: Path) -> tuple[dict, list[dict]]:
+    """(header, case records) of a kernel bench's ``--json`` file; ValueError where it is not one."""
+    records = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            raise ValueError(f"{path}, line {number}: not JSON") from None
+    header, *rows = records or [None]
+    if not (isinstance(header, dict) and {"copy_TBps", "read_TBps"} <= header.keys() and rows
+            and all(isinstance(row, dict) and {"case", "ms", "kv_tbps", "flashinfer_ms"} <= row.keys()
+                    for row in rows)):
+        raise ValueError(f"{path}: no kernel bench records (those of `xqagen bench --json`, without "
+                         "--host-time or --pdl-gemm)")
+    return header, rows
+
+
+def kv_bandwidths(rows: list[dict]) -> dict[str, list[float | None]]:
+    """Per library, each case's KV TB/s (None where it has no time): xqagen's from the record, a
+    FlashInfer path's from the same KV bytes over its time."""
+    series = {"xqagen": [row["kv_tbps"] for row in rows]}
+    for path, label in FLASHINFER_LABELS.items():
+        if any(path in row["flashinfer_ms"] for row in rows):
+            series[label] = [row["kv_tbps"] * row["ms"] / row["flashinfer_ms"][path]
+                             if path in row["flashinfer_ms"] else None for row in rows]
+    return series
+
+
+def _matplotlib_figure():
+    """matplotlib's Figure class (no pyplot: no display, no global state)."""
+    try:
+        from matplotlib.figure import Figure
+    except ModuleNotFoundError as err:
+        if (err.name or "").partition(".")[0] != "matplotlib":
+            raise
+        raise ModuleNotFoundError("xqagen bench --plot needs matplotlib, which is not installed: "
+                                  "pip install 'xqagen[plot]'", name="matplotlib") from None
+    return Figure
+
+
+def plot_bandwidth(header: dict, rows: list[dict], out: Path) -> None:
+    """Draw each case's KV bandwidth per library against the copy and streaming-read bandwidths
+    to ``out`` (its suffix picks the format: .png, .svg, .pdf)."""
+    figure_type = _matplotlib_figure()
+    series = kv_bandwidths(rows)
+    figure = figure_type(figsize=(max(8.0, 1.1 * len(rows) + 3), 6), layout="constrained")
+    axes = figure.subplots()
+    width = 0.8 / len(series)
+    for index, (label, values) in enumerate(series.items()):
+        positions = [case + (index - (len(series) - 1) / 2) * width for case in range(len(rows))]
+        axes.bar([x for x, v in zip(positions, values) if v is not None], [v for v in values if v is not None],
+                 width, label=label)
+    axes.axhline(header["copy_TBps"], color="black", linestyle="--",
+                 label=f"device-to-device copy, read + write ({header['copy_TBps']:.2f} TB/s)")
+    axes.axhline(header["read_TBps"], color="gray", linestyle=":",
+                 label=f"streaming read ({header['read_TBps']:.2f} TB/s)")
+    axes.set_xticks(range(len(rows)), [row["case"] for row in rows], rotation=30, ha="right")
+    axes.set_ylabel("KV TB/s (KV bytes / CUDA-graph time per launch)")
+    versions = header.get("versions", {})
+    pdl = "on" if header.get("pdl") else "off"
+    axes.set_title(f"KV bandwidth on {header.get('device', 'an unknown GPU')}, PDL {pdl}\n"
+                   + ", ".join(f"{name} {value}" for name, value in versions.items() if value is not None),
+                   fontsize="medium")
+    figure.legend(loc="outside lower center", ncols=3, fontsize="small")  # bars reach the ceilings: keep it off them
+    figure.savefig(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="xqagen bench", description=__doc__.splitlines()[0])
     parser.add_argument("--case", action="append", help="run only these cases (repeatable); default: all")
@@ -490,7 +615,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--path", choices=("generic", "hopper"), default=None,
                         help="force xqagen's kernel path (default: chosen per launch shape)")
     parser.add_argument("--json", help="also write one JSON object per case to this file")
+    parser.add_argument("--plot", type=Path, metavar="FILE",
+                        help="draw each case's KV bandwidth for both libraries and the copy and read ceilings "
+                             "(.png, .svg, .pdf; needs matplotlib)")
+    parser.add_argument("--from", dest="records", type=Path, metavar="JSON",
+                        help="with --plot: draw this --json file of an earlier run instead of running")
     args = parser.parse_args(argv)
+    if args.records is not None:
+        if args.plot is None:
+            parser.error("--from needs --plot")
+        try:
+            header, rows = read_records(args.records)
+        except ValueError as err:
+            parser.error(str(err))
+        plot_bandwidth(header, rows, args.plot)
+        print(f"plotted {len(rows)} cases to {args.plot}")
+        return 0
+    if args.plot is not None:
+        if args.host_time or args.pdl_gemm:
+            parser.error("--plot draws the kernel bench, not --host-time or --pdl-gemm")
+        _matplotlib_figure()  # missing matplotlib fails now, not after the bench
     if args.list:
         for case in DESIGN_CASES:
             print(case.name, json.dumps(asdict(case)))
@@ -529,7 +673,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             with open(args.json, "w") as f:
                 f.write(json.dumps({"device": props.name, "pdl": pdl, "mode": "host-time" if args.host_time
-                                    else "pdl-gemm"}) + "\n")
+                                    else "pdl-gemm", "versions": run_versions()}) + "\n")
                 for case, row in rows:
                     f.write(json.dumps({"case": case.name, **row}) + "\n")
         return 0
@@ -544,12 +688,17 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.empty_cache()
     print(format_table(results, copy_tbps, read_tbps, props.name))
     print(f"programmatic dependent launch: {'on' if pdl else 'off'} for both libraries")
+    header = {"device": props.name, "copy_TBps": copy_tbps, "read_TBps": read_tbps, "pdl": pdl, "path": args.path,
+              "versions": run_versions()}
+    rows = [r.row() for r in results]
     if args.json:
         with open(args.json, "w") as f:
-            f.write(json.dumps({"device": props.name, "copy_TBps": copy_tbps, "read_TBps": read_tbps,
-                                "pdl": pdl, "path": args.path}) + "\n")
-            for r in results:
-                f.write(json.dumps(r.row()) + "\n")
+            f.write(json.dumps(header) + "\n")
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+    if args.plot is not None:
+        plot_bandwidth(header, rows, args.plot)
+        print(f"plotted {len(rows)} cases to {args.plot}")
     return 0
 
 

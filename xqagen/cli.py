@@ -152,6 +152,9 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--jobs", "-j", type=_positive_int, default=os.cpu_count() or 1, metavar="N",
                        help="parallel compiles in worker processes; 1 compiles in this process "
                             "(default: %(default)s)")
+    build.add_argument("--out", type=Path, metavar="DIR",
+                       help="also add the cubins to the cubin store in DIR (made where missing or empty), "
+                            "which the runtime reads through XQAGEN_CUBIN_DIR or an installed cubin package")
     _add_cache_dir_argument(build)
     build.set_defaults(run=_build)
 
@@ -165,7 +168,8 @@ def _parser() -> argparse.ArgumentParser:
     _add_cache_dir_argument(cache)
     cache.set_defaults(run=_cache)
 
-    env = commands.add_parser("env", help="show the toolchain, driver, GPUs and cache this installation uses")
+    env = commands.add_parser("env", help="show the toolchain, driver, GPUs, cache and cubin stores this "
+                                          "installation uses")
     env.set_defaults(run=_env)
 
     # Listed for --help only; main() hands `bench` and everything after it to xqagen.bench.
@@ -245,6 +249,8 @@ def _build(args: argparse.Namespace) -> int:
     compiler.include_dirs()
     cache_dir = args.cache_dir or compiler.default_cache_dir()
     _check_writable(cache_dir)
+    if args.out is not None:
+        _check_store_target(args.out)  # a folder that cannot take them fails before compiling
     workers = min(args.jobs, len(jobs))
     start = time.perf_counter()
     compiled: list[CompiledKernel] = []
@@ -290,7 +296,34 @@ def _build(args: argparse.Namespace) -> int:
         print(f"\n{job.label}: {err}", file=sys.stderr)
     if unstored:
         _error(f"{unstored} of the cubins could not be written to the cache {cache_dir} (see the warning above)")
+    if args.out is not None:
+        if failures:
+            _error(f"the cubin store {args.out} was not written: {len(failures)} cubins failed")
+        else:
+            _write_store(args.out, jobs, compiled)
     return 1 if failures or unstored else 0
+
+
+def _write_store(out: Path, jobs: list[_CompileJob], compiled: list[CompiledKernel]) -> None:
+    from xqagen import compiler, cubins
+
+    built = {(result.kernel_name, result.arch): result for result in compiled}
+    keys = [(compiler.cache_key(job.kernel.source, job.kernel.kernel_name, job.arch),
+             built[job.kernel.kernel_name, job.arch]) for job in jobs]
+    try:
+        total = cubins.write_store(out, keys)
+    except cubins.StoreError as err:
+        raise _UserError(f"--out: {err}") from err
+    print(f"cubin store {out}: {len(keys)} cubins written, {total} in all")
+
+
+def _check_store_target(out: Path) -> None:
+    from xqagen import cubins
+
+    try:
+        cubins.check_store_target(out)
+    except cubins.StoreError as err:
+        raise _UserError(f"--out: {err}") from err
 
 
 def _check_writable(cache_dir: Path) -> None:
@@ -414,6 +447,7 @@ def _env(args: argparse.Namespace) -> int:
         rows.append(("toolchain", f"not usable: {err}"))
     rows.extend(_driver_rows())
     rows.append(("cache dir", str(compiler.default_cache_dir())))
+    rows.extend(_store_rows())
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name + ':':<{width + 1}} {value}")
@@ -448,18 +482,32 @@ def _driver_rows() -> list[tuple[str, str]]:
     return rows
 
 
+def _store_rows() -> list[tuple[str, str]]:
+    """The cubin stores the runtime searches, in order (unusable ones are logged), and whether it may compile."""
+    from xqagen import cubins
+
+    rows = [("cubin store", f"{store.path} ({len(store.entries)} cubins; {store.origin})")
+            for store in cubins.cubin_stores()] or [("cubin stores", "none")]
+    try:
+        rows.append(("jit", "disabled" if cubins.jit_disabled() else "enabled"))
+    except ValueError as err:
+        rows.append(("jit", str(err)))
+    return rows
+
+
 # ---- bench ----
 
 def _bench(argv: list[str]) -> int:
     try:
         from xqagen.bench import main as bench_main
+
+        return bench_main(argv) or 0
     except ModuleNotFoundError as err:
-        if err.name == "torch":
+        if err.name in ("torch", "matplotlib"):  # optional extras, whose messages say how to install them
             raise _UserError(str(err)) from err
         if err.name != "xqagen.bench":
             raise
         raise _UserError("benchmarks are not available in this installation (no xqagen.bench)") from err
-    return bench_main(argv) or 0
 
 
 if __name__ == "__main__":

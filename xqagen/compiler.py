@@ -42,6 +42,9 @@ and looks again once it holds it, so that processes wanting the same kernel comp
 cache that cannot be read or written costs one warning per process and directory; compiles then
 happen in memory and their :attr:`CompiledKernel.path` is None.
 
+Cubin stores (:mod:`xqagen.cubins`) are read-only folders of the same entry files under the same
+keys (:func:`cache_key`), written by ``xqagen build --out``.
+
 Concurrency
 -----------
 Every function here may be called from several threads.  NVRTC itself runs one compile at a time
@@ -71,7 +74,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -80,18 +83,27 @@ from cuda.pathfinder import DynamicLibNotFoundError, find_nvidia_binary_utility,
 
 __all__ = [
     "CACHE_FORMAT_VERSION",
+    "TARGET_SUFFIXES",
     "CompileError",
     "CompiledKernel",
+    "CorruptEntryError",
     "ResourceUsage",
     "ToolNotFoundError",
     "cache_entries",
+    "cache_key",
+    "cached_kernel",
     "clear_cache",
     "compile_kernel",
     "default_cache_dir",
     "disassemble",
+    "entry_path",
     "include_dirs",
     "nvrtc_version",
+    "read_entry",
     "supported_archs",
+    "toolchain",
+    "write_entry",
+    "write_file_atomically",
 ]
 
 logger = logging.getLogger(__name__)
@@ -116,6 +128,9 @@ _PCH_OPTIONS: dict[str, Any] = {"pch": True, "pch_messages": False, "diag_suppre
 _PCH_HEAP_BYTES = 1 << 30
 _pch_heap_lock = threading.Lock()
 _ARCH_RE = re.compile(r"sm_(?P<number>\d+)(?P<suffix>[af]?)")
+#: A target's suffix -> the first sm number that has it: arch-specific targets (sm_90a) start with
+#: sm_90, family targets (sm_100f) with sm_100.
+TARGET_SUFFIXES = {"": 0, "a": 90, "f": 100}
 _KERNEL_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _MAX_QUOTED_LINES = 10  # referenced lines a CompileError quotes; the full log is always there
 
@@ -226,6 +241,13 @@ def _supported_arch_numbers() -> tuple[int, ...]:
     return tuple(_check(_nvrtc().nvrtcGetSupportedArchs()))
 
 
+def toolchain() -> dict[str, Any]:
+    """What decides a cubin besides its source, options and arch: the NVRTC version and the
+    versions of the toolchain packages (None for one not installed).  Part of every cache key;
+    cubin stores record it."""
+    return {"nvrtc": list(nvrtc_version()), "packages": dict(_package_versions())}
+
+
 @functools.cache
 def _package_versions() -> dict[str, str | None]:
     versions: dict[str, str | None] = {}
@@ -280,19 +302,16 @@ def compile_kernel(source: str, kernel_name: str, arch: str, *, options: Sequenc
     start = time.perf_counter()
     _validate(kernel_name, arch, options)
     nvrtc_options = _nvrtc_options(arch, options)  # without the PCH flags, which change no CUBIN
-    entry_path = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / (
-        _cache_key(source, kernel_name, arch, nvrtc_options) + _ENTRY_SUFFIX)
+    path = entry_path(_cache_key(source, kernel_name, arch, nvrtc_options), cache_dir)
 
-    def hit(cached: tuple[bytes, ResourceUsage, str]) -> CompiledKernel:
-        cubin, resources, log = cached
-        return CompiledKernel(cubin, kernel_name, arch, resources, log, cache_hit=True, path=entry_path,
-                              compile_seconds=time.perf_counter() - start)
+    def hit(cached: CompiledKernel) -> CompiledKernel:
+        return replace(cached, compile_seconds=time.perf_counter() - start)
 
-    if (cached := _read_entry(entry_path, kernel_name, arch)) is not None:
+    if (cached := _read_cache_entry(path, kernel_name, arch)) is not None:
         return hit(cached)
-    with _key_lock(entry_path) as locked:
+    with _key_lock(path) as locked:
         # Whoever held the lock before us may have just built this kernel.
-        if locked and (cached := _read_entry(entry_path, kernel_name, arch)) is not None:
+        if locked and (cached := _read_cache_entry(path, kernel_name, arch)) is not None:
             return hit(cached)
         if use_pch:
             _reserve_pch_heap()
@@ -303,11 +322,25 @@ def compile_kernel(source: str, kernel_name: str, arch: str, *, options: Sequenc
         except LookupError as err:
             raise CompileError(f"kernel {kernel_name!r} ({arch}): {err}; declare the kernel extern \"C\"",
                                kernel_name=kernel_name, arch=arch, log=log) from None
-        stored = locked and _write_entry(entry_path, _encode_entry(cubin, kernel_name, arch, resources, log))
+        compiled = CompiledKernel(cubin, kernel_name, arch, resources, log, cache_hit=False, path=None,
+                                  compile_seconds=0.0)
+        stored = locked and _write_cache_entry(path, compiled)
     seconds = time.perf_counter() - start
     logger.info("compiled %s for %s in %.1f s", kernel_name, arch, seconds)
-    return CompiledKernel(cubin, kernel_name, arch, resources, log, cache_hit=False,
-                          path=entry_path if stored else None, compile_seconds=seconds)
+    return replace(compiled, path=path if stored else None, compile_seconds=seconds)
+
+
+def cache_key(source: str, kernel_name: str, arch: str, *, options: Sequence[str] = ()) -> str:
+    """The key under which :func:`compile_kernel` caches this kernel, and cubin stores hold it:
+    the content and the toolchain's versions, not where anything is installed (see Cache)."""
+    _validate(kernel_name, arch, options)
+    return _cache_key(source, kernel_name, arch, _nvrtc_options(arch, options))
+
+
+def cached_kernel(key: str, kernel_name: str, arch: str, *, cache_dir: Path | None = None) -> CompiledKernel | None:
+    """The cache's entry ``key`` (:func:`cache_key`) if it holds one, never compiling; a corrupt
+    entry is reported in one line and deleted."""
+    return _read_cache_entry(entry_path(key, cache_dir), kernel_name, arch)
 
 
 def compile_ptx(source: str, kernel_name: str, arch: str = "compute_80", *, options: Sequence[str] = ()) -> bytes:
@@ -335,8 +368,7 @@ def _validate(kernel_name: str, arch: str, options: Sequence[str]) -> None:
     supported = _supported_arch_numbers()
     if match:
         number, suffix = int(match["number"]), match["suffix"]
-        # Arch-specific targets ("a") start with sm_90, family targets ("f") with sm_100.
-        if number in supported and number >= {"": 0, "a": 90, "f": 100}[suffix]:
+        if number in supported and number >= TARGET_SUFFIXES[suffix]:
             return
     major, minor = nvrtc_version()
     raise ValueError(f"invalid arch {arch!r}: expected sm_<N>, sm_<N>a (N >= 90) or sm_<N>f (N >= 100) "
@@ -365,8 +397,7 @@ def _cache_key(source: str, kernel_name: str, arch: str, nvrtc_options: list[str
     # Option order is kept: include paths and macro definitions can depend on it.
     document = {
         "format": CACHE_FORMAT_VERSION,
-        "nvrtc": nvrtc_version(),
-        "packages": _package_versions(),
+        **toolchain(),
         "arch": arch,
         "kernel_name": kernel_name,
         "options": [_portable_option(option) for option in nvrtc_options],
@@ -497,26 +528,37 @@ def _parse_resources(log: str, kernel_name: str) -> ResourceUsage:
 
 # ---- cache entries ----
 
-class _CorruptEntry(Exception):
-    pass
+class CorruptEntryError(ValueError):
+    """An entry file that fails a check (magic, sizes, checksum, or the kernel it describes)."""
 
 
-def _encode_entry(cubin: bytes, kernel_name: str, arch: str, resources: ResourceUsage, log: str) -> bytes:
+def entry_path(key: str, directory: Path | None = None) -> Path:
+    """The file of entry ``key`` in a cache or store folder (default: :func:`default_cache_dir`)."""
+    return (Path(directory) if directory is not None else default_cache_dir()) / f"{key}{_ENTRY_SUFFIX}"
+
+
+def _encode_entry(compiled: CompiledKernel) -> bytes:
     header = json.dumps({
-        "kernel_name": kernel_name,
-        "arch": arch,
-        "cubin_size": len(cubin),
-        "cubin_sha256": hashlib.sha256(cubin).hexdigest(),
-        "resources": asdict(resources),
-        "log": log,
+        "kernel_name": compiled.kernel_name,
+        "arch": compiled.arch,
+        "cubin_size": len(compiled.cubin),
+        "cubin_sha256": hashlib.sha256(compiled.cubin).hexdigest(),
+        "resources": asdict(compiled.resources),
+        "log": compiled.log,
     }).encode()
-    return _ENTRY_MAGIC + _HEADER_SIZE.pack(len(header)) + header + cubin
+    return _ENTRY_MAGIC + _HEADER_SIZE.pack(len(header)) + header + compiled.cubin
 
 
-def _decode_entry(data: bytes, kernel_name: str, arch: str) -> tuple[bytes, ResourceUsage, str]:
+def read_entry(path: Path, kernel_name: str, arch: str) -> CompiledKernel:
+    """The kernel in entry file ``path``, checked to be ``kernel_name`` for ``arch``.
+
+    Raises ``OSError`` when the file cannot be read (``FileNotFoundError``: there is none) and
+    :class:`CorruptEntryError` when it fails a check."""
+    start = time.perf_counter()
+    data = Path(path).read_bytes()
     prefix = len(_ENTRY_MAGIC) + _HEADER_SIZE.size
     if len(data) < prefix or not data.startswith(_ENTRY_MAGIC):
-        raise _CorruptEntry("bad magic")
+        raise CorruptEntryError("bad magic")
     (header_size,) = _HEADER_SIZE.unpack_from(data, len(_ENTRY_MAGIC))
     try:
         header = json.loads(data[prefix:prefix + header_size])
@@ -526,71 +568,85 @@ def _decode_entry(data: bytes, kernel_name: str, arch: str) -> tuple[bytes, Reso
         identity = (header["kernel_name"], header["arch"])
     except (ValueError, TypeError, KeyError) as err:
         # The type only: a decode error's text can quote the whole entry.
-        raise _CorruptEntry(f"unreadable header ({type(err).__name__})") from None
+        raise CorruptEntryError(f"unreadable header ({type(err).__name__})") from None
     if identity != (kernel_name, arch) or not isinstance(log, str):
-        raise _CorruptEntry("header does not describe this kernel")
+        raise CorruptEntryError("header does not describe this kernel")
     cubin = data[prefix + header_size:]
     if len(cubin) != cubin_size:
-        raise _CorruptEntry(f"{len(cubin)} cubin bytes, header says {cubin_size}")
+        raise CorruptEntryError(f"{len(cubin)} cubin bytes, header says {cubin_size}")
     if hashlib.sha256(cubin).hexdigest() != cubin_sha256:
-        raise _CorruptEntry("cubin checksum mismatch")
-    return cubin, resources, log
+        raise CorruptEntryError("cubin checksum mismatch")
+    return CompiledKernel(cubin, kernel_name, arch, resources, log, cache_hit=True, path=Path(path),
+                          compile_seconds=time.perf_counter() - start)
 
 
-def _read_entry(path: Path, kernel_name: str, arch: str) -> tuple[bytes, ResourceUsage, str] | None:
-    """The entry's (cubin, resources, log), or None on a miss; a corrupt entry is deleted."""
+def write_entry(path: Path, compiled: CompiledKernel) -> None:
+    """Store ``compiled`` as entry file ``path``, atomically: a reader sees the whole entry or
+    none.  Raises ``OSError`` when it cannot."""
+    write_file_atomically(path, _encode_entry(compiled))
+
+
+def write_file_atomically(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temporary file beside ``path``, flush it to disk and rename it over
+    ``path``; raises ``OSError`` (leaving nothing behind) when it cannot."""
+    temp_name: str | None = None
     try:
-        data = path.read_bytes()
+        fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with os.fdopen(fd, "wb") as temp:
+            os.fchmod(temp.fileno(), 0o644)  # mkstemp makes the file private; cubins are no secret
+            temp.write(data)
+            temp.flush()
+            os.fsync(temp.fileno())  # the data must be on disk before the rename makes it visible
+        os.replace(temp_name, path)
+    except OSError:
+        if temp_name is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(temp_name)
+        raise
+
+
+def _read_cache_entry(path: Path, kernel_name: str, arch: str) -> CompiledKernel | None:
+    """The cache's entry, or None on a miss; a corrupt entry is deleted."""
+    try:
+        return read_entry(path, kernel_name, arch)
     except FileNotFoundError:
         return None
     except OSError as err:
         _warn_cache_unusable(path.parent, err)
         return None
-    try:
-        return _decode_entry(data, kernel_name, arch)
-    except _CorruptEntry as err:
+    except CorruptEntryError as err:
         logger.warning("discarding corrupt cache entry %s: %s", path, err)
         with contextlib.suppress(OSError):  # a read-only cache keeps it; the compile still happens
             path.unlink(missing_ok=True)
         return None
 
 
-@contextlib.contextmanager
-def _key_lock(entry_path: Path) -> Iterator[bool]:
-    """Holds the entry's lock file; yields False, having warned, when the cache is not writable."""
-    lock = filelock.FileLock(entry_path.with_suffix(".lock"))
+def _write_cache_entry(path: Path, compiled: CompiledKernel) -> bool:
+    """:func:`write_entry`; False (with a warning) when the cache is not writable."""
     try:
-        entry_path.parent.mkdir(parents=True, exist_ok=True)
+        write_entry(path, compiled)
+        return True
+    except OSError as err:
+        _warn_cache_unusable(path.parent, err)
+        return False
+
+
+@contextlib.contextmanager
+def _key_lock(path: Path) -> Iterator[bool]:
+    """Holds the entry's lock file; yields False, having warned, when the cache is not writable."""
+    lock = filelock.FileLock(path.with_suffix(".lock"))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         lock.acquire()
         locked = True
     except OSError as err:
-        _warn_cache_unusable(entry_path.parent, err)
+        _warn_cache_unusable(path.parent, err)
         locked = False
     try:
         yield locked
     finally:
         if locked:
             lock.release()
-
-
-def _write_entry(path: Path, data: bytes) -> bool:
-    """Atomically store ``data`` at ``path``; False (with a warning) when the cache is not writable."""
-    temp_name: str | None = None
-    try:
-        fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as temp:
-            os.fchmod(temp.fileno(), 0o644)  # mkstemp makes the file private; entries are no secret
-            temp.write(data)
-            temp.flush()
-            os.fsync(temp.fileno())  # the data must be on disk before the rename makes it visible
-        os.replace(temp_name, path)
-        return True
-    except OSError as err:
-        _warn_cache_unusable(path.parent, err)
-        if temp_name is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(temp_name)
-        return False
 
 
 _unusable_cache_dirs: set[Path] = set()

@@ -22,7 +22,7 @@ from pathlib import Path
 from ._torch import torch
 from cuda.bindings import driver
 
-from .compiler import compile_kernel
+from .cubins import load_cubin
 from .emitters import EmittedKernel, WorkspaceSize, path_of
 from .emitters.params import PARAMS, KernelParams
 from .spec import KernelSpec
@@ -134,7 +134,8 @@ def default_workspace(device: torch.device) -> Workspace:
 
 
 class DecodeKernel:
-    """Launch handle of one KernelSpec: compiles (through the cubin cache) and loads lazily per device."""
+    """Launch handle of one KernelSpec: finds its cubin (a store, the cache or NVRTC:
+    :func:`xqagen.cubins.load_cubin`) and loads it lazily per device."""
 
     def __init__(self, spec: KernelSpec, *, cache_dir: Path | None = None):
         self.spec = spec
@@ -156,11 +157,11 @@ class DecodeKernel:
 
     def _load(self, index: int) -> _Loaded:
         device = torch.device("cuda", index)
-        arch = self.path.target_arch(device_arch(device))
-        if arch is None:
+        arch = device_arch(device)
+        if self.path.target_arch(arch) is None:
             raise LaunchError(f"the {self.path.name} path's kernels do not run on {torch.cuda.get_device_name(device)} "
-                              f"({device_arch(device)})")
-        compiled = compile_kernel(self.emitted.source, self.emitted.kernel_name, arch, cache_dir=self._cache_dir)
+                              f"({arch})")
+        compiled = load_cubin(self.emitted, arch, cache_dir=self._cache_dir)
         library, function = load_function(compiled.cubin, self.emitted.kernel_name, index,
                                           dynamic_smem_bytes=self.emitted.smem_bytes)
         return _Loaded(library, function)
