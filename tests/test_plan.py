@@ -89,3 +89,77 @@ def test_the_generic_path_targets_sm80_and_newer():
     assert GENERIC.unsupported_target("sm_75") and GENERIC.unsupported_target("sm_70")
     assert not any(GENERIC.unsupported_target(arch) for arch in ("sm_80", "sm_86", "sm_89", "sm_90", "sm_90a", "sm_120"))
     assert GENERIC.target_arch("sm_75") is None and GENERIC.target_arch("sm_86") == "sm_86"
+
+
+# ---- the Hopper path and path dispatch ----
+HOPPER_FP8 = KernelSpec(q_dtype="bf16", kv_dtype="e4m3", head_dim=128, group=8, page_size=64, path="hopper")
+
+
+def test_dispatch_sends_fp8_kv_on_sm90_to_the_hopper_path():
+    from xqagen.plan import choose_path
+
+    tma_ok = lambda: None  # noqa: E731
+    assert choose_path(FP8, "sm_90", tma_ok) == HOPPER_FP8
+    bf16 = KernelSpec(q_dtype="bf16", kv_dtype="bf16", head_dim=128, group=8, page_size=64)
+    assert choose_path(bf16, "sm_90", tma_ok) == bf16  # 16-bit KV streams faster on the generic path
+    for arch in ("sm_80", "sm_89", "sm_100", "sm_120"):  # Hopper cubins run on sm_90 only
+        assert choose_path(FP8, arch, tma_ok) == FP8
+    assert choose_path(FP8, "sm_90", lambda: "the KV pool's token stride is not a multiple of 16") == FP8
+
+
+@pytest.mark.parametrize("batch, kv_len, splits", [
+    (1, 32768, 16),   # one CTA per SM: 8 heads x 16 splits on 132 SMs
+    (8, 32768, 2),
+    (64, 8192, 1),    # the batch fills the SMs
+    (1, 64 * 4 * 3, 3),  # four tiles per split at least
+])
+def test_hopper_splits_give_each_sm_one_cta(batch, kv_len, splits):
+    assert plan_launch(HOPPER_FP8, shape(batch, kv_len), workspace=LARGE).num_splits == splits
+
+
+def test_hopper_tiles_and_rows():
+    from xqagen.emitters.hopper import HopperTile, plan_of
+    from xqagen.spec import SpecError
+
+    assert HOPPER_FP8.tile.name == "tma6x2"  # 16 KiB stages: six of them, two consumer warpgroups
+    wide = KernelSpec(q_dtype="bf16", kv_dtype="bf16", head_dim=256, group=8, page_size=64, path="hopper")
+    assert wide.tile.name == "tma2x2" and plan_of(wide).smem_bytes <= 227 * 1024
+    with pytest.raises(SpecError, match="multiple of consumers"):
+        HopperTile("odd", stages=3, consumers=2)  # a warpgroup could run two phases ahead of a stage
+    # rows -> wgmma N: powers of two from 8 to 32, more rows over several CTAs
+    for group, q_seq_len, rows_cta, row_tiles in ((1, 1, 8, 1), (5, 1, 8, 1), (8, 3, 32, 1), (16, 4, 32, 2)):
+        spec = KernelSpec(q_dtype="bf16", kv_dtype="e4m3", head_dim=128, group=group, page_size=16,
+                          q_seq_len=q_seq_len, path="hopper")
+        assert (plan_of(spec).rows_cta, plan_of(spec).row_tiles) == (rows_cta, row_tiles)
+
+
+def test_hopper_targets_sm90a_only():
+    hopper = path_of(HOPPER_FP8)
+    assert hopper.arches == ("sm_90a",)
+    assert hopper.target_arch("sm_90") == "sm_90a" and hopper.target_arch("sm_80") is None
+    assert hopper.target_arch("sm_100") is None
+    assert "sm_90a only" in hopper.unsupported_target("sm_90")
+
+
+def test_tma_rules_for_kv_pools():
+    import torch
+
+    from xqagen.tensor_maps import tma_incompatibility
+
+    pool = torch.empty(4, 64, 8, 128, dtype=torch.float8_e4m3fn)
+    assert tma_incompatibility(pool, (64 * 8 * 128, 8 * 128, 128)) is None
+    assert "token stride" in tma_incompatibility(pool, (64 * 8 * 136, 8 * 136 + 8, 136))
+    assert "16-byte aligned" in tma_incompatibility(pool.view(-1)[1:1 + 16].view(1, 1, 1, 16), (16, 16, 16))
+
+
+def test_workspace_sizing_covers_the_hopper_path():
+    import torch
+
+    from xqagen.wrapper import DecodeWrapper
+
+    args = dict(max_batch=2, num_q_heads=64, num_kv_heads=8, head_dim=128, page_size=64, q_dtype=torch.bfloat16,
+                kv_dtype=torch.float8_e4m3fn, max_kv_len=32768, sm_count=H100_SMS)
+    auto = DecodeWrapper.workspace_bytes(**args)
+    generic = DecodeWrapper.workspace_bytes(**args, path="generic")
+    hopper = DecodeWrapper.workspace_bytes(**args, path="hopper")
+    assert auto == (max(generic[0], hopper[0]), max(generic[1], hopper[1]))

@@ -95,6 +95,13 @@ DESIGN_CASES: tuple[BenchCase, ...] = (
 )
 
 
+# Small work to large (--sweep): Llama 70B heads, d128, page 64, bf16 and fp8 KV.
+SWEEP_CASES: tuple[BenchCase, ...] = tuple(
+    BenchCase(f"sweep_{kv}_b{batch}_s{seq // 1024}k", batch, seq, kv_dtype=kv,
+              flashinfer_paths=("generic", "sm90") if kv == "e4m3" else ("generic",))
+    for kv in ("bf16", "e4m3") for batch in (1, 4, 16, 64, 256) for seq in (1024, 4096, 16384, 65536))
+
+
 @dataclass
 class BenchResult:
     case: BenchCase
@@ -104,12 +111,19 @@ class BenchResult:
     copy_fraction: float
     read_fraction: float
     num_splits: int
+    same_read_ms: float = float("nan")  # a streaming read of the case's KV bytes, timed like the decode
     flashinfer_ms: dict[str, float] = field(default_factory=dict)
     flashinfer_ms_events: dict[str, float] = field(default_factory=dict)
     flashinfer_rel_diff: dict[str, float] = field(default_factory=dict)
 
+    @property
+    def same_read_fraction(self) -> float:
+        """The same-size read's time over the decode's: the share of that read's speed reached."""
+        return self.same_read_ms / self.ms
+
     def row(self) -> dict:
         d = asdict(self)
+        d["same_read_fraction"] = self.same_read_fraction
         d["case"] = self.case.name
         d["speedup"] = {path: ms / self.ms for path, ms in self.flashinfer_ms.items()}
         d["speedup_events"] = {path: ms / self.ms_events for path, ms in self.flashinfer_ms_events.items()}
@@ -179,31 +193,54 @@ extern "C" __global__ void streaming_read(uint4 const* __restrict__ src, long lo
 """
 
 
-def read_bandwidth_tbps(nbytes: int = 1 << 30) -> float:
-    """Streaming-read bandwidth (TB/s): the best of a few grid shapes of a plain read kernel, the
-    ceiling of a decode kernel, which only reads."""
-    import ctypes
+class StreamingRead:
+    """A plain read kernel (every byte of a buffer once, 16 bytes per thread), the ceiling of a
+    decode kernel, which only reads."""
 
-    from cuda.bindings import driver
+    def __init__(self):
+        from .compiler import compile_kernel
+        from .runtime import device_arch, load_function
 
-    from .compiler import compile_kernel
-    from .runtime import _check, device_arch, load_function
+        device = torch.device("cuda", torch.cuda.current_device())
+        compiled = compile_kernel(_READ_KERNEL, "streaming_read", device_arch(device))
+        self._library, self._function = load_function(compiled.cubin, "streaming_read", device.index)
+        self._sink = torch.zeros(1, dtype=torch.int32, device=device)
+        self._sm_count = torch.cuda.get_device_properties(device).multi_processor_count
 
-    device = torch.device("cuda", torch.cuda.current_device())
-    compiled = compile_kernel(_READ_KERNEL, "streaming_read", device_arch(device))
-    _library, function = load_function(compiled.cubin, "streaming_read", device.index)  # library kept alive
-    src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_()
-    sink = torch.zeros(1, dtype=torch.int32, device=device)
-    args = (ctypes.c_uint64 * 3)(src.data_ptr(), nbytes // 16, sink.data_ptr())
-    arg_ptrs = (ctypes.c_void_p * 3)(*(ctypes.addressof(args) + 8 * k for k in range(3)))
-    sm_count = torch.cuda.get_device_properties(device).multi_processor_count
-    best = 0.0
-    for blocks_per_sm, threads in ((2, 512), (4, 512), (2, 1024)):
+    def launcher(self, src: torch.Tensor, blocks_per_sm: int = 2, threads: int = 512):
+        """A no-argument launch that reads ``src`` (its size a multiple of 16 bytes)."""
+        import ctypes
+
+        from cuda.bindings import driver
+
+        from .runtime import _check
+
+        args = (ctypes.c_uint64 * 3)(src.data_ptr(), src.numel() * src.element_size() // 16, self._sink.data_ptr())
+        arg_ptrs = (ctypes.c_void_p * 3)(*(ctypes.addressof(args) + 8 * k for k in range(3)))
+
         def launch():
-            _check(driver.cuLaunchKernel(function, blocks_per_sm * sm_count, 1, 1, threads, 1, 1, 0,
+            _check(driver.cuLaunchKernel(self._function, blocks_per_sm * self._sm_count, 1, 1, threads, 1, 1, 0,
                                          torch.cuda.current_stream().cuda_stream, ctypes.addressof(arg_ptrs), 0))
-        best = max(best, nbytes / time_cuda(launch) / 1e9)
-    return best
+        launch.keep = (args, arg_ptrs, src)  # what the driver reads at each launch
+        return launch
+
+    def bandwidth_tbps(self, nbytes: int = 1 << 30) -> float:
+        """The best of a few grid shapes over ``nbytes``, eager launches timed with events."""
+        src = torch.empty(nbytes, dtype=torch.uint8, device="cuda").random_()
+        return max(nbytes / time_cuda(self.launcher(src, blocks, threads)) / 1e9
+                   for blocks, threads in ((2, 512), (4, 512), (2, 1024)))
+
+    def same_size_ms(self, nbytes: int, copies: int) -> float:
+        """CUDA-graph milliseconds of reading ``nbytes`` (a decode's KV bytes), rotating over
+        ``copies`` buffers as the decode's inputs rotate: a short read pays the same ramp-up."""
+        nbytes = -(-nbytes // 16) * 16
+        launches = [self.launcher(torch.empty(nbytes, dtype=torch.uint8, device="cuda")) for _ in range(copies)]
+        return time_cuda_graph(_rotating(lambda i: launches[i](), copies))
+
+
+def read_bandwidth_tbps(nbytes: int = 1 << 30) -> float:
+    """Streaming-read bandwidth (TB/s) of :class:`StreamingRead`."""
+    return StreamingRead().bandwidth_tbps(nbytes)
 
 
 class _Inputs:
@@ -283,7 +320,7 @@ def prebuild_flashinfer(cases: list[BenchCase]) -> None:
 
 def run_case(case: BenchCase, copy_tbps: float, read_tbps: float, *, flashinfer: bool,
              num_splits: int | None = None, l2_bytes: int = 0, pdl: bool = False,
-             path: str | None = None, tile=None) -> BenchResult:
+             path: str | None = None, tile=None, reader: StreamingRead | None = None) -> BenchResult:
     copies = max(1, min(4, math.ceil(4 * l2_bytes / case.kv_bytes))) if l2_bytes else 1
     inputs = _Inputs(case, copies)
     launch, out, splits = _run_xqagen(case, inputs, num_splits, pdl, path, tile)
@@ -291,6 +328,8 @@ def run_case(case: BenchCase, copy_tbps: float, read_tbps: float, *, flashinfer:
     kv_tbps = case.kv_bytes / ms / 1e9
     result = BenchResult(case, ms, time_cuda(_rotating(launch, copies)), kv_tbps, kv_tbps / copy_tbps,
                          kv_tbps / read_tbps, splits)
+    if reader is not None:
+        result.same_read_ms = reader.same_size_ms(case.kv_bytes, copies)
     if flashinfer:
         launch(0)
         ours = out.float()
@@ -465,11 +504,12 @@ def format_pdl_gemm(rows: list[tuple[BenchCase, dict[str, float]]]) -> str:
 
 
 def format_table(results: list[BenchResult], copy_tbps: float, read_tbps: float, device_name: str) -> str:
-    """ms: CUDA-graph time per launch; x: FlashInfer's time / ours (graph), x ev: the same from eager
-    launches timed with events."""
+    """ms: CUDA-graph time per launch; %read: KV bandwidth over the streaming-read ceiling; %same: a
+    streaming read of the case's KV bytes, timed the same way, over our time; x: FlashInfer's time /
+    ours (graph), x ev: the same from eager launches timed with events."""
     lines = [f"device: {device_name}; copy bandwidth {copy_tbps:.2f} TB/s (read + write), "
              f"streaming read {read_tbps:.2f} TB/s",
-             f"{'case':28} {'splits':>6} {'ms':>8} {'KV TB/s':>8} {'%copy':>6} {'%read':>6} "
+             f"{'case':28} {'splits':>6} {'ms':>8} {'KV TB/s':>8} {'%copy':>6} {'%read':>6} {'%same':>6} "
              f"{'FI generic ms':>13} {'x':>5} {'x ev':>5} {'FI sm90 ms':>10} {'x':>5} {'x ev':>5} {'|diff| FI':>9}"]
 
     def versus(r: BenchResult, path: str, width: int) -> str:
@@ -482,7 +522,7 @@ def format_table(results: list[BenchResult], copy_tbps: float, read_tbps: float,
         diff = max(r.flashinfer_rel_diff.values()) if r.flashinfer_rel_diff else float("nan")
         lines.append(
             f"{r.case.name:28} {r.num_splits:>6} {r.ms:8.4f} {r.kv_tbps:8.2f} {100 * r.copy_fraction:5.0f}% "
-            f"{100 * r.read_fraction:5.0f}%" + versus(r, "generic", 13) + versus(r, "sm90", 10) + f" {diff:9.1e}")
+            f"{100 * r.read_fraction:5.0f}% {100 * r.same_read_fraction:5.0f}%" + versus(r, "generic", 13) + versus(r, "sm90", 10) + f" {diff:9.1e}")
     return "\n".join(lines)
 
 
@@ -604,6 +644,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="xqagen bench", description=__doc__.splitlines()[0])
     parser.add_argument("--case", action="append", help="run only these cases (repeatable); default: all")
     parser.add_argument("--list", action="store_true", help="list the cases and exit")
+    parser.add_argument("--sweep", action="store_true",
+                        help="the small-to-large sweep (batch 1-256 x 1k-64k tokens, bf16 and fp8) instead of the "
+                             "design cases")
     parser.add_argument("--no-flashinfer", action="store_true", help="skip FlashInfer even if installed")
     parser.add_argument("--num-splits", type=int, default=None, help="force the split-KV count")
     parser.add_argument("--pdl", action="store_true",
@@ -636,13 +679,14 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--plot draws the kernel bench, not --host-time or --pdl-gemm")
         _matplotlib_figure()  # missing matplotlib fails now, not after the bench
     if args.list:
-        for case in DESIGN_CASES:
+        for case in SWEEP_CASES if args.sweep else DESIGN_CASES:
             print(case.name, json.dumps(asdict(case)))
         return 0
     if not torch.cuda.is_available():
         print("xqagen bench needs a CUDA GPU", file=sys.stderr)
         return 2
-    cases = [c for c in DESIGN_CASES if not args.case or c.name in args.case]
+    catalogue = SWEEP_CASES if args.sweep else DESIGN_CASES
+    cases = [c for c in catalogue if not args.case or c.name in args.case]
     unknown = set(args.case or ()) - {c.name for c in cases}
     if unknown:
         parser.error(f"unknown case(s) {sorted(unknown)}; see --list")
@@ -678,11 +722,12 @@ def main(argv: list[str] | None = None) -> int:
                     f.write(json.dumps({"case": case.name, **row}) + "\n")
         return 0
     copy_tbps = copy_bandwidth_tbps()
-    read_tbps = read_bandwidth_tbps()
+    reader = StreamingRead()
+    read_tbps = reader.bandwidth_tbps()
     results = []
     for case in cases:
         result = run_case(case, copy_tbps, read_tbps, flashinfer=flashinfer, num_splits=args.num_splits,
-                          l2_bytes=getattr(props, "L2_cache_size", 0), pdl=pdl, path=args.path)
+                          l2_bytes=getattr(props, "L2_cache_size", 0), pdl=pdl, path=args.path, reader=reader)
         results.append(result)
         print(format_table([result], copy_tbps, read_tbps, props.name).splitlines()[-1], flush=True)
         torch.cuda.empty_cache()
