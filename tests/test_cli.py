@@ -495,11 +495,12 @@ def test_bench_table_reports_both_timings_and_ratios():
     result = BenchResult(case, ms=0.5, ms_events=0.6, kv_tbps=2.0, copy_fraction=0.66, read_fraction=0.64,
                          num_splits=4, flashinfer_ms={"generic": 0.75, "sm90": 0.5},
                          flashinfer_ms_events={"generic": 0.9, "sm90": 0.6},
-                         flashinfer_rel_diff={"generic": 3e-3, "sm90": 3e-2})
+                         flashinfer_rel_diff={"generic": 3e-3, "sm90": 3e-2}, same_read_ms=0.35)
     line = format_table([result], 3.0, 3.1, "GPU").splitlines()[-1]
-    assert line.split() == [case.name, "4", "0.5000", "2.00", "66%", "64%", "0.7500", "1.50", "1.50",
+    assert line.split() == [case.name, "4", "0.5000", "2.00", "66%", "64%", "70%", "0.7500", "1.50", "1.50",
                             "0.5000", "1.00", "1.00", "3.0e-02"]
     row = result.row()
+    assert row["same_read_fraction"] == pytest.approx(0.7)
     assert row["speedup"] == {"generic": 1.5, "sm90": 1.0}
     assert row["speedup_events"] == {"generic": 1.5, "sm90": 1.0}
 
