@@ -180,9 +180,9 @@ def _one_error_line(err: str) -> str:
 
 @pytest.mark.parametrize("command", ["list", "generate", "build"])
 @pytest.mark.parametrize("variant, message", [
-    ("{path: hopper, q_dtype: bf16, kv_dtype: e4m3, page_size: 64}", "KernelSpec.path = 'hopper' is invalid"),
+    ("{path: sm100, q_dtype: bf16, kv_dtype: e4m3, page_size: 64}", "KernelSpec.path = 'sm100' is invalid"),
     ("{q_dtype: bf16, kv_dtype: bf16, page_size: 64, tile: huge}", "tile 'huge' needs 528512 bytes of shared memory"),
-], ids=["hopper-path", "tile-too-big"])
+], ids=["unknown-path", "tile-too-big"])
 def test_a_variant_without_a_kernel_names_the_file_and_variant(command, variant, message, write_recipe, tmp_path,
                                                                capsys):
     """A variant no path implements fails when its recipe loads, naming the file and the entry."""
