@@ -105,12 +105,22 @@ TILES: Mapping[str, GenericTile] = {tile.name: tile for tile in (
 
 
 def _swizzle(row_elems: int, elem_bytes: int) -> tuple[int, int, int]:
-    """CuTe Swizzle<B, M, S> that XORs a row's 16-byte chunk index with the row index (mod 8)."""
+    """CuTe Swizzle<B, M, S> of a row-major tile of ``row_elems``-element rows under which ldmatrix's
+    8 rows (one 16-byte chunk of each of 8 consecutive rows) hit 8 distinct bank groups, with no
+    padding, for any number of chunks per row.
+
+    Number the chunks in row-major order, C = row * c + j, with c = 2^t * odd chunks per row.  Over
+    8 consecutive rows (fixed j), C >> t advances by an odd number per row, so C's bits [t, t + 3)
+    take 8 distinct values.  The swizzle XORs those of them at bits [max(3, t), t + 3) (B = min(3,
+    t) bits) into C's bits [0, B), so that the bank group, C's bits [0, 3), takes 8 distinct values
+    too.  The XOR stays inside aligned groups of 2^B chunks, which neither cross a row (2^B divides
+    c) nor break a gather phase (8 consecutive chunks from a multiple of 8).  Power-of-two rows get
+    the usual XOR with the row index mod 8; an odd c needs no XOR.
+    """
     chunk_elems = 16 // elem_bytes
     chunks_per_row = row_elems // chunk_elems
-    bits = min(3, int(math.log2(chunks_per_row)))
-    base = int(math.log2(chunk_elems))
-    return bits, base, int(math.log2(row_elems)) - base
+    t = (chunks_per_row & -chunks_per_row).bit_length() - 1  # 2^t: the largest power of two dividing it
+    return min(3, t), int(math.log2(chunk_elems)), max(3, t)
 
 
 # The oldest GPU the generic kernels run on (cp.async and ldmatrix feeding SM80 MMAs).
