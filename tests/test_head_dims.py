@@ -31,6 +31,10 @@ def test_swizzle_keeps_rows_and_is_bank_conflict_free(head_dim, elem_bytes):
     for r0 in range(rows - 7):  # ldmatrix: one chunk column of 8 consecutive rows
         for c in range(chunks_per_row):
             assert len({where[r0 + i, c] % 8 for i in range(8)}) == 8, f"ldmatrix at rows {r0}.., chunk {c}"
-    order = sorted(where)  # the gather: 8 consecutive chunks of the row-major order per phase
-    for start in range(0, len(order) - 7, 8):
-        assert len({where[key] % 8 for key in order[start:start + 8]}) == 8, f"gather phase at {order[start]}"
+    # The gather: threads take a row's chunks in a power-of-two number of slots (the kernel's
+    # kKvSlotsPerRow), the ones past the row idle; a phase is 8 consecutive slots.
+    slots = 1 << (chunks_per_row - 1).bit_length()
+    for start in range(0, rows * slots, 8):
+        phase = [divmod(slot, slots) for slot in range(start, start + 8)]
+        banks = [where[r, c] % 8 for r, c in phase if c < chunks_per_row]
+        assert len(set(banks)) == len(banks), f"gather phase at slot {start}"

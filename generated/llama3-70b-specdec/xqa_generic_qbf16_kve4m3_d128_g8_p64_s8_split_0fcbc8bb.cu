@@ -401,7 +401,12 @@ static_assert(kSplitRows == kRowsCta, "split-KV partials hold one CTA's rows");
 // per row (the rule: _swizzle in emitters/generic.py).
 constexpr int kKvElemsPerChunk = 16 / int(sizeof(KVElem));
 constexpr int kKvChunksPerRow = kHeadDim / kKvElemsPerChunk;
-constexpr int kKvChunksPerTile = kKvTile * kKvChunksPerRow;
+// The gather's threads take a row's chunks in a power-of-two number of slots (those past the row
+// idle), so that a slot's row and chunk are shifts of the thread index: divisions by a row of 30
+// chunks (16-bit head_dim 240), hoisted out of the main loop for every step of the gather, held
+// 50 registers and spilled.
+constexpr int kKvSlotsPerRow = [] { int n = 1; while (n < kKvChunksPerRow) n *= 2; return n; }();
+constexpr int kKvSlotsPerTile = kKvTile * kKvSlotsPerRow;
 using KvTileLayout = decltype(composition(Swizzle<3, 4, 3>{},
                                           make_layout(make_shape(Int<kKvTile>{}, Int<kHeadDim>{}), LayoutRight{})));
 using QTileLayout = decltype(composition(Swizzle<3, 3, 4>{},
@@ -481,11 +486,12 @@ struct KvGather {
     }
     bool skipped_page = !tile_page_ok;  // a page outside the pool: never read, recorded once below
     CUTE_UNROLL
-    for (int i = 0; i < (kKvChunksPerTile + kThreads - 1) / kThreads; ++i) {
+    for (int i = 0; i < (kKvSlotsPerTile + kThreads - 1) / kThreads; ++i) {
       int const c = threadIdx.x + i * kThreads;
-      if (kKvChunksPerTile % kThreads != 0 && c >= kKvChunksPerTile) break;
-      int const row = c / kKvChunksPerRow;
-      int const col = (c % kKvChunksPerRow) * kKvElemsPerChunk;
+      if (kKvSlotsPerTile % kThreads != 0 && c >= kKvSlotsPerTile) break;
+      if (kKvSlotsPerRow != kKvChunksPerRow && c % kKvSlotsPerRow >= kKvChunksPerRow) continue;
+      int const row = c / kKvSlotsPerRow;
+      int const col = (c % kKvSlotsPerRow) * kKvElemsPerChunk;
       int const tok = tok0 + row;
       bool valid = tok < seq_len;  // past the end: zero-fill, never read the page table
       int page = tile_page;
