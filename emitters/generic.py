@@ -240,7 +240,8 @@ class GenericPath(KernelPath):
 
         - fp8 KV: `decode_fp8`, whose warps take 32 rows each where there are that many, so that
           every K/V fragment is converted from fp8 once for 32 rows (group 32: 0.398 against 0.457 ms).
-        - 16-bit head_dim 256: `wide_head`, 2 stages, since a 64-token stage is 64 KiB.
+        - 16-bit head_dim above 128: `wide_head`, 2 stages, since a 64-token stage of head_dim 256
+          is 64 KiB.
         - 16-bit KV and more than 32 rows (speculative decoding): `many_rows`, 2 stages (q_seq_len
           8: 0.367 against 0.377 ms).
         - Otherwise `decode`: 3 stages of 64 tokens.
@@ -312,8 +313,8 @@ class GenericPath(KernelPath):
         return max(1, min(MAX_SPLITS, workspace.floats // per_split))
 
     def _split_variant(self, spec: KernelSpec) -> KernelSpec | None:
-        """``spec`` on the split tile, or None where that tile does not fit the variant (a 16-bit
-        head_dim 256 stage exceeds shared memory)."""
+        """``spec`` on the split tile, or None where that tile does not fit the variant (16-bit
+        stages of head_dim above 128 exceed shared memory)."""
         if spec.tile.name == SPLIT_TILE:
             return None
         try:
