@@ -31,6 +31,10 @@ MAX_REGISTERS = 255
 # loaded ahead for; from ptxas reports of the shipped variants.
 REGISTER_OVERHEAD = 56
 REGISTERS_PER_EXTRA_TOKEN_GROUP = 8
+# Warps with two 16-row blocks use about this many registers more than the estimate (fp8 head_dim
+# 128: 223 for 200 at group 32, 248 for 224 at q_seq_len 8), so a warp takes a second block only
+# where the estimate leaves that much below the cap (fp8 head_dim 160 at group 32 spilled).
+TWO_BLOCK_REGISTER_MARGIN = 24
 # Q's MMA fragments stay in registers (head_dim / 4 of them) up to this head size; above it they
 # are reloaded from shared memory for every KV tile.
 Q_IN_REGISTERS_MAX_HEAD_DIM = 128
@@ -105,12 +109,22 @@ TILES: Mapping[str, GenericTile] = {tile.name: tile for tile in (
 
 
 def _swizzle(row_elems: int, elem_bytes: int) -> tuple[int, int, int]:
-    """CuTe Swizzle<B, M, S> that XORs a row's 16-byte chunk index with the row index (mod 8)."""
+    """CuTe Swizzle<B, M, S> of a row-major tile of ``row_elems``-element rows under which ldmatrix's
+    8 rows (one 16-byte chunk of each of 8 consecutive rows) hit 8 distinct bank groups, with no
+    padding, for any number of chunks per row.
+
+    Number the chunks in row-major order, C = row * c + j, with c = 2^t * odd chunks per row.  Over
+    8 consecutive rows (fixed j), C >> t advances by an odd number per row, so C's bits [t, t + 3)
+    take 8 distinct values.  The swizzle XORs those of them at bits [max(3, t), t + 3) (B = min(3,
+    t) bits) into C's bits [0, B), so that the bank group, C's bits [0, 3), takes 8 distinct values
+    too.  The XOR stays inside aligned groups of 2^B chunks, which neither cross a row (2^B divides
+    c) nor break a gather phase (8 consecutive chunks from a multiple of 8).  Power-of-two rows get
+    the usual XOR with the row index mod 8; an odd c needs no XOR.
+    """
     chunk_elems = 16 // elem_bytes
     chunks_per_row = row_elems // chunk_elems
-    bits = min(3, int(math.log2(chunks_per_row)))
-    base = int(math.log2(chunk_elems))
-    return bits, base, int(math.log2(row_elems)) - base
+    t = (chunks_per_row & -chunks_per_row).bit_length() - 1  # 2^t: the largest power of two dividing it
+    return min(3, t), int(math.log2(chunk_elems)), max(3, t)
 
 
 # The oldest GPU the generic kernels run on (cp.async and ldmatrix feeding SM80 MMAs).
@@ -163,7 +177,7 @@ class GenericPlan:
             return warps_m, warps_n, tokens, registers
 
         warp_blocks = min(tile.warp_rows, rows_cta) // 16
-        while warp_blocks > 1 and warp_layout(warp_blocks)[3] > MAX_REGISTERS:
+        while warp_blocks > 1 and warp_layout(warp_blocks)[3] + TWO_BLOCK_REGISTER_MARGIN > MAX_REGISTERS:
             warp_blocks -= 1
         warps_m, warps_n, tokens_per_warp, base_registers = warp_layout(warp_blocks)
         if tile.kv_tile % (16 * warps_n):
@@ -226,7 +240,8 @@ class GenericPath(KernelPath):
 
         - fp8 KV: `decode_fp8`, whose warps take 32 rows each where there are that many, so that
           every K/V fragment is converted from fp8 once for 32 rows (group 32: 0.398 against 0.457 ms).
-        - 16-bit head_dim 256: `wide_head`, 2 stages, since a 64-token stage is 64 KiB.
+        - 16-bit head_dim above 128: `wide_head`, 2 stages, since a 64-token stage of head_dim 256
+          is 64 KiB.
         - 16-bit KV and more than 32 rows (speculative decoding): `many_rows`, 2 stages (q_seq_len
           8: 0.367 against 0.377 ms).
         - Otherwise `decode`: 3 stages of 64 tokens.
@@ -298,8 +313,8 @@ class GenericPath(KernelPath):
         return max(1, min(MAX_SPLITS, workspace.floats // per_split))
 
     def _split_variant(self, spec: KernelSpec) -> KernelSpec | None:
-        """``spec`` on the split tile, or None where that tile does not fit the variant (a 16-bit
-        head_dim 256 stage exceeds shared memory)."""
+        """``spec`` on the split tile, or None where that tile does not fit the variant (16-bit
+        stages of head_dim above 128 exceed shared memory)."""
         if spec.tile.name == SPLIT_TILE:
             return None
         try:

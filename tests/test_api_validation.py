@@ -52,7 +52,7 @@ def _set(key, value):
 CASES = {
     "q dtype": (_replace(0, lambda q: q.float()), "q: expected dtype in"),
     "q beam": (_replace(0, lambda q: q.expand(2, 2, 16, 128)), "beam width 1"),
-    "q head_dim": (_replace(0, lambda q: q[..., :96]), "q: expected head_dim"),
+    "q head_dim": (_replace(0, lambda q: q[..., :40]), "q: expected head_dim (last dimension) a multiple of 16"),
     "q misaligned": (_replace(0, lambda q: torch.empty(q.numel() + 1, dtype=q.dtype)[1:].view(q.shape)),
                      "q: expected a 16-byte aligned data pointer"),
     "q strided head_dim": (_replace(0, lambda q: q.transpose(2, 3).contiguous().transpose(2, 3)),

@@ -1,4 +1,4 @@
-"""GPU correctness grid: every kernel variant against the float32 reference on fresh random data.
+"""GPU correctness grid: every kernel variant against the float64 reference on fresh random data.
 
 Skipped without a CUDA GPU.  Outputs are poisoned with NaN before each launch, sequence lengths are
 not multiples of the page or the KV tile, page tables are shuffled, and every feature is combined
@@ -20,11 +20,15 @@ import torch
 from xqagen.api import TORCH_DTYPES
 from xqagen.masks import causal_mask, random_tree_mask
 from xqagen.reference import FP8_VALUE_SCALE, make_paged_kv, relative_l2_error, xqa_reference
+from xqagen.spec import HEAD_DIMS
 
 pytestmark = pytest.mark.gpu
 
 # Relative L2 error bounds (issue contract): bf16/fp16 rounding of the output and of P.
 TOLERANCE = {"16bit": 5e-3, "fp8": 1e-2, "fp8_out": 4e-2}
+# The head dims besides 64, 128 and 256: odd multiples of 16 end in a 16-wide MMA step, and rows
+# that are not powers of two take a swizzle over fewer than 8 chunks.
+NEW_HEAD_DIMS = tuple(d for d in HEAD_DIMS if d not in (64, 128, 256))
 
 
 @dataclass(frozen=True)
@@ -102,6 +106,22 @@ AXES = {
     "splits": [dict(num_splits=s, seq_lens=(5000, 300, 1)) for s in (2, 7, 16)],
     "specdec": [dict(q_seq_len=s, mask=m, seq_lens=(900, 33, 4000)) for s, m in
                 ((2, "causal"), (4, "tree"), (7, "tree"), (8, "causal"), (13, "tree"), (32, "causal"))],
+    "new_head_dims": [dict(head_dim=d, **change) for d, change in (
+        (32, dict()), (32, dict(kv_dtype="e4m3")), (48, dict(kv_dtype="e4m3")),
+        (48, dict(q_dtype="fp16", kv_dtype="fp16", num_splits=3)),
+        (48, dict(tile="split", num_splits=7, seq_lens=(9000, 1, 200))),
+        (80, dict()), (80, dict(kv_dtype="e4m3", kv_layout="HND", page_size=16)),
+        (96, dict(kv_dtype="e4m3", out_dtype="e4m3")), (96, dict(q_dtype="fp16", kv_dtype="fp16", q_seq_len=4, mask="tree")),
+        (112, dict(kv_dtype="e4m3", group=32)), (112, dict(kv_layout="HND", sinks=True, window=1000)),
+        (144, dict(num_splits=7, seq_lens=(5000, 300, 1))),
+        (144, dict(q_dtype="fp16", kv_dtype="e4m3", seq_lens=(20011,))),  # dispatched to the split tile
+        (144, dict(kv_dtype="e4m3", group=32, sinks=True)),  # the widest fp8 rows with 32-row warps
+        (160, dict(kv_dtype="e4m3", q_seq_len=8, mask="causal", sinks=True)),
+        (176, dict(group=5, page_size=128)), (176, dict(kv_dtype="e4m3", tile="split", seq_lens=(9000, 130))),
+        (192, dict(group=16, num_splits=2)), (208, dict(kv_dtype="e4m3", group=4, window=300, num_splits=4)),
+        (224, dict(q_dtype="fp16", kv_dtype="fp16", seq_lens=(33000, 5))),
+        (240, dict(kv_dtype="e4m3", seq_lens=(1, 2, 3, 65, 129))),
+        (240, dict(q_seq_len=13, mask="tree", seq_lens=(900, 33, 4000))))],
     "sinks": [dict(sinks=True), dict(sinks=True, kv_dtype="e4m3", head_dim=64)],
     "window": [dict(window=w) for w in (1, 128, 1000, 5000)],
     # The split tile (8 warps, 128-token stages) that small batches of long sequences dispatch to,
@@ -118,7 +138,7 @@ AXES = {
 SINGLE_AXIS = [replace(BASE, **change) for changes in AXES.values() for change in changes]
 
 
-def _combinations(count: int, seed: int = 2026) -> list[Case]:
+def _combinations(count: int, seed: int = 2026, head_dims: tuple[int, ...] = (64, 128, 256)) -> list[Case]:
     """... and a seeded sample of cases that combine every feature with the others."""
     rng = random.Random(seed)
     cases = []
@@ -129,7 +149,7 @@ def _combinations(count: int, seed: int = 2026) -> list[Case]:
         cases.append(Case(
             q_dtype=q_dtype, kv_dtype=kv_dtype,
             out_dtype="e4m3" if kv_dtype == "e4m3" and rng.random() < 0.25 else None,
-            head_dim=rng.choice([64, 128, 256]), group=rng.choice([1, 4, 5, 8, 16]),
+            head_dim=rng.choice(head_dims), group=rng.choice([1, 4, 5, 8, 16]),
             num_kv_heads=rng.choice([1, 2, 3]), page_size=rng.choice([16, 32, 64, 128]),
             kv_layout=rng.choice(["NHD", "HND"]), q_seq_len=q_seq_len, mask=rng.choice(["causal", "tree"]),
             sinks=rng.random() < 0.5, window=rng.choice([0, 0, 17, 300]),
@@ -139,10 +159,11 @@ def _combinations(count: int, seed: int = 2026) -> list[Case]:
     return cases
 
 
-# The Hopper path (sm_90 only) over the same axes, and combinations of its own.
+# The Hopper path (sm_90 only) over the same axes (the new head dims included), combinations of its
+# own, and two consumer warpgroups taking alternate tiles on every feature.
 HOPPER_CASES = [replace(case, path="hopper") for case in SINGLE_AXIS if case.tile is None] + [
     replace(case, path="hopper") for case in _combinations(16, seed=90)] + [
-    # two consumer warpgroups taking alternate tiles, on every feature
+    replace(case, path="hopper") for case in _combinations(8, seed=91, head_dims=NEW_HEAD_DIMS)] + [
     replace(BASE, path="hopper", tile=tile, **change) for tile, change in (
         ("tma4x2", dict()), ("tma4x2", dict(kv_dtype="e4m3", seq_lens=(9000, 130, 1, 64))),
         ("tma6x2", dict(kv_dtype="e4m3", out_dtype="e4m3", page_size=16, kv_layout="HND")),
@@ -150,7 +171,7 @@ HOPPER_CASES = [replace(case, path="hopper") for case in SINGLE_AXIS if case.til
         ("tma4x2", dict(q_seq_len=4, mask="tree", kv_dtype="e4m3", sinks=True, window=300, num_splits=3)),
         ("tma2x2", dict(group=32, q_seq_len=2, mask="causal", seq_lens=(20000, 3), num_splits=5)),
         ("tma4x2", dict(group=5, kv_dtype="e4m3", head_dim=64, seq_lens=(127,))))]
-CASES = SINGLE_AXIS + _combinations(24) + HOPPER_CASES
+CASES = SINGLE_AXIS + _combinations(24) + _combinations(16, seed=2027, head_dims=NEW_HEAD_DIMS) + HOPPER_CASES
 
 
 def _compile_one(spec_dict: dict) -> str:
@@ -176,7 +197,8 @@ def precompiled():
     os.environ["XQAGEN_TEST_DEVICE_ARCH"] = device_arch(torch.device("cuda"))
     sm_count = torch.cuda.get_device_properties(0).multi_processor_count
     arch = os.environ["XQAGEN_TEST_DEVICE_ARCH"]
-    specs = {spec for spec in (case.launched_spec(sm_count) for case in CASES) if path_of(spec).target_arch(arch)}
+    specs = {spec for spec in (case.launched_spec(sm_count) for case in CASES + LAST_BLOCK_CASES)
+             if path_of(spec).target_arch(arch)}
     spawn = multiprocessing.get_context("spawn")  # CUDA is initialised here: never fork
     with ProcessPoolExecutor(max_workers=min(16, os.cpu_count() or 1), mp_context=spawn) as pool:
         list(pool.map(_compile_one, [spec.to_dict() for spec in specs]))
@@ -221,7 +243,9 @@ def test_matches_reference(case: Case, record_property):
     record_property("rel_l2_error", _check_against_reference(case))
 
 
-def _check_against_reference(case: Case) -> float:
+def _check_against_reference(case: Case, edit_inputs=None) -> float:
+    """``edit_inputs(q, kwargs)``, if given, changes the random inputs in place before the launches;
+    returns the relative L2 error."""
     from xqagen.api import xqa_decode
     from xqagen.emitters import PATHS
     from xqagen.runtime import device_arch
@@ -230,10 +254,12 @@ def _check_against_reference(case: Case) -> float:
         pytest.skip(f"the {case.path} path does not run on this GPU")
 
     q, k_cache, v_cache, page_table, seq_lens, kwargs = _inputs(case, seed=zlib.crc32(case.id.encode()))
+    if edit_inputs is not None:
+        edit_inputs(q, kwargs)
     out_dtype = TORCH_DTYPES[case.out_dtype] if case.out_dtype else q.dtype
     ref = xqa_reference(q, k_cache, v_cache, page_table, seq_lens, num_kv_heads=case.num_kv_heads,
-                        out_dtype=torch.float32, **kwargs)
-    if case.out_dtype == "e4m3":  # the float32 reference leaves out the fp8-only output scale
+                        out_dtype=torch.float64, compute_dtype=torch.float64, **kwargs)
+    if case.out_dtype == "e4m3":  # the float64 reference leaves out the fp8-only output scale
         ref = (ref * kwargs["rcp_out_scale"]).clamp(-448, 448)
     out = torch.full(q.shape, float("nan"), dtype=torch.float32, device=q.device).to(out_dtype)
     xqa_decode(q, k_cache, v_cache, page_table, seq_lens, out=out, num_splits=case.num_splits, tile=case.tile,
@@ -241,6 +267,11 @@ def _check_against_reference(case: Case) -> float:
     torch.cuda.synchronize()
     err = relative_l2_error(out.float(), ref)
     assert err < _tolerance(case), f"relative L2 error {err:.3e} for {case.id}"
+    # Each 16-wide block of head_dim on its own, so that a wrong column (a head_dim's last block,
+    # the fp8 output-column order) cannot hide in the norm of the others.
+    for d0 in range(0, case.head_dim, 16):
+        block_err = relative_l2_error(out[..., d0:d0 + 16].float(), ref[..., d0:d0 + 16])
+        assert block_err < _tolerance(case), f"relative L2 error {block_err:.3e} in head-dim elements {d0}..{d0 + 15}"
     # The same inputs again: a race shows as a result that moves between launches.
     out2 = torch.full_like(out.float(), float("nan")).to(out_dtype)
     xqa_decode(q, k_cache, v_cache, page_table, seq_lens, out=out2, num_splits=case.num_splits, tile=case.tile,
@@ -256,6 +287,9 @@ SM80_CASES = [
     replace(BASE, q_dtype="fp16", kv_dtype="e4m3", head_dim=256, seq_lens=(3001, 1)),
     replace(BASE, q_dtype="fp16", kv_dtype="fp16", q_seq_len=8, mask="causal", seq_lens=(900, 33, 4000)),
     replace(BASE, kv_dtype="e4m3", head_dim=64, seq_lens=(20011,)),  # dispatched to the split tile
+    replace(BASE, kv_dtype="e4m3", head_dim=80, sinks=True, num_splits=3),  # a last 16-wide fp8 step
+    replace(BASE, kv_dtype="e4m3", out_dtype="e4m3", head_dim=112, group=32, kv_layout="HND"),
+    replace(BASE, q_dtype="fp16", kv_dtype="fp16", head_dim=48, q_seq_len=4, mask="tree"),
 ]
 
 
@@ -274,6 +308,35 @@ def test_sm80_code_path_through_ptx_jit(case: Case, monkeypatch):
     monkeypatch.setattr(runtime.DecodeKernel, "_load", load_from_ptx)
     monkeypatch.setattr(runtime, "_handles", {})  # handles made here load PTX and leave with the test
     _check_against_reference(case)
+
+
+# Head dims whose last MMA step is 16 wide (and two that are not), with q kept to their last 16
+# elements (test_last_head_dim_block_alone_decides_the_scores).
+LAST_BLOCK_CASES = [
+    replace(BASE, head_dim=48, seq_lens=(700, 33, 2100)),
+    replace(BASE, head_dim=48, kv_dtype="e4m3", seq_lens=(700, 33, 2100), num_splits=3),
+    replace(BASE, head_dim=80, q_dtype="fp16", kv_dtype="fp16", seq_lens=(700, 33, 2100), group=32),
+    replace(BASE, head_dim=112, kv_dtype="e4m3", seq_lens=(700, 33, 2100), group=32, num_splits=1),
+    replace(BASE, head_dim=176, kv_dtype="e4m3", seq_lens=(9000, 130), tile="split"),
+    replace(BASE, head_dim=240, seq_lens=(700, 33, 2100), num_splits=4),
+    replace(BASE, head_dim=240, kv_dtype="e4m3", seq_lens=(700, 33, 2100), q_seq_len=4, mask="tree"),
+    replace(BASE, head_dim=96, kv_dtype="e4m3", seq_lens=(700, 33, 2100)),
+    replace(BASE, head_dim=160, seq_lens=(700, 33, 2100)),
+]
+LAST_BLOCK_CASES += [replace(case, path="hopper", tile=None) for case in LAST_BLOCK_CASES]
+
+
+@pytest.mark.parametrize("case", LAST_BLOCK_CASES, ids=lambda c: c.id)
+def test_last_head_dim_block_alone_decides_the_scores(case: Case):
+    """q is zero outside head_dim's last 16 elements and the scale makes the softmax peaked (score
+    standard deviation about 2), so the weights come from the Q K^T step of that block alone: a
+    dropped, repeated or misplaced last step (or a wrong fp8 k-slot order in it) weighs the wrong
+    tokens."""
+    def keep_last_block(q, kwargs):
+        q[..., :case.head_dim - 16] = 0
+        kwargs["q_scale"] = 0.5 * case.head_dim ** 0.5
+
+    _check_against_reference(case, keep_last_block)
 
 
 @pytest.mark.parametrize("kv_dtype, q_scale, kv_scale", [

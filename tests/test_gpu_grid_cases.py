@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from test_gpu_decode import CASES
+from test_gpu_decode import CASES, LAST_BLOCK_CASES, SM80_CASES
 
 
 def test_case_ids_are_unique():
-    ids = [c.id for c in CASES]
-    assert len(ids) == len(set(ids)), [i for i in ids if ids.count(i) > 1]
+    for cases in (CASES, SM80_CASES, LAST_BLOCK_CASES):
+        ids = [c.id for c in cases]
+        assert len(ids) == len(set(ids)), [i for i in ids if ids.count(i) > 1]
 
 
 def test_every_case_is_a_valid_spec():
-    for case in CASES:
+    for case in CASES + SM80_CASES + LAST_BLOCK_CASES:
         case.spec()  # raises SpecError for a combination no path implements

@@ -201,8 +201,8 @@ def test_heads_must_divide(write_recipe):
     (None, r"model: required mapping"),
     ({"name": "m", "num_q_heads": 32, "num_kv_heads": 8}, r"model: missing head_dim"),
     ({"name": "m", "num_q_heads": 32, "num_kv_heads": 0, "head_dim": 128}, r"model\.num_kv_heads = 0 is invalid"),
-    ({"name": "m", "num_q_heads": 32, "num_kv_heads": 8, "head_dim": 96},
-     r"variants\[0\] .*KernelSpec\.head_dim = 96 is invalid; allowed values: 64, 128, 256"),
+    ({"name": "m", "num_q_heads": 32, "num_kv_heads": 8, "head_dim": 100},
+     r"variants\[0\] .*KernelSpec\.head_dim = 100 is invalid; expected a multiple of 16 in \[32, 256\]"),
     ({"name": "m", "num_q_heads": 64, "num_kv_heads": 1, "head_dim": 128},
      r"KernelSpec\.group = 64 is invalid; expected an integer in \[1, 32\]"),
 ])

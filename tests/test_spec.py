@@ -17,7 +17,7 @@ BASE = dict(q_dtype="bf16", kv_dtype="bf16", head_dim=128, group=8, page_size=64
 @pytest.mark.parametrize("field, value, allowed", [
     ("q_dtype", "fp32", "'fp16', 'bf16'"),
     ("kv_dtype", "int8", "'fp16', 'bf16', 'e4m3'"),
-    ("head_dim", 96, "64, 128, 256"),
+    ("head_dim", 40, "a multiple of 16 in [32, 256]"),
     ("page_size", 48, "16, 32, 64, 128"),
     ("path", "sm100", "'generic'"),
     ("features", {"alibi"}, "'sinks', 'sliding_window'"),

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from ._torch import torch
 from .layouts import KvLayout, kv_layout as _kv_layout
-from .spec import HEAD_DIMS, MAX_GROUP, MAX_Q_SEQ_LEN, PAGE_SIZES, KernelSpec
+from .spec import HEAD_DIMS, HEAD_DIMS_RULE, MAX_GROUP, MAX_Q_SEQ_LEN, PAGE_SIZES, KernelSpec
 
 # The torch dtype of each KernelSpec dtype name, and back.
 TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "e4m3": torch.float8_e4m3fn}
@@ -162,7 +162,7 @@ def describe(q, k_cache, v_cache, page_table, seq_lens, *, out=None, out_dtype=N
             fail("q_seq_len", f"{inferred} (q has shape {tuple(q.shape)}) or None", repr(q_seq_len))
         q_seq_len = inferred
     if head_dim not in HEAD_DIMS:
-        fail("q", f"head_dim (last dimension) in {HEAD_DIMS}", head_dim)
+        fail("q", f"head_dim (last dimension) {HEAD_DIMS_RULE}", head_dim)
     if not 1 <= q_seq_len <= MAX_Q_SEQ_LEN:
         fail("q_seq_len" if ragged else "q", f"q_seq_len (dimension 2 of a 5-D q) in [1, {MAX_Q_SEQ_LEN}]", q_seq_len)
     if batch < 1 or batch > 65535:

@@ -22,7 +22,10 @@ from typing import Any, Mapping
 Q_DTYPES = ("fp16", "bf16")
 KV_DTYPES = ("fp16", "bf16", "e4m3")
 OUT_DTYPES = ("fp16", "bf16", "e4m3")
-HEAD_DIMS = (64, 128, 256)
+# Every multiple of 16 from 32 to 256 (FlashInfer's range): a row of head_dim elements is a whole
+# number of 16-byte chunks in either KV dtype and of 16-wide MMA k-steps.
+HEAD_DIMS = tuple(range(32, 257, 16))
+HEAD_DIMS_RULE = "a multiple of 16 in [32, 256]"
 PAGE_SIZES = (16, 32, 64, 128)
 MAX_GROUP = 32
 MAX_Q_SEQ_LEN = 32
@@ -36,6 +39,11 @@ class SpecError(ValueError):
 def check_choice(owner: str, name: str, value: Any, allowed: tuple) -> None:
     if value not in allowed:
         raise SpecError(f"{owner}.{name} = {value!r} is invalid; allowed values: {', '.join(map(repr, allowed))}")
+
+
+def check_head_dim(owner: str, name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value not in HEAD_DIMS:
+        raise SpecError(f"{owner}.{name} = {value!r} is invalid; expected {HEAD_DIMS_RULE}")
 
 
 def check_int_range(owner: str, name: str, value: Any, lo: int, hi: int) -> None:
@@ -68,7 +76,7 @@ class KernelSpec:
         if self.out_dtype is None:
             object.__setattr__(self, "out_dtype", self.q_dtype)
         check_choice(owner, "out_dtype", self.out_dtype, OUT_DTYPES)
-        check_choice(owner, "head_dim", self.head_dim, HEAD_DIMS)
+        check_head_dim(owner, "head_dim", self.head_dim)
         check_int_range(owner, "group", self.group, 1, MAX_GROUP)
         check_choice(owner, "page_size", self.page_size, PAGE_SIZES)
         check_int_range(owner, "q_seq_len", self.q_seq_len, 1, MAX_Q_SEQ_LEN)

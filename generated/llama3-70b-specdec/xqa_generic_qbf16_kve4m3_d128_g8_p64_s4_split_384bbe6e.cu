@@ -404,10 +404,16 @@ static_assert(kWarpsM * kWarpsN == kWarps && kTokensPerWarp % 16 == 0, "tile doe
 static_assert(kSplitRows == kRowsCta, "split-KV partials hold one CTA's rows");
 
 // ---- shared memory ----------------------------------------------------------------------------
-// 16-byte chunks XOR-swizzled by row so that ldmatrix's 8 rows hit 8 distinct bank groups.
+// 16-byte chunks XOR-swizzled so that ldmatrix's 8 rows hit 8 distinct bank groups, for any number of chunks
+// per row (the rule: _swizzle in emitters/generic.py).
 constexpr int kKvElemsPerChunk = 16 / int(sizeof(KVElem));
 constexpr int kKvChunksPerRow = kHeadDim / kKvElemsPerChunk;
-constexpr int kKvChunksPerTile = kKvTile * kKvChunksPerRow;
+// The gather's threads take a row's chunks in a power-of-two number of slots (those past the row
+// idle), so that a slot's row and chunk are shifts of the thread index: divisions by a row of 30
+// chunks (16-bit head_dim 240), hoisted out of the main loop for every step of the gather, held
+// 50 registers and spilled.
+constexpr int kKvSlotsPerRow = [] { int n = 1; while (n < kKvChunksPerRow) n *= 2; return n; }();
+constexpr int kKvSlotsPerTile = kKvTile * kKvSlotsPerRow;
 using KvTileLayout = decltype(composition(Swizzle<3, 4, 3>{},
                                           make_layout(make_shape(Int<kKvTile>{}, Int<kHeadDim>{}), LayoutRight{})));
 using QTileLayout = decltype(composition(Swizzle<3, 3, 4>{},
@@ -487,11 +493,12 @@ struct KvGather {
     }
     bool skipped_page = !tile_page_ok;  // a page outside the pool: never read, recorded once below
     CUTE_UNROLL
-    for (int i = 0; i < (kKvChunksPerTile + kThreads - 1) / kThreads; ++i) {
+    for (int i = 0; i < (kKvSlotsPerTile + kThreads - 1) / kThreads; ++i) {
       int const c = threadIdx.x + i * kThreads;
-      if (kKvChunksPerTile % kThreads != 0 && c >= kKvChunksPerTile) break;
-      int const row = c / kKvChunksPerRow;
-      int const col = (c % kKvChunksPerRow) * kKvElemsPerChunk;
+      if (kKvSlotsPerTile % kThreads != 0 && c >= kKvSlotsPerTile) break;
+      if (kKvSlotsPerRow != kKvChunksPerRow && c % kKvSlotsPerRow >= kKvChunksPerRow) continue;
+      int const row = c / kKvSlotsPerRow;
+      int const col = (c % kKvSlotsPerRow) * kKvElemsPerChunk;
       int const tok = tok0 + row;
       bool valid = tok < seq_len;  // past the end: zero-fill, never read the page table
       int page = tile_page;
@@ -525,12 +532,21 @@ __device__ __forceinline__ void load_q_frag(SharedStorage const& smem, int block
       a[0], a[1], a[2], a[3]);
 }
 
-// K as the B operand for 16 tokens x 32 head-dim slots: b[token n8 tile][k step][register].
-__device__ __forceinline__ void load_k_frag(KVElem const* stage_k, int tok, int kstep2, uint32_t (&b)[2][2][2]) {
+// K as the B operand for 16 tokens x 32 head-dim slots from kstep2 * 32 on: b[token n8 tile][k step][register].
+// KSteps = 1 loads the first 16 slots only (the end of a head_dim that is an odd multiple of 16).
+template <int KSteps>
+__device__ __forceinline__ void load_k_frag(KVElem const* stage_k, int tok, int kstep2, uint32_t (&b)[2][KSteps][2]) {
+  static_assert(KSteps == 1 || KSteps == 2);
   auto sK = make_tensor(make_smem_ptr(stage_k), KvTileLayout{});
   int const lane = threadIdx.x % 32, mat = lane / 8;
   int const row = tok + (mat / 2) * 8 + lane % 8;
-  if constexpr (kKvFp8) {
+  if constexpr (kKvFp8 && KSteps == 1) {
+    uint32_t r[2];  // ldmatrix.x2: lanes 0-15 address the two token halves of one 16-byte column
+    SM75_U32x2_LDSM_N::copy(*reinterpret_cast<uint128_t const*>(&sK(tok + (mat % 2) * 8 + lane % 8, kstep2 * 32)),
+                            r[0], r[1]);
+    CUTE_UNROLL
+    for (int i = 0; i < 2; ++i) fp8x4_to_mma_pairs(r[i], b[i][0][0], b[i][0][1]);
+  } else if constexpr (kKvFp8) {
     uint32_t r[4];  // 4 consecutive e4m3 per register, k-slots permuted as Q is (see the Q store)
     SM75_U32x4_LDSM_N::copy(*reinterpret_cast<uint128_t const*>(&sK(row, kstep2 * 32 + (mat % 2) * 16)),
                             r[0], r[1], r[2], r[3]);
@@ -538,24 +554,31 @@ __device__ __forceinline__ void load_k_frag(KVElem const* stage_k, int tok, int 
     for (int i = 0; i < 4; ++i) fp8x4_to_mma_pairs(r[i], b[i / 2][i % 2][0], b[i / 2][i % 2][1]);
   } else {
     CUTE_UNROLL
-    for (int ks = 0; ks < 2; ++ks) {
+    for (int ks = 0; ks < KSteps; ++ks) {
       SM75_U32x4_LDSM_N::copy(*reinterpret_cast<uint128_t const*>(&sK(row, (kstep2 * 2 + ks) * 16 + (mat % 2) * 8)),
                               b[0][ks][0], b[0][ks][1], b[1][ks][0], b[1][ks][1]);
     }
   }
 }
 
-// V as the B operand for 16 tokens x 32 head-dim elements: b[n8 tile of the block][register].
-__device__ __forceinline__ void load_v_frag(KVElem const* stage_v, int tok, int dblock, uint32_t (&b)[4][2]) {
+// V as the B operand for 16 tokens x 32 head-dim elements from dblock * 32 on: b[n8 tile of the block][register].
+// Halves = 1 loads the first 16 elements only (the end of a head_dim that is an odd multiple of 16).
+template <int Halves>
+__device__ __forceinline__ void load_v_frag(KVElem const* stage_v, int tok, int dblock, uint32_t (&b)[2 * Halves][2]) {
+  static_assert(Halves == 1 || Halves == 2);
   auto sV = make_tensor(make_smem_ptr(stage_v), KvTileLayout{});
   int const lane = threadIdx.x % 32, mat = lane / 8;
   int const row = tok + (mat % 2) * 8 + lane % 8;
   if constexpr (kKvFp8) {
-    uint32_t r[4];  // bytes: (token 2q, dims 2n, 2n+1), (token 2q+1, dims 2n, 2n+1)
-    SM75_U16x8_LDSM_T::copy(*reinterpret_cast<uint128_t const*>(&sV(row, dblock * 32 + (mat / 2) * 16)),
-                            r[0], r[1], r[2], r[3]);
+    uint32_t r[2 * Halves];  // bytes: (token 2q, dims 2n, 2n+1), (token 2q+1, dims 2n, 2n+1)
+    if constexpr (Halves == 2) {
+      SM75_U16x8_LDSM_T::copy(*reinterpret_cast<uint128_t const*>(&sV(row, dblock * 32 + (mat / 2) * 16)),
+                              r[0], r[1], r[2], r[3]);
+    } else {  // ldmatrix.x2: lanes 0-15 address the two token halves
+      SM75_U16x4_LDSM_T::copy(*reinterpret_cast<uint128_t const*>(&sV(row, dblock * 32)), r[0], r[1]);
+    }
     CUTE_UNROLL
-    for (int i = 0; i < 4; ++i) {
+    for (int i = 0; i < 2 * Halves; ++i) {
       uint32_t even_dim, odd_dim;  // token pairs of head-dim 2n and 2n+1
       fp8x4_to_mma_pairs(__byte_perm(r[i], 0, 0x3120), even_dim, odd_dim);
       b[(i / 2) * 2 + 0][i % 2] = even_dim;
@@ -563,7 +586,7 @@ __device__ __forceinline__ void load_v_frag(KVElem const* stage_v, int tok, int 
     }
   } else {
     CUTE_UNROLL
-    for (int half = 0; half < 2; ++half) {
+    for (int half = 0; half < Halves; ++half) {
       SM75_U16x8_LDSM_T::copy(*reinterpret_cast<uint128_t const*>(&sV(row, dblock * 32 + half * 16 + (mat / 2) * 8)),
                               b[half * 2][0], b[half * 2][1], b[half * 2 + 1][0], b[half * 2 + 1][1]);
     }
@@ -701,13 +724,35 @@ xqa_generic_qbf16_kve4m3_d128_g8_p64_s4_split_384bbe6e(Params const p) {
       CUTE_UNROLL
       for (int g = 0; g < kTokensPerWarp / 16; ++g) {
         uint32_t b[2][2][2];
-        load_k_frag(stage_k, warp_tok + g * 16, ks2, b);
+        load_k_frag<2>(stage_k, warp_tok + g * 16, ks2, b);
         CUTE_UNROLL
         for (int mb = 0; mb < kWarpBlocks; ++mb)
           CUTE_UNROLL
           for (int n = 0; n < 2; ++n)
             CUTE_UNROLL
             for (int ks = 0; ks < 2; ++ks) mma(acc_s[mb][2 * g + n], a[mb][ks], b[n][ks][0], b[n][ks][1]);
+      }
+    }
+    if constexpr (kHeadDim % 32 != 0) {  // an odd multiple of 16 ends in one 16-wide k-step
+      constexpr int ks = kHeadDim / 16 - 1;
+      uint32_t a[kWarpBlocks][4];
+      CUTE_UNROLL
+      for (int mb = 0; mb < kWarpBlocks; ++mb) {
+        if constexpr (kQInRegisters) {
+          CUTE_UNROLL
+          for (int i = 0; i < 4; ++i) a[mb][i] = q_frag[mb][ks][i];
+        } else {
+          load_q_frag(smem, block0 + mb, ks, a[mb]);
+        }
+      }
+      CUTE_UNROLL
+      for (int g = 0; g < kTokensPerWarp / 16; ++g) {
+        uint32_t b[2][1][2];
+        load_k_frag<1>(stage_k, warp_tok + g * 16, kHeadDim / 32, b);
+        CUTE_UNROLL
+        for (int mb = 0; mb < kWarpBlocks; ++mb)
+          CUTE_UNROLL
+          for (int n = 0; n < 2; ++n) mma(acc_s[mb][2 * g + n], a[mb], b[n][0][0], b[n][0][1]);
       }
     }
 
@@ -775,11 +820,19 @@ xqa_generic_qbf16_kve4m3_d128_g8_p64_s4_split_384bbe6e(Params const p) {
       CUTE_UNROLL
       for (int db = 0; db < kHeadDim / 32; ++db) {
         uint32_t b[4][2];
-        load_v_frag(stage_v, warp_tok + g * 16, db, b);
+        load_v_frag<2>(stage_v, warp_tok + g * 16, db, b);
         CUTE_UNROLL
         for (int mb = 0; mb < kWarpBlocks; ++mb)
           CUTE_UNROLL
           for (int t = 0; t < 4; ++t) mma(acc_o[mb][db * 4 + t], a[mb], b[t][0], b[t][1]);
+      }
+      if constexpr (kHeadDim % 32 != 0) {  // an odd multiple of 16 ends in 16 head-dim elements
+        uint32_t b[2][2];
+        load_v_frag<1>(stage_v, warp_tok + g * 16, kHeadDim / 32, b);
+        CUTE_UNROLL
+        for (int mb = 0; mb < kWarpBlocks; ++mb)
+          CUTE_UNROLL
+          for (int t = 0; t < 2; ++t) mma(acc_o[mb][kHeadDim / 32 * 4 + t], a[mb], b[t][0], b[t][1]);
       }
     }
   }
