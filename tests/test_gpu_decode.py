@@ -187,18 +187,20 @@ def _compile_one(spec_dict: dict) -> str:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def precompiled():
-    """Compile every variant of the grid in parallel processes (the cubin cache serves the tests)."""
+def precompiled(request):
+    """Compile the variants of the selected grid cases in parallel processes (the cubin cache serves
+    the tests)."""
     if not torch.cuda.is_available():
         return
+    selected = [item.callspec.params["case"] for item in request.session.items
+                if "case" in getattr(getattr(item, "callspec", None), "params", {})]
     from xqagen.emitters import path_of
     from xqagen.runtime import device_arch
 
     os.environ["XQAGEN_TEST_DEVICE_ARCH"] = device_arch(torch.device("cuda"))
     sm_count = torch.cuda.get_device_properties(0).multi_processor_count
     arch = os.environ["XQAGEN_TEST_DEVICE_ARCH"]
-    specs = {spec for spec in (case.launched_spec(sm_count) for case in CASES + LAST_BLOCK_CASES)
-             if path_of(spec).target_arch(arch)}
+    specs = {spec for spec in (case.launched_spec(sm_count) for case in selected) if path_of(spec).target_arch(arch)}
     spawn = multiprocessing.get_context("spawn")  # CUDA is initialised here: never fork
     with ProcessPoolExecutor(max_workers=min(16, os.cpu_count() or 1), mp_context=spawn) as pool:
         list(pool.map(_compile_one, [spec.to_dict() for spec in specs]))
