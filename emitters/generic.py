@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from xqagen.spec import KernelSpec, SpecError, check_choice, check_int_range
 
 from .params import KernelParams, SplitWorkspace
-from .path import EmittedKernel, KernelPath, LaunchShape, WorkspaceSize
+from .path import EmittedKernel, KernelPath, LaunchShape
 from .render import piece_context, render
 
 # Shared memory one CTA may use on sm_80/sm_90 (227 KiB opt-in), and per SM.
@@ -50,9 +50,6 @@ MMA_OPS = {"fp16": "SM80_16x8x16_F32F16F16F32_TN", "bf16": "SM80_16x8x16_F32BF16
 TARGET_WARPS_PER_SM = 8
 MAX_AUTO_SPLITS = 16
 MIN_TILES_PER_SPLIT = 4
-# A forced split count is capped here: past it every split holds a handful of tiles and the merge
-# reads more partials than the splits save.
-MAX_SPLITS = 128
 # Grids too small to fill the GPU even at MAX_AUTO_SPLITS splits of the default tile (batch 1-2 of
 # 8 KV heads on 132 SMs) run this tile instead: 8 warps over 128-token stages, one CTA per SM, so
 # that the GPU holds as many bytes in flight from a sixteenth of the CTAs (H100, fp8 d128 batch 1:
@@ -289,28 +286,16 @@ class GenericPath(KernelPath):
     def smem_bytes(self, spec: KernelSpec) -> int:
         return plan_of(spec).smem_bytes
 
-    def grid(self, spec: KernelSpec, batch: int, num_kv_heads: int, num_splits: int) -> tuple[int, int, int]:
-        return num_splits, num_kv_heads * plan_of(spec).row_tiles, batch
+    def row_tiles(self, spec: KernelSpec) -> int:
+        return plan_of(spec).row_tiles
 
-    def workspace_need(self, spec: KernelSpec, batch: int, num_kv_heads: int, num_splits: int) -> WorkspaceSize:
-        if num_splits == 1:
-            return WorkspaceSize(0, 0)
-        output_tiles = batch * num_kv_heads * plan_of(spec).row_tiles
-        return WorkspaceSize(plan_of(spec).workspace.floats(output_tiles, num_splits), output_tiles)
+    def split_workspace(self, spec: KernelSpec) -> SplitWorkspace:
+        return plan_of(spec).workspace
 
     def pack(self, spec, problem, num_splits, workspace) -> tuple:
         return (KernelParams(**problem.params(), workspace=workspace.scratch.data_ptr(),
                              semaphores=workspace.semaphores.data_ptr(), faults=workspace.faults_ptr,
                              num_splits=num_splits),)
-
-    def max_splits(self, spec: KernelSpec, batch: int, num_kv_heads: int, workspace: WorkspaceSize | None) -> int:
-        if workspace is None:
-            return 1
-        output_tiles = batch * num_kv_heads * plan_of(spec).row_tiles
-        if output_tiles > workspace.semaphores:
-            return 1
-        per_split = plan_of(spec).workspace.floats(output_tiles, 1)
-        return max(1, min(MAX_SPLITS, workspace.floats // per_split))
 
     def _split_variant(self, spec: KernelSpec) -> KernelSpec | None:
         """``spec`` on the split tile, or None where that tile does not fit the variant (16-bit

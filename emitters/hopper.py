@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from xqagen.spec import KernelSpec, SpecError, check_int_range
 
 from .params import KernelParams, SplitWorkspace
-from .path import EmittedKernel, KernelPath, LaunchShape, WorkspaceSize
+from .path import EmittedKernel, KernelPath, LaunchShape
 from .render import piece_context, render
 
 TARGET = "sm_90a"  # wgmma and setmaxnreg exist only on the sm_90a target
@@ -47,7 +47,6 @@ MAX_CHUNK_BYTES = 128
 # at least MIN_TILES_PER_SPLIT tiles; the last CTA of each output tile merges every split alone.
 MAX_AUTO_SPLITS = 32
 MIN_TILES_PER_SPLIT = 4
-MAX_SPLITS = 128
 
 
 @dataclass(frozen=True)
@@ -189,14 +188,11 @@ class HopperPath(KernelPath):
     def smem_bytes(self, spec: KernelSpec) -> int:
         return plan_of(spec).smem_bytes
 
-    def grid(self, spec: KernelSpec, batch: int, num_kv_heads: int, num_splits: int) -> tuple[int, int, int]:
-        return num_splits, num_kv_heads * plan_of(spec).row_tiles, batch
+    def row_tiles(self, spec: KernelSpec) -> int:
+        return plan_of(spec).row_tiles
 
-    def workspace_need(self, spec: KernelSpec, batch: int, num_kv_heads: int, num_splits: int) -> WorkspaceSize:
-        if num_splits == 1:
-            return WorkspaceSize(0, 0)
-        output_tiles = batch * num_kv_heads * plan_of(spec).row_tiles
-        return WorkspaceSize(plan_of(spec).workspace.floats(output_tiles, num_splits), output_tiles)
+    def split_workspace(self, spec: KernelSpec) -> SplitWorkspace:
+        return plan_of(spec).workspace
 
     def pack(self, spec, problem, num_splits, workspace) -> tuple:
         from xqagen.tensor_maps import kv_tensor_maps
@@ -213,15 +209,6 @@ class HopperPath(KernelPath):
 
         retarget(params[1], params[0].k)
         retarget(params[2], params[0].v)
-
-    def max_splits(self, spec: KernelSpec, batch: int, num_kv_heads: int, workspace: WorkspaceSize | None) -> int:
-        if workspace is None:
-            return 1
-        output_tiles = batch * num_kv_heads * plan_of(spec).row_tiles
-        if output_tiles > workspace.semaphores:
-            return 1
-        per_split = plan_of(spec).workspace.floats(output_tiles, 1)
-        return max(1, min(MAX_SPLITS, workspace.floats // per_split))
 
     def launch_specs(self, spec: KernelSpec) -> list[KernelSpec]:
         return [spec]

@@ -23,9 +23,15 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from xqagen.emitters.params import SplitWorkspace
     from xqagen.problem import DecodeProblem
     from xqagen.runtime import Workspace
     from xqagen.spec import KernelSpec
+
+
+# A forced split count is capped here on every path: past it every split holds a handful of tiles
+# and the merge reads more partials than the splits save.
+MAX_SPLITS = 128
 
 
 @dataclass(frozen=True)
@@ -130,12 +136,23 @@ class KernelPath(ABC):
         """Dynamic shared memory per CTA."""
 
     @abstractmethod
-    def grid(self, spec: KernelSpec, batch: int, num_kv_heads: int, num_splits: int) -> tuple[int, int, int]:
-        """Grid shape of a launch."""
+    def row_tiles(self, spec: KernelSpec) -> int:
+        """CTAs over the query rows of one (request, KV head)."""
 
     @abstractmethod
+    def split_workspace(self, spec: KernelSpec) -> SplitWorkspace:
+        """The layout of one output tile's split-KV partials."""
+
+    def grid(self, spec: KernelSpec, batch: int, num_kv_heads: int, num_splits: int) -> tuple[int, int, int]:
+        """Grid shape of a launch: (splits, KV heads x row tiles, batch)."""
+        return num_splits, num_kv_heads * self.row_tiles(spec), batch
+
     def workspace_need(self, spec: KernelSpec, batch: int, num_kv_heads: int, num_splits: int) -> WorkspaceSize:
         """Split-KV scratch a launch uses (none with one split)."""
+        if num_splits == 1:
+            return WorkspaceSize(0, 0)
+        output_tiles = batch * num_kv_heads * self.row_tiles(spec)
+        return WorkspaceSize(self.split_workspace(spec).floats(output_tiles, num_splits), output_tiles)
 
     @abstractmethod
     def pack(self, spec: KernelSpec, problem: DecodeProblem, num_splits: int, workspace: Workspace) -> tuple:
@@ -146,10 +163,16 @@ class KernelPath(ABC):
         """Bring parameters derived from the struct's pointers (tensor maps) up to date after a
         bound launch rewrote those pointers; nothing for a path whose only parameter is the struct."""
 
-    @abstractmethod
     def max_splits(self, spec: KernelSpec, batch: int, num_kv_heads: int, workspace: WorkspaceSize | None) -> int:
         """The most KV splits a launch may use with a workspace of this capacity (None: no
-        workspace, so 1)."""
+        workspace, so 1), at most MAX_SPLITS."""
+        if workspace is None:
+            return 1
+        output_tiles = batch * num_kv_heads * self.row_tiles(spec)
+        if output_tiles > workspace.semaphores:
+            return 1
+        per_split = self.split_workspace(spec).floats(output_tiles, 1)
+        return max(1, min(MAX_SPLITS, workspace.floats // per_split))
 
     @abstractmethod
     def launch_specs(self, spec: KernelSpec) -> list[KernelSpec]:
