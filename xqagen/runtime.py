@@ -41,7 +41,7 @@ def _check(result):
 
 
 def device_arch(device: torch.device) -> str:
-    major, minor = torch.cuda.get_device_capability(device)
+    major, minor = _capability(device_index(device))  # asked once per device: every prepared call dispatches on it
     return f"sm_{major}{minor}"
 
 
