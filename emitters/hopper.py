@@ -47,6 +47,11 @@ MAX_CHUNK_BYTES = 128
 # at least MIN_TILES_PER_SPLIT tiles; the last CTA of each output tile merges every split alone.
 MAX_AUTO_SPLITS = 32
 MIN_TILES_PER_SPLIT = 4
+# Grids of at least this many CTAs per SM (every SM's two resident six-stage CTAs busy without
+# splits) run the six-stage default on four stages: fp8 d128 batch 64 x 8k 0.2608-0.2619 ms against
+# 0.2634-0.2670, batch 256 x 2k 0.2737 against 0.2825; a CTA alone on its SM keeps six (batch 8 x
+# 32k 0.1320 against 0.1398).
+FULL_GRID_CTAS_PER_SM = 2
 
 
 @dataclass(frozen=True)
@@ -210,11 +215,22 @@ class HopperPath(KernelPath):
         retarget(params[1], params[0].k)
         retarget(params[2], params[0].v)
 
+    def _full_grid_variant(self, spec: KernelSpec) -> KernelSpec | None:
+        """``spec`` on the four-stage tile where it is on the six-stage one, else None."""
+        if spec.tile != TILES["tma6x2"]:
+            return None
+        return dataclasses.replace(spec, tile=TILES["tma4x2"])
+
     def launch_specs(self, spec: KernelSpec) -> list[KernelSpec]:
-        return [spec]
+        full_grid = self._full_grid_variant(spec)
+        return [spec] if full_grid is None else [spec, full_grid]
 
     def choose_tile(self, spec: KernelSpec, shape: LaunchShape) -> KernelSpec:
-        return spec
+        """The four-stage tile for grids of FULL_GRID_CTAS_PER_SM CTAs per SM or more; ``spec``
+        otherwise."""
+        full_grid = self._full_grid_variant(spec)
+        ctas = shape.batch * shape.num_kv_heads * plan_of(spec).row_tiles
+        return full_grid if full_grid is not None and ctas >= FULL_GRID_CTAS_PER_SM * shape.sm_count else spec
 
     def auto_splits(self, spec: KernelSpec, shape: LaunchShape) -> int:
         """As many splits as give each SM one CTA; 1 when the batch already fills the SMs."""

@@ -121,6 +121,22 @@ def test_hopper_splits_give_each_sm_one_cta(batch, kv_len, splits):
     assert plan_launch(HOPPER_FP8, shape(batch, kv_len), workspace=LARGE).num_splits == splits
 
 
+@pytest.mark.parametrize("batch, kv_len, tile", [
+    (64, 8192, "tma4x2"),   # 512 CTAs: two per SM at least, four stages
+    (256, 2048, "tma4x2"),
+    (33, 8192, "tma4x2"),   # 264 CTAs: exactly two per SM
+    (32, 8192, "tma6x2"),   # 256 CTAs: some SMs hold one, which keeps six stages
+    (8, 32768, "tma6x2"),   # split to one CTA per SM
+    (1, 32768, "tma6x2"),
+])
+def test_hopper_tile_by_grid(batch, kv_len, tile):
+    plan = plan_launch(HOPPER_FP8, shape(batch, kv_len), workspace=LARGE)
+    assert plan.spec.tile.name == tile
+    assert plan.spec in path_of(HOPPER_FP8).launch_specs(HOPPER_FP8)  # recipes ship what dispatch picks
+    forced = plan_launch(HOPPER_FP8, shape(batch, kv_len), tile_given=True, workspace=LARGE)
+    assert forced.spec == HOPPER_FP8  # a tile the caller names stays
+
+
 def test_hopper_tiles_and_rows():
     from xqagen.emitters.hopper import HopperTile, plan_of
     from xqagen.spec import SpecError

@@ -302,10 +302,6 @@ constexpr int kSplitRows = 32;  // rows of one output tile
 constexpr int kSplitOFloats = 2048;  // output floats of one split
 constexpr int kSplitFloats = 2112;   // all floats of one split
 
-struct CtaSync {
-  __device__ void operator()() const { __syncthreads(); }
-};
-
 struct SplitPartials {
   float* o;   // [num_splits][kSplitRows][kHeadDim]: un-normalised output rows
   float* ml;  // [num_splits][kSplitRows][2]: their (max, sum)
@@ -324,20 +320,17 @@ struct SplitPartials {
     if (d0 == 0) *reinterpret_cast<float2*>(ml + (split * kSplitRows + r) * 2) = make_float2(m, l);
   }
 
-  // Every thread that stored partials, once it has: whether this CTA is the last of its output
-  // tile to arrive, and so merges.  The last one resets the semaphore for the next launch (graph
-  // replays).  `sync` is a barrier over those threads (thread 0 among them): the whole CTA by
-  // default.
-  template <class Sync = CtaSync>
-  __device__ bool arrive_last(int& shared_flag, Sync const& sync = {}) const {
+  // Every thread, once its partials are stored: whether this CTA is the last of its output tile to
+  // arrive, and so merges.  The last one resets the semaphore for the next launch (graph replays).
+  __device__ bool arrive_last(int& shared_flag) const {
     __threadfence();
-    sync();
+    __syncthreads();
     if (threadIdx.x == 0) {
       int const arrived = atomicAdd(semaphore, 1);
       shared_flag = arrived == num_splits - 1;
       if (shared_flag) *semaphore = 0;
     }
-    sync();
+    __syncthreads();
     if (!shared_flag) return false;
     __threadfence();
     return true;

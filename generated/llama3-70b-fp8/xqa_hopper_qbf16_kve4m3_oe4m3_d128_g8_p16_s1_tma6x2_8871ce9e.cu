@@ -305,10 +305,6 @@ constexpr int kSplitRows = 8;  // rows of one output tile
 constexpr int kSplitOFloats = 1024;  // output floats of one split
 constexpr int kSplitFloats = 1040;   // all floats of one split
 
-struct CtaSync {
-  __device__ void operator()() const { __syncthreads(); }
-};
-
 struct SplitPartials {
   float* o;   // [num_splits][kSplitRows][kHeadDim]: un-normalised output rows
   float* ml;  // [num_splits][kSplitRows][2]: their (max, sum)
@@ -327,20 +323,17 @@ struct SplitPartials {
     if (d0 == 0) *reinterpret_cast<float2*>(ml + (split * kSplitRows + r) * 2) = make_float2(m, l);
   }
 
-  // Every thread that stored partials, once it has: whether this CTA is the last of its output
-  // tile to arrive, and so merges.  The last one resets the semaphore for the next launch (graph
-  // replays).  `sync` is a barrier over those threads (thread 0 among them): the whole CTA by
-  // default.
-  template <class Sync = CtaSync>
-  __device__ bool arrive_last(int& shared_flag, Sync const& sync = {}) const {
+  // Every thread, once its partials are stored: whether this CTA is the last of its output tile to
+  // arrive, and so merges.  The last one resets the semaphore for the next launch (graph replays).
+  __device__ bool arrive_last(int& shared_flag) const {
     __threadfence();
-    sync();
+    __syncthreads();
     if (threadIdx.x == 0) {
       int const arrived = atomicAdd(semaphore, 1);
       shared_flag = arrived == num_splits - 1;
       if (shared_flag) *semaphore = 0;
     }
-    sync();
+    __syncthreads();
     if (!shared_flag) return false;
     __threadfence();
     return true;
@@ -659,9 +652,6 @@ __device__ __forceinline__ void warpgroup_sync(int wg, ConsumerBarrier id) {
 __device__ __forceinline__ void consumers_sync() {
   cutlass::arch::NamedBarrier::arrive_and_wait(kConsumerThreads, 1 + 2 * kConsumers);
 }
-struct ConsumersSync {
-  __device__ void operator()() const { consumers_sync(); }
-};
 }  // namespace
 
 extern "C" __global__ void __launch_bounds__(kThreads, 1)  // registers, not a residency target, bound the consumer
@@ -702,7 +692,8 @@ xqa_hopper_qbf16_kve4m3_oe4m3_d128_g8_p16_s1_tma6x2_8871ce9e(Params const p, __g
       producer.load(tile, state.index(), smem, pipeline.producer_get_barrier(state));
       ++state;
     }
-    return;  // the consumers wait for every load it issued; the rest is theirs
+    // The warp stays: it joins the CTA-wide barriers below and the epilogue (the consumers wait
+    // for every load it issued).
   } else {
     // ---- Q rows of this CTA -> shared memory as the B operand of S^T (zeros past the request's
     // rows and past head_dim), while the first tiles load ----
@@ -905,13 +896,13 @@ xqa_hopper_qbf16_kve4m3_oe4m3_d128_g8_p16_s1_tma6x2_8871ce9e(Params const p, __g
         sO(wg, get<1>(coord), out_dim(64 * mb + get<0>(coord))) = tOrO[mb](v);
       }
   }
-  consumers_sync();
+  __syncthreads();  // the staged rows are complete; every warp, the producer's too, merges and stores them
   pdl_launch_dependents();  // the next kernel's CTAs may start while these merge and store
 
   Epilogue const epilogue{p, request, kv_head, scale.kv_scale * (kOutFp8 ? p.rcp_out_scale : 1.f)};
   SplitPartials const partials(p, (batch * p.num_kv_heads + kv_head) * kRowTiles + row_tile);
   auto sO = make_tensor(make_smem_ptr(smem.o), OStageLayout{});
-  for (int i = threadIdx.x; i < kRowsCta * kHeadDim / 4; i += kConsumerThreads) {
+  for (int i = threadIdx.x; i < kRowsCta * kHeadDim / 4; i += kThreads) {
     int const r = i / (kHeadDim / 4), d0 = (i % (kHeadDim / 4)) * 4;
     float m = kNegInf;  // the warpgroups' parts: max, then sum and rows rescaled to it
     CUTE_UNROLL
@@ -930,10 +921,10 @@ xqa_hopper_qbf16_kve4m3_oe4m3_d128_g8_p16_s1_tma6x2_8871ce9e(Params const p, __g
       partials.store(split, r, d0, m, l, o);
     }
   }
-  if (p.num_splits == 1 || !partials.arrive_last(smem.is_last_split, ConsumersSync{})) return;
+  if (p.num_splits == 1 || !partials.arrive_last(smem.is_last_split)) return;
 
   int const valid_rows = min(kRowsCta, request.rows - row_tile * kRowsCta);
-  for (int i = threadIdx.x; i < valid_rows * (kHeadDim / 4); i += kConsumerThreads) {
+  for (int i = threadIdx.x; i < valid_rows * (kHeadDim / 4); i += kThreads) {
     int const r = i / (kHeadDim / 4), d0 = (i % (kHeadDim / 4)) * 4;
     float m, l, o[4];
     partials.merge(r, d0, m, l, o);
