@@ -4,10 +4,11 @@ Two warpgroups each synchronise on a named barrier of their own (ids 1 and 2, 12
 first `extra` times more than the second, as the Hopper kernel's consumer warpgroups do when a
 CTA's tile count is odd (each warpgroup takes every other tile, two barriers per tile).  Then thread
 3 writes shared memory, the whole CTA passes ``__syncthreads()``, and thread 192 reads it.  The
-read is ordered after the write, yet racecheck reports a RAW hazard whenever ``extra`` is not 0:
+read is ordered after the write, yet on an H200 racecheck reported a RAW hazard for ``extra`` 1
+and none for 0 or 2 (docs/design.md, "Sanitizers"):
 
     compute-sanitizer --tool racecheck python tools/racecheck_probe.py 0   # 0 hazards
-    compute-sanitizer --tool racecheck python tools/racecheck_probe.py 2   # RAW hazard reported
+    compute-sanitizer --tool racecheck python tools/racecheck_probe.py 1   # 1 RAW hazard
 
 Needs a CUDA GPU (sm_70+).
 """

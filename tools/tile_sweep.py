@@ -41,10 +41,11 @@ def main() -> None:
     parser.add_argument("--path", default="hopper", choices=tuple(PATHS))
     parser.add_argument("--tile", action="append", help="tile names (default: the path's default)")
     parser.add_argument("--splits", default="0", help="comma-separated split counts; 0: the path's choice")
-    parser.add_argument("--case", action="append", help="bench case names (default: all)")
+    parser.add_argument("--case", action="append", help="bench case names, design or sweep (default: the design cases)")
     parser.add_argument("--json", help="write one JSON object per measurement to this file")
     args = parser.parse_args()
-    cases = [c for c in bench.DESIGN_CASES if not args.case or c.name in args.case]
+    cases = ([c for c in (*bench.DESIGN_CASES, *bench.SWEEP_CASES) if c.name in args.case] if args.case
+             else list(bench.DESIGN_CASES))
     tiles = args.tile or [None]
     splits = [int(s) for s in args.splits.split(",")]
     runs = []  # (case, tile) pairs whose variant exists (a tile may not fit a head size in shared memory)
