@@ -136,13 +136,23 @@ struct ScoreScale {
   }
 };
 
+// 2^x as one MUFU.EX2 (ex2.approx.ftz): exp2f issues the same instruction and wraps it in a rescue
+// of denormal results, a compare and two multiplies per call.  Every exponent here is a score or a
+// maximum measured from the row's maximum, so a result below 2^-126 is negligible against the
+// maximum's 1 and flushing it to zero changes no output.
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
 // One row's online step: raise the running max (log2 units) to cover a tile whose largest raw score
 // is `tile_max`.  Sets `base`, what the tile's scores are measured from (0 while everything so far
 // is masked, to keep exp2 finite), and returns the factor for the sums kept so far.
 __device__ __forceinline__ float raise_row_max(float& row_max, float tile_max, float score_scale, float& base) {
   float const new_max = fmaxf(row_max, tile_max * score_scale);
   base = new_max == kNegInf ? 0.f : new_max;
-  float const rescale = exp2f(row_max - base);
+  float const rescale = fast_exp2(row_max - base);
   row_max = new_max;
   return rescale;
 }
@@ -152,7 +162,7 @@ __device__ __forceinline__ float raise_row_max(float& row_max, float tile_max, f
 // every part when none saw anything (m = -inf), where exp2 would give NaN.  Serves the cross-warp
 // merge, the split-KV merge and the sink.
 __device__ __forceinline__ float lse_rescale(float m_part, float m) {
-  return m == kNegInf ? 0.f : exp2f(m_part - m);
+  return m == kNegInf ? 0.f : fast_exp2(m_part - m);
 }
 
 // ---- one request's query tokens and rows -------------------------------------------------------
@@ -781,7 +791,7 @@ xqa_generic_qbf16_kvbf16_d128_g8_p64_s8_many_rows_d453320d(Params const p) {
       CUTE_UNROLL
       for (int t = 0; t < kScoreTiles; ++t)
         CUTE_UNROLL
-        for (int e = 0; e < 4; ++e) acc_s[mb][t][e] = exp2f(fmaf(acc_s[mb][t][e], scale.score_scale, -base[e / 2]));
+        for (int e = 0; e < 4; ++e) acc_s[mb][t][e] = fast_exp2(fmaf(acc_s[mb][t][e], scale.score_scale, -base[e / 2]));
       CUTE_UNROLL
       for (int h = 0; h < 2; ++h) {
         row_sum[mb][h] *= rescale[mb][h];
