@@ -146,11 +146,19 @@ __device__ __forceinline__ float fast_exp2(float x) {
   return y;
 }
 
-// One row's online step: raise the running max (log2 units) to cover a tile whose largest raw score
-// is `tile_max`.  Sets `base`, what the tile's scores are measured from (0 while everything so far
-// is masked, to keep exp2 finite), and returns the factor for the sums kept so far.
+// The running max (log2 units) is raised only when a tile's exceeds it by more than this: below
+// that, the tile's scores are measured from the old max, so P reaches at most 2^kMaxHeadroom (which
+// the 16-bit P of the P V product holds with the same relative rounding as values below 1), and
+// the rescale of O and the sums, which is exactly 1, is skipped.  With 32 query rows per CTA some
+// row's max rose on two tiles in three; by more than 2^8, almost only on the first.
+constexpr float kMaxHeadroom = 8.f;
+
+// One row's online step for a tile whose largest raw score is `tile_max`.  Sets `base`, what the
+// tile's scores are measured from (0 while everything so far is masked, to keep exp2 finite), and
+// returns the factor for the sums kept so far.
 __device__ __forceinline__ float raise_row_max(float& row_max, float tile_max, float score_scale, float& base) {
-  float const new_max = fmaxf(row_max, tile_max * score_scale);
+  float const scaled = tile_max * score_scale;
+  float const new_max = scaled > row_max + kMaxHeadroom ? scaled : row_max;
   base = new_max == kNegInf ? 0.f : new_max;
   float const rescale = fast_exp2(row_max - base);
   row_max = new_max;
