@@ -25,9 +25,8 @@ def choose_path(spec: KernelSpec, device_arch: str, kv_incompatibility: Callable
     The rule follows the H200 measurements in docs/benchmarks.md ("Path dispatch"): with fp8 KV the
     Hopper path's wgmma and register conversion keep up with HBM where the generic path's mma.sync
     does not (batch 64 x 8k: 0.261 against 0.286 ms); 16-bit KV streams at 97% of read bandwidth on
-    the generic path against 91-93% on the Hopper path; fp8 speculative decoding runs at the same
-    speed on both (q_seq_len 4: 0.4015 against 0.3973 ms) until the Hopper path takes more than 32
-    rows per CTA.
+    the generic path against 91-93% on the Hopper path; fp8 speculative decoding runs faster on the
+    generic path (q_seq_len 4: 0.3623 against 0.4005 ms), whose consumer does less per row.
     """
     hopper = PATHS["hopper"]
     if (spec.kv_dtype != "e4m3" or spec.q_seq_len != 1 or hopper.target_arch(device_arch) is None
