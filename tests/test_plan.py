@@ -107,7 +107,7 @@ def test_dispatch_sends_fp8_kv_on_sm90_to_the_hopper_path():
     for arch in ("sm_80", "sm_89", "sm_100", "sm_120"):  # Hopper cubins run on sm_90 only
         assert choose_path(FP8, arch, tma_ok) == FP8
     assert choose_path(FP8, "sm_90", lambda: "the KV pool's token stride is not a multiple of 16") == FP8
-    specdec = dataclasses.replace(FP8, q_seq_len=4)  # as fast on both paths until part 2: generic
+    specdec = dataclasses.replace(FP8, q_seq_len=4)  # faster on the generic path (docs/benchmarks.md)
     assert choose_path(specdec, "sm_90", tma_ok) == specdec
 
 
