@@ -8,7 +8,7 @@
 // results merge in shared memory, then across KV splits.
 // Shared pieces (xqagen.emitters, templates/pieces/): types, variant, faults, softmax, request,
 // kv_range, visibility, epilogue, split_kv, pdl; this path's own: templates/hopper/mainloop.
-#include <cute/tensor.hpp>
+#include <cute/tensor_impl.hpp>  // tensors and layouts only: no TiledMMA/TiledCopy algorithms (compile time)
 #include <cute/arch/copy_sm75.hpp>
 #include <cute/arch/copy_sm90_tma.hpp>
 #include <cute/atom/mma_traits_sm90_gmma.hpp>
@@ -453,22 +453,98 @@ struct SharedStorage {
 static_assert(cosize_v<VtTileLayout> == cosize_v<KTileLayout>, "K and V^T views of a tile differ in size");
 static_assert(sizeof(SharedStorage) == 70656, "shared-memory size disagrees with the emitter's plan");
 
-// ---- the two wgmmas -----------------------------------------------------------------------------
-// fp8 KV: the K and V^T operands come from registers (e4m3 -> fp16 after ldmatrix); 16-bit KV:
-// straight from the TMA-written tiles.
+// ---- the two wgmmas: CuTe's SM90 GMMA atoms, called directly ----------------------------------
+// One wgmma is M = 64 x N = kRowsCta x K = 16 for the whole warpgroup.  Its operands are built here
+// rather than by TiledMMA/ThrMMA partitions (which were most of the compile time): A (K or V^T) as
+// register fragments (fp8 KV: e4m3 -> fp16 after ldmatrix, the RS form) or as a shared-memory
+// descriptor (16-bit KV, straight from the TMA-written tiles, the SS form); B (Q or P) always as
+// a descriptor; the fp32 accumulator as the atom's kRowsCta / 2 registers per thread.
 using TileMN = Shape<_64, Int<kRowsCta>, _16>;
-using MmaS = decltype(make_tiled_mma(conditional_t<kKvFp8,
+using GmmaS = conditional_t<kKvFp8,  // A = K (tokens x head dim), B = Q (rows x head dim), both K-major
     decltype(GMMA::rs_op_selector<MmaElem, MmaElem, float, TileMN, GMMA::Major::K, GMMA::Major::K>()),
-    decltype(GMMA::ss_op_selector<MmaElem, MmaElem, float, TileMN, GMMA::Major::K, GMMA::Major::K>())>{}));
-using MmaO = decltype(make_tiled_mma(conditional_t<kKvFp8,
+    decltype(GMMA::ss_op_selector<MmaElem, MmaElem, float, TileMN, GMMA::Major::K, GMMA::Major::K>())>;
+using GmmaO = conditional_t<kKvFp8,  // A = V^T (head dim x tokens; MN-major in shared memory), B = P (MN-major)
     decltype(GMMA::rs_op_selector<MmaElem, MmaElem, float, TileMN, GMMA::Major::K, GMMA::Major::MN>()),
-    decltype(GMMA::ss_op_selector<MmaElem, MmaElem, float, TileMN, GMMA::Major::MN, GMMA::Major::MN>())>{}));
+    decltype(GMMA::ss_op_selector<MmaElem, MmaElem, float, TileMN, GMMA::Major::MN, GMMA::Major::MN>())>;
 
-// O^T's blocks take S^T's accumulator type: both are 64 x kRowsCta fp32 in one C layout (asserted below).
-using OAccum = decltype(partition_fragment_C(MmaS{}, Shape<_64, Int<kRowsCta>>{}));
-constexpr int kMBlocks = kHeadDimPad / 64;  // O^T's 64-row blocks of head dim
-static_assert(is_same_v<typename MmaS::Atom::Traits::CLayout, typename MmaO::Atom::Traits::CLayout>,
+// Accumulators: S^T and each 64-row block of O^T are 64 x kRowsCta fp32 in one C layout, (thread,
+// value) -> m + 64 n.  Value v of a thread is register v of the atom's fma.
+using AccLayout = typename MMA_Traits<GmmaS>::CLayout;
+static_assert(is_same_v<AccLayout, typename MMA_Traits<GmmaO>::CLayout>,
               "S^T and O^T accumulators share one layout (and the coordinates of S^T)");
+constexpr int kAccRegs = kRowsCta / 2;
+static_assert(size(AccLayout{}) == 128 * kAccRegs, "one wgmma atom spans the CTA's rows");
+using Accum = float[kAccRegs];
+constexpr int kMBlocks = kHeadDimPad / 64;  // O^T's 64-row blocks of head dim
+
+// (m, n) of a thread's accumulator values.  The C layout is linear in (thread, value) and no value
+// offset carries a thread's m past 64, so the coordinate is the thread's value 0 plus the value's
+// offset (what partition_C of an identity tensor computes), and the offsets fold to constants.
+struct AccCoords {
+  int m0, n0;
+  __device__ explicit AccCoords(int tid) : m0(AccLayout{}(tid, 0) % 64), n0(AccLayout{}(tid, 0) / 64) {}
+  __device__ int m(int v) const { return m0 + AccLayout{}(0, v) % 64; }
+  __device__ int n(int v) const { return n0 + AccLayout{}(0, v) / 64; }
+};
+
+// One wgmma: the atom's fma takes A and B (registers or descriptors) and the accumulator as
+// separate registers.
+template <class Op, int... I, class... AB>
+__device__ __forceinline__ void gmma_fma(int_sequence<I...>, Accum& acc, GMMA::ScaleOut scale, AB const&... ab) {
+  Op::fma(ab..., acc[I]..., scale);
+}
+template <class Op, class... AB>
+__device__ __forceinline__ void gmma(Accum& acc, GMMA::ScaleOut scale, AB const&... ab) {
+  gmma_fma<Op>(make_int_sequence<kAccRegs>{}, acc, scale, ab...);
+}
+
+// ---- shared-memory descriptors ----------------------------------------------------------------
+// A wgmma reads a shared-memory operand block (64 x 16 for A, kRowsCta x 16 for B) as 8-row x
+// 16-byte core matrices in the swizzle of its layout.  Its descriptor (cute::GmmaDescriptor) holds
+// the block's start and the byte steps between core-matrix groups, in 16-byte units, read off the
+// CuTe layout of the operand (the one TMA or the consumers write):
+// - K-major (K, Q): SBO = the step to the next 8 rows (one 8 x 128-byte swizzle atom); LBO is
+//   unused (1) since a 16-element k-step lies inside one swizzled row;
+// - MN-major (V^T, P): the step to the next 8 k (tokens) is SBO with a swizzle, LBO without one
+//   (P of 8 rows); the step along M or N is unused, as one swizzle atom spans the block's 64
+//   head-dim rows or kRowsCta rows.
+// A step across a single group is 0, as make_gmma_desc sets it.  Descriptors address an operand
+// as its layout without the swizzle (the wgmma applies the swizzle to the shared-memory addresses
+// it forms, hence the 1024-byte alignment of the tiles), so the k-steps and M blocks of an operand
+// are one descriptor with the start moved by their unswizzled offset (GMMA::DescriptorIterator).
+template <class Layout>
+constexpr GMMA::LayoutType gmma_swizzle() {  // the layout's Swizzle<B, M, S>: B -> the descriptor's mode
+  constexpr int b = decltype(Layout{}.layout_a())::num_bits;
+  return b == 0 ? GMMA::LayoutType::INTERLEAVE : b == 1 ? GMMA::LayoutType::B32
+       : b == 2 ? GMMA::LayoutType::B64 : GMMA::LayoutType::B128;
+}
+template <GMMA::LayoutType Swizzle, int LboBytes, int SboBytes>
+__device__ __forceinline__ GMMA::DescriptorIterator gmma_desc(void const* start) {
+  GmmaDescriptor desc;
+  desc.bitfield.start_address_ = uint16_t(cast_smem_ptr_to_uint(start) >> 4);
+  desc.bitfield.leading_byte_offset_ = uint16_t(LboBytes >> 4);
+  desc.bitfield.stride_byte_offset_ = uint16_t(SboBytes >> 4);
+  desc.bitfield.layout_type_ = uint8_t(Swizzle);
+  return {desc};
+}
+template <class Elem, class Layout, class... Coord>  // the byte offset of an element, before the swizzle
+constexpr int smem_bytes_at(Coord... coord) { return int(Layout{}.layout_b()(coord...)) * int(sizeof(Elem)); }
+
+// Q: B of S^T, K-major; a single row group at 8 rows
+__device__ __forceinline__ GMMA::DescriptorIterator q_descriptor(MmaElem const* q) {
+  return gmma_desc<gmma_swizzle<QLayout>(), 16, (kRowsCta > 8 ? smem_bytes_at<MmaElem, QLayout>(8, 0) : 0)>(q);
+}
+// P: B of O^T, MN-major; the next 8 tokens are LBO away when P is interleaved (8 rows), else SBO
+__device__ __forceinline__ GMMA::DescriptorIterator p_descriptor(MmaElem const* p) {
+  constexpr auto kSwizzle = gmma_swizzle<PLayout>();
+  constexpr int kStep8 = smem_bytes_at<MmaElem, PLayout>(0, 8);
+  return gmma_desc<kSwizzle, kSwizzle == GMMA::LayoutType::INTERLEAVE ? kStep8 : 0,
+                   kSwizzle == GMMA::LayoutType::INTERLEAVE ? 0 : kStep8>(p);
+}
+// 16-byte units from an operand's first block to the block at the given coordinate
+template <class Elem, class Layout, class... Coord>
+__device__ __forceinline__ int desc_step(Coord... coord) { return smem_bytes_at<Elem, Layout>(coord...) / 16; }
+
 // fp8: register fragments of the A operands, loaded and converted in batches (K: kSBatch k-steps
 // of head dim; V^T: one M block, the tile's 4 k-steps of tokens), two batches in flight.
 constexpr int kSBatch = 4;
@@ -483,17 +559,19 @@ __device__ __forceinline__ int out_dim(int m) {
 
 // ---- fp8 operand fragments: e4m3 from shared memory -> fp16 wgmma A registers -----------------
 // The register A fragment of a 64 x 16 wgmma block is, per warp w, rows 16w..16w+15 in the layout
-// of an SM80 16x16 A fragment (MMA_Traits<MmaS>::ALayout): r0 (row g, k 2t..2t+1), r1 (row g+8),
-// r2 (row g, k 2t+8..2t+9), r3 (row g+8, k + 8), with g = lane / 4, t = lane % 4.
+// of an SM80 16x16 A fragment (MMA_Traits<GmmaS>::ALayout): r0 (row g, k 2t..2t+1), r1 (row g+8),
+// r2 (row g, k 2t+8..2t+9), r3 (row g+8, k + 8), with g = lane / 4, t = lane % 4; r0..r3 are the
+// atom's fma arguments a0..a3.
 
 // K rows 16w.. of the stage, head-dim k-steps 2 * kstep2 and 2 * kstep2 + 1: one 4-byte read per
 // row feeds k-slots 2t, 2t+1, 2t+8, 2t+9 (Q's head dim is permuted to match when it is staged).
-template <class STile>
-__device__ __forceinline__ void load_k_fp8(STile const& sK, int warp, int lane, int kstep2, uint32_t (&a)[2][4]) {
+template <class KTiles>
+__device__ __forceinline__ void load_k_fp8(KTiles const& sK, int stage, int warp, int lane, int kstep2,
+                                           uint32_t (&a)[2][4]) {
   int const mat = lane / 8;
   uint32_t r[4];
   SM75_U32x4_LDSM_N::copy(
-      *reinterpret_cast<uint128_t const*>(&sK(16 * warp + (mat / 2) * 8 + lane % 8, kstep2 * 32 + (mat % 2) * 16)),
+      *reinterpret_cast<uint128_t const*>(&sK(16 * warp + (mat / 2) * 8 + lane % 8, kstep2 * 32 + (mat % 2) * 16, stage)),
       r[0], r[1], r[2], r[3]);
   CUTE_UNROLL
   for (int ks = 0; ks < 2; ++ks) {  // r[ks]: row g, r[ks + 2]: row g + 8
@@ -505,11 +583,12 @@ __device__ __forceinline__ void load_k_fp8(STile const& sK, int warp, int lane, 
 // V^T rows (head dim) 16w.. of M block `mb`, tokens of k-steps 2 * kstep2 and 2 * kstep2 + 1 (32
 // tokens): a transposed ldmatrix of byte pairs gives each thread (tokens 2t, 2t+1) x (dims 2g,
 // 2g+1); a byte permute splits them into the even-dim and odd-dim token pairs (see out_dim).
-template <class STile>
-__device__ __forceinline__ void load_vt_fp8(STile const& sV, int warp, int lane, int mb, int kstep2, uint32_t (&a)[2][4]) {
+template <class VTiles>
+__device__ __forceinline__ void load_vt_fp8(VTiles const& sV, int stage, int warp, int lane, int mb, int kstep2,
+                                            uint32_t (&a)[2][4]) {
   uint32_t r[4];  // matrix i: tokens 8i..8i+7 of the 32
   SM75_U16x8_LDSM_T::copy(
-      *reinterpret_cast<uint128_t const*>(&sV(kstep2 * 32 + lane, 64 * mb + 16 * warp)),
+      *reinterpret_cast<uint128_t const*>(&sV(kstep2 * 32 + lane, 64 * mb + 16 * warp, stage)),
       r[0], r[1], r[2], r[3]);
   CUTE_UNROLL
   for (int i = 0; i < 4; ++i) {
@@ -520,97 +599,114 @@ __device__ __forceinline__ void load_vt_fp8(STile const& sV, int warp, int lane,
   }
 }
 
+// The wgmmas read register fragments asynchronously: fence them like the accumulators.
+template <int N>
+__device__ __forceinline__ void fence_fragment(uint32_t (&frag)[N][4]) {
+  CUTE_UNROLL
+  for (int k = 0; k < N; ++k)
+    CUTE_UNROLL
+    for (int r = 0; r < 4; ++r) warpgroup_fence_operand(frag[k][r]);
+}
+__device__ __forceinline__ void fence_accumulator(Accum& acc) {
+  CUTE_UNROLL
+  for (int v = 0; v < kAccRegs; ++v) warpgroup_fence_operand(acc[v]);
+}
+
 // ---- the two wgmma steps of a stage ---------------------------------------------------------
 // Templates on the operand form, so that a variant instantiates only its own (fp8 register
-// fragments or 16-bit shared-memory descriptors): CuTe's partitioning is most of a compile.
+// fragments or 16-bit shared-memory descriptors).
 
-// S^T = K Q^T; sK is the stage's K tile.
-template <bool Fp8, class TiledMma, class ThrMma, class KTile, class QFrag, class Accum>
-__device__ __forceinline__ void mma_scores(TiledMma& mma, ThrMma const& thr, KTile const& sK, QFrag const& tSrQ,
-                                           Accum& tSrS, int warp, int lane) {
-  warpgroup_fence_operand(tSrS);
+// S^T = K Q^T on the K tile of `stage`; q is Q's descriptor (its first k-step).
+template <bool Fp8, class KTiles>
+__device__ __forceinline__ void mma_scores(KTiles const& sK, int stage, GMMA::DescriptorIterator q, Accum& acc,
+                                           int warp, int lane) {
+  fence_accumulator(acc);
   if constexpr (Fp8) {
-    using Frag = decltype(make_tensor<MmaElem>(partition_shape_A(TiledMma{}, Shape<_64, Int<16 * kSBatch>>{})));
-    Frag frag[2];
+    uint32_t frag[2][kSBatch][4];
     CUTE_UNROLL
     for (int b = 0; b < kSBatches; ++b) {
       if (b >= 2) warpgroup_wait<1>();  // batch b - 2 has read frag[b % 2]
-      auto regs = recast<uint32_t>(frag[b % 2]);
       CUTE_UNROLL
       for (int ks2 = 0; ks2 < kSBatch / 2; ++ks2) {
         uint32_t a[2][4];
-        load_k_fp8(sK, warp, lane, b * kSBatch / 2 + ks2, a);
+        load_k_fp8(sK, stage, warp, lane, b * kSBatch / 2 + ks2, a);
         CUTE_UNROLL
         for (int ks = 0; ks < 2; ++ks)
           CUTE_UNROLL
-          for (int r = 0; r < 4; ++r) regs(r, 0, 2 * ks2 + ks) = a[ks][r];
+          for (int r = 0; r < 4; ++r) frag[b % 2][2 * ks2 + ks][r] = a[ks][r];
       }
-      warpgroup_fence_operand(frag[b % 2]);
+      fence_fragment(frag[b % 2]);
       warpgroup_arrive();
       CUTE_UNROLL
       for (int ks = 0; ks < kSBatch; ++ks) {
-        mma.accumulate_ = b == 0 && ks == 0 ? GMMA::ScaleOut::Zero : GMMA::ScaleOut::One;
-        gemm(mma, frag[b % 2](_, _, ks), tSrQ(_, _, b * kSBatch + ks), tSrS);
+        int const k = b * kSBatch + ks;
+        uint32_t const (&f)[4] = frag[b % 2][ks];
+        gmma<GmmaS>(acc, k == 0 ? GMMA::ScaleOut::Zero : GMMA::ScaleOut::One, f[0], f[1], f[2], f[3],
+                    q[desc_step<MmaElem, QLayout>(0, 16 * k)]);
       }
       warpgroup_commit_batch();
     }
   } else {
-    Tensor tSrK = thr.partition_fragment_A(sK);  // descriptors
+    // A = the stage's K tile, K-major: 64 tokens = 8 row groups
+    auto const k = gmma_desc<gmma_swizzle<KTileLayout>(), 16, smem_bytes_at<KVElem, KTileLayout>(8, 0, 0)>(&sK(0, 0, stage));
     warpgroup_arrive();
-    mma.accumulate_ = GMMA::ScaleOut::Zero;
     CUTE_UNROLL
-    for (int ks = 0; ks < size<2>(tSrK); ++ks) {
-      gemm(mma, tSrK(_, _, ks), tSrQ(_, _, ks), tSrS);
-      mma.accumulate_ = GMMA::ScaleOut::One;
-    }
+    for (int ks = 0; ks < kHeadDimPad / 16; ++ks)
+      gmma<GmmaS>(acc, ks == 0 ? GMMA::ScaleOut::Zero : GMMA::ScaleOut::One,
+                  k[desc_step<KVElem, KTileLayout>(0, 16 * ks, 0)], q[desc_step<MmaElem, QLayout>(0, 16 * ks)]);
     warpgroup_commit_batch();
   }
   warpgroup_wait<0>();
-  warpgroup_fence_operand(tSrS);
+  fence_accumulator(acc);
 }
 
-// O^T += V^T P^T, one 64-row block of head dim at a time; sV / sVt are the stage's V tile as
-// (token, dim) and (dim, token).
-template <bool Fp8, class TiledMma, class ThrMma, class VTile, class VtTile, class PFrag, class Accum>
-__device__ __forceinline__ void mma_output(TiledMma& mma, ThrMma const& thr, VTile const& sV, VtTile const& sVt,
-                                           PFrag const& tOrP, Accum (&tOrO)[kMBlocks], int warp, int lane) {
+// O^T += V^T P^T, one 64-row block of head dim at a time, on the V tile of `stage`, read as (token,
+// dim) by sV and as (dim, token) by sVt; p is P's descriptor (its first k-step).
+template <bool Fp8, class VTiles, class VtTiles>
+__device__ __forceinline__ void mma_output(VTiles const& sV, VtTiles const& sVt, int stage, GMMA::DescriptorIterator p,
+                                           Accum (&acc)[kMBlocks], int warp, int lane) {
   CUTE_UNROLL
-  for (int mb = 0; mb < kMBlocks; ++mb) warpgroup_fence_operand(tOrO[mb]);
+  for (int mb = 0; mb < kMBlocks; ++mb) fence_accumulator(acc[mb]);
   if constexpr (Fp8) {
-    using Frag = decltype(make_tensor<MmaElem>(partition_shape_A(TiledMma{}, Shape<_64, Int<kKvTile>>{})));
-    Frag frag[2];  // two M blocks' V^T fragments in flight
+    uint32_t frag[2][kKvTile / 16][4];  // two M blocks' V^T fragments in flight
     CUTE_UNROLL
     for (int mb = 0; mb < kMBlocks; ++mb) {
       if (mb >= 2) warpgroup_wait<1>();  // block mb - 2 has read frag[mb % 2]
-      auto regs = recast<uint32_t>(frag[mb % 2]);
       CUTE_UNROLL
       for (int kt2 = 0; kt2 < kKvTile / 32; ++kt2) {
         uint32_t a[2][4];
-        load_vt_fp8(sV, warp, lane, mb, kt2, a);
+        load_vt_fp8(sV, stage, warp, lane, mb, kt2, a);
         CUTE_UNROLL
         for (int kt = 0; kt < 2; ++kt)
           CUTE_UNROLL
-          for (int r = 0; r < 4; ++r) regs(r, 0, 2 * kt2 + kt) = a[kt][r];
+          for (int r = 0; r < 4; ++r) frag[mb % 2][2 * kt2 + kt][r] = a[kt][r];
       }
-      warpgroup_fence_operand(frag[mb % 2]);
+      fence_fragment(frag[mb % 2]);
       warpgroup_arrive();
       CUTE_UNROLL
-      for (int kt = 0; kt < kKvTile / 16; ++kt) gemm(mma, frag[mb % 2](_, _, kt), tOrP(_, _, kt), tOrO[mb]);
+      for (int kt = 0; kt < kKvTile / 16; ++kt) {
+        uint32_t const (&f)[4] = frag[mb % 2][kt];
+        gmma<GmmaO>(acc[mb], GMMA::ScaleOut::One, f[0], f[1], f[2], f[3], p[desc_step<MmaElem, PLayout>(0, 16 * kt)]);
+      }
       warpgroup_commit_batch();
     }
   } else {
     warpgroup_arrive();
     CUTE_UNROLL
     for (int mb = 0; mb < kMBlocks; ++mb) {
-      Tensor tOrV = thr.partition_fragment_A(local_tile(sVt, Shape<_64, Int<kKvTile>>{}, make_coord(mb, 0)));
+      // A = V^T's M block, MN-major: the next 8 tokens are SBO away
+      auto const vt = gmma_desc<gmma_swizzle<VtTileLayout>(), 0, smem_bytes_at<KVElem, VtTileLayout>(0, 8, 0)>(
+          &sVt(64 * mb, 0, stage));
       CUTE_UNROLL
-      for (int kt = 0; kt < kKvTile / 16; ++kt) gemm(mma, tOrV(_, _, kt), tOrP(_, _, kt), tOrO[mb]);
+      for (int kt = 0; kt < kKvTile / 16; ++kt)
+        gmma<GmmaO>(acc[mb], GMMA::ScaleOut::One, vt[desc_step<KVElem, VtTileLayout>(0, 16 * kt, 0)],
+                    p[desc_step<MmaElem, PLayout>(0, 16 * kt)]);
     }
     warpgroup_commit_batch();
   }
   warpgroup_wait<0>();
   CUTE_UNROLL
-  for (int mb = 0; mb < kMBlocks; ++mb) warpgroup_fence_operand(tOrO[mb]);
+  for (int mb = 0; mb < kMBlocks; ++mb) fence_accumulator(acc[mb]);
 }
 
 // ---- the producer: TMA loads of paged K and V -------------------------------------------------
@@ -751,30 +847,22 @@ xqa_hopper_qbf16_kve4m3_oe4m3_d128_g8_p64_s1_tma4x2_d75e4be6(Params const p, __g
 
     // ---- consumer warpgroups: wg takes tiles tile_begin + wg, + kConsumers, ... ----
     int const wg = warp / 4, wg_warp = warp % 4, tid = threadIdx.x % 128;
-    MmaS mma_s;
-    MmaO mma_o;
-    auto thr_s = mma_s.get_thread_slice(tid);
-    auto thr_o = mma_o.get_thread_slice(tid);
     Tensor sK = make_tensor(make_smem_ptr(smem.pipe.k), KTileLayout{});    // (token, dim, stage)
     Tensor sVt = make_tensor(make_smem_ptr(smem.pipe.v), VtTileLayout{});  // (dim, token, stage)
     Tensor sV = make_tensor(make_smem_ptr(smem.pipe.v), KTileLayout{});    // (token, dim, stage)
-    Tensor sQ = make_tensor(make_smem_ptr(smem.q), QLayout{});
     Tensor sP = make_tensor(make_smem_ptr(smem.p[wg]), PLayout{});
-    Tensor tSrQ = thr_s.partition_fragment_B(sQ);  // (MMA, N, head-dim k-steps)
-    Tensor tOrP = thr_o.partition_fragment_B(sP);  // (MMA, N, token k-steps)
-    Tensor tSrS = partition_fragment_C(mma_s, Shape<_64, Int<kRowsCta>>{});          // S^T: (MMA, 1, 1)
-    static_assert(decltype(size<1>(tSrS))::value == 1 && decltype(size<2>(tSrS))::value == 1,
-                  "one wgmma atom spans the CTA's rows");
-    OAccum tOrO[kMBlocks];  // O^T, one (MMA, 1, 1) accumulator per 64-row block of head dim
+    GMMA::DescriptorIterator const q_desc = q_descriptor(smem.q);  // B of S^T, per head-dim k-step
+    GMMA::DescriptorIterator const p_desc = p_descriptor(smem.p[wg]);  // B of O^T, per token k-step
+    Accum acc_s;              // S^T
+    Accum acc_o[kMBlocks];    // O^T, one accumulator per 64-row block of head dim
     // (token in tile, row in CTA) of every S^T value; O^T's blocks share S^T's accumulator layout
     // (both 64 x kRowsCta, fp32), so the same coordinates give (head-dim row in the block, row)
-    Tensor score_coords = thr_s.partition_C(make_identity_tensor(Shape<_64, Int<kRowsCta>>{}));
+    AccCoords const coords(tid);
     // The thread's rows (N coordinates) are the same in both accumulators: value v -> column slot
-    // kColumnOf(v); kCols of them, each row's state kept once.
-    constexpr int kVals = decltype(size(tSrS))::value;
+    // col_of(v); kCols of them, each row's state kept once.
+    constexpr int kVals = kAccRegs;
     constexpr int kCols = kRowsCta / 4;
-    static_assert(kVals == 2 * kCols && decltype(size(OAccum{}))::value == kVals, "accumulator layouts differ");
-    auto col_of = [](int v) { return v % 2 + 2 * (v / 4); };  // CLayout values: (column pair, row + 8, column + 8)
+    auto col_of = [](int v) { return v % 2 + 2 * (v / 4); };  // C layout values: (column pair, row + 8, column + 8)
 
     Visibility const vis{range.seq_len, request.rows, range.seq_len - request.tokens, kHasWindow ? p.window : 0,
                          p.mask + request.first_token * p.mask_words_per_row, p.mask_words_per_row};
@@ -785,13 +873,15 @@ xqa_hopper_qbf16_kve4m3_oe4m3_d128_g8_p64_s1_tma4x2_d75e4be6(Params const p, __g
       CUTE_UNROLL
       for (int e = 0; e < 2; ++e) {
         int const c = col_of(v + e);
-        row_vis[c] = vis.row(row_tile * kRowsCta + get<1>(score_coords(v + e)));
+        row_vis[c] = vis.row(row_tile * kRowsCta + coords.n(v + e));
         row_max[c] = kNegInf;
         row_sum[c] = 0.f;
       }
     }
     CUTE_UNROLL
-    for (int mb = 0; mb < kMBlocks; ++mb) clear(tOrO[mb]);
+    for (int mb = 0; mb < kMBlocks; ++mb)
+      CUTE_UNROLL
+      for (int v = 0; v < kVals; ++v) acc_o[mb][v] = 0.f;
 
     cutlass::PipelineState<kStages> state;
     CUTE_UNROLL
@@ -814,9 +904,7 @@ xqa_hopper_qbf16_kve4m3_oe4m3_d128_g8_p64_s1_tma4x2_d75e4be6(Params const p, __g
       }
 
       // S^T = K Q^T
-      mma_scores<kKvFp8>(mma_s, thr_s, sK(_, _, stage), tSrQ, tSrS, wg_warp, lane);
-      warpgroup_wait<0>();
-      warpgroup_fence_operand(tSrS);
+      mma_scores<kKvFp8>(sK, stage, q_desc, acc_s, wg_warp, lane);
 
       // visibility (tiles that reach past the sequence, the window start or the mask), then the
       // tile maxima of every row: over the thread's tokens, its warp (lanes with the same lane % 4)
@@ -824,13 +912,13 @@ xqa_hopper_qbf16_kve4m3_oe4m3_d128_g8_p64_s1_tma4x2_d75e4be6(Params const p, __g
       if (vis.tile_needs_mask(tok0, kKvTile)) {
         CUTE_UNROLL
         for (int v = 0; v < kVals; ++v)
-          if (!vis(tok0 + get<0>(score_coords(v)), row_vis[col_of(v)])) tSrS(v) = kNegInf;
+          if (!vis(tok0 + coords.m(v), row_vis[col_of(v)])) acc_s[v] = kNegInf;
       }
       float tile_max[kCols];
       CUTE_UNROLL
       for (int c = 0; c < kCols; ++c) tile_max[c] = kNegInf;
       CUTE_UNROLL
-      for (int v = 0; v < kVals; ++v) tile_max[col_of(v)] = fmaxf(tile_max[col_of(v)], tSrS(v));
+      for (int v = 0; v < kVals; ++v) tile_max[col_of(v)] = fmaxf(tile_max[col_of(v)], acc_s[v]);
       CUTE_UNROLL
       for (int c = 0; c < kCols; ++c) {
         tile_max[c] = fmaxf(tile_max[c], __shfl_xor_sync(0xffffffffu, tile_max[c], 4));
@@ -841,7 +929,7 @@ xqa_hopper_qbf16_kve4m3_oe4m3_d128_g8_p64_s1_tma4x2_d75e4be6(Params const p, __g
         CUTE_UNROLL
         for (int v = 0; v < kVals; v += 4)
           CUTE_UNROLL
-          for (int e = 0; e < 2; ++e) smem.warp_max[wg][wg_warp][get<1>(score_coords(v + e))] = tile_max[col_of(v + e)];
+          for (int e = 0; e < 2; ++e) smem.warp_max[wg][wg_warp][coords.n(v + e)] = tile_max[col_of(v + e)];
       }
       warpgroup_sync(wg, kRowMaxReady);
       float rescale[kCols], base[kCols];
@@ -850,7 +938,7 @@ xqa_hopper_qbf16_kve4m3_oe4m3_d128_g8_p64_s1_tma4x2_d75e4be6(Params const p, __g
       for (int v = 0; v < kVals; v += 4)
         CUTE_UNROLL
         for (int e = 0; e < 2; ++e) {
-          int const c = col_of(v + e), n = get<1>(score_coords(v + e));
+          int const c = col_of(v + e), n = coords.n(v + e);
           float const m = fmaxf(fmaxf(smem.warp_max[wg][0][n], smem.warp_max[wg][1][n]),
                                 fmaxf(smem.warp_max[wg][2][n], smem.warp_max[wg][3][n]));
           rescale[c] = raise_row_max(row_max[c], m, scale.score_scale, base[c]);
@@ -864,24 +952,24 @@ xqa_hopper_qbf16_kve4m3_oe4m3_d128_g8_p64_s1_tma4x2_d75e4be6(Params const p, __g
       CUTE_UNROLL
       for (int v = 0; v < kVals; v += 2) {
         int const c = col_of(v);
-        float const p0 = fast_exp2(fmaf(tSrS(v), scale.score_scale, -base[c]));
-        float const p1 = fast_exp2(fmaf(tSrS(v + 1), scale.score_scale, -base[c + 1]));
+        float const p0 = fast_exp2(fmaf(acc_s[v], scale.score_scale, -base[c]));
+        float const p1 = fast_exp2(fmaf(acc_s[v + 1], scale.score_scale, -base[c + 1]));
         row_sum[c] += p0;
         row_sum[c + 1] += p1;
-        auto const coord = score_coords(v);  // (token, row): rows n, n + 1 are adjacent in sP
-        *reinterpret_cast<uint32_t*>(&sP(get<1>(coord), get<0>(coord))) = pack_mma_pair(p0, p1);
+        // (token, row): rows n, n + 1 are adjacent in sP
+        *reinterpret_cast<uint32_t*>(&sP(coords.n(v), coords.m(v))) = pack_mma_pair(p0, p1);
       }
       if (__any_sync(0xffffffffu, any_rescale)) {
         CUTE_UNROLL
         for (int mb = 0; mb < kMBlocks; ++mb)
           CUTE_UNROLL
-          for (int v = 0; v < kVals; ++v) tOrO[mb](v) *= rescale[col_of(v)];
+          for (int v = 0; v < kVals; ++v) acc_o[mb][v] *= rescale[col_of(v)];
       }
       cutlass::arch::fence_view_async_shared();  // P (and zeroed V rows) are read by wgmma
       warpgroup_sync(wg, kPReady);
 
       // O^T += V^T P^T, one 64-row M block of head dim at a time
-      mma_output<kKvFp8>(mma_o, thr_o, sV(_, _, stage), sVt(_, _, stage), tOrP, tOrO, wg_warp, lane);
+      mma_output<kKvFp8>(sV, sVt, stage, p_desc, acc_o, wg_warp, lane);
       pipeline.consumer_release(state);
       CUTE_UNROLL
       for (int i = 0; i < kConsumers; ++i) ++state;
@@ -900,7 +988,7 @@ xqa_hopper_qbf16_kve4m3_oe4m3_d128_g8_p64_s1_tma4x2_d75e4be6(Params const p, __g
       for (int v = 0; v < kVals; v += 4)
         CUTE_UNROLL
         for (int e = 0; e < 2; ++e) {
-          int const n = get<1>(score_coords(v + e));
+          int const n = coords.n(v + e);
           smem.warp_sum[wg][wg_warp][n] = row_sum[col_of(v + e)];
           if (wg_warp == 0) smem.warp_max[wg][0][n] = row_max[col_of(v + e)];
         }
@@ -910,8 +998,8 @@ xqa_hopper_qbf16_kve4m3_oe4m3_d128_g8_p64_s1_tma4x2_d75e4be6(Params const p, __g
     for (int mb = 0; mb < kMBlocks; ++mb)
       CUTE_UNROLL
       for (int v = 0; v < kVals; ++v) {
-        auto const coord = score_coords(v);  // (O^T row in the block, row in CTA): S^T's layout
-        sO(wg, get<1>(coord), out_dim(64 * mb + get<0>(coord))) = tOrO[mb](v);
+        // (O^T row in the block, row in CTA): S^T's layout
+        sO(wg, coords.n(v), out_dim(64 * mb + coords.m(v))) = acc_o[mb][v];
       }
   }
   __syncthreads();  // the staged rows are complete; every warp, the producer's too, merges and stores them
