@@ -373,7 +373,11 @@ def _compile_jobs(recipes: Sequence[Recipe], arches: tuple[str, ...] | None) -> 
             reason = path_of(kernel.spec).unsupported_target(arch)
             if reason:
                 raise _UserError(f"--arch {arch}: {reason}")
-    return [_CompileJob(kernel, arch) for kernel in kernels.values() for arch in arches or kernel.arches]
+    jobs = [_CompileJob(kernel, arch) for kernel in kernels.values() for arch in arches or kernel.arches]
+    # Jobs of one path and arch in a row: a worker's precompiled header serves only the headers and
+    # target it was made for, so each switch makes a new one (a Hopper kernel took 16-18 s instead
+    # of 5-6 in an interleaved build).
+    return sorted(jobs, key=lambda job: (job.kernel.spec.path, job.arch))
 
 
 def _describe(result: CompiledKernel) -> str:
