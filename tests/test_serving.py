@@ -196,7 +196,7 @@ def test_launch_cache_binds_once_per_geometry_and_rewrites_pointers(monkeypatch)
         return binds[-1]
 
     monkeypatch.setattr(api, "_bind", bind)
-    monkeypatch.setattr(api, "_launches", {})
+    monkeypatch.setattr(api, "_launches", api._LaunchCache())
     sinks = torch.zeros(2, 8)
 
     def call(q, k, v, pt, lens, out, **overrides):
@@ -220,6 +220,96 @@ def test_launch_cache_binds_once_per_geometry_and_rewrites_pointers(monkeypatch)
     assert misaligned.data_ptr() % 16
     call(misaligned, k, v, pt, lens, outs[0])  # the cached geometry, a pointer to check again
     assert len(binds) == 4
+
+
+# launch_decode's arguments with every optional tensor given, so that each can differ on its own.
+_GEOMETRY_TENSORS = ("q", "k_cache", "v_cache", "page_table", "seq_lens", "out", "workspace", "semaphores", "sinks",
+                     "mask", "q_scale_tensor", "kv_scale_tensor", "q_cu_seq_lens")
+_GEOMETRY_OPTIONS = dict(q_scale=0.5, kv_scale=0.25, rcp_out_scale=2.0, sliding_window=64, kv_layout="HND",
+                         num_splits=2, sm_count=8, enable_pdl=True, q_seq_len=4)
+_GEOMETRY_KEYWORDS = dict(tile="split", path="generic", cache_dir="elsewhere")
+
+
+def _full_geometry():
+    q, k, v, pt, lens = _tensors("cpu")
+    tensors = dict(q=q, k_cache=k, v_cache=v, page_table=pt, seq_lens=lens, out=torch.empty_like(q),
+                   workspace=torch.empty(1024), semaphores=torch.zeros(64, dtype=torch.int32),
+                   sinks=torch.zeros(2, 8), mask=torch.zeros(2, 1, 1, dtype=torch.int32), q_scale_tensor=torch.ones(1),
+                   kv_scale_tensor=torch.ones(1), q_cu_seq_lens=torch.zeros(3, dtype=torch.int32))
+    return tensors, dict(q_scale=1.0, kv_scale=1.0, rcp_out_scale=1.0, sliding_window=0, kv_layout="NHD",
+                         num_splits=0, sm_count=0, enable_pdl=False, q_seq_len=0), {}
+
+
+def _launch_geometry(tensors, options, keywords):
+    t = tensors
+    api.launch_decode(t["q"], t["k_cache"], t["v_cache"], t["page_table"], t["seq_lens"], t["out"], t["workspace"],
+                      t["semaphores"], t["sinks"], t["mask"], t["q_scale_tensor"], t["kv_scale_tensor"],
+                      options["q_scale"], options["kv_scale"], options["rcp_out_scale"], options["sliding_window"],
+                      options["kv_layout"], options["num_splits"], options["sm_count"], options["enable_pdl"],
+                      t["q_cu_seq_lens"], options["q_seq_len"], **keywords)
+
+
+def _geometry_changes():
+    """(what changed, a function of the base call's tensors, options and keywords giving the changed
+    ones): every field of a bound launch's geometry on its own."""
+    def tensor(name, make):
+        return lambda t, o, k: ({**t, name: make(t[name])}, o, k)
+
+    changes = []
+    for name in _GEOMETRY_TENSORS:
+        changes += [
+            (f"{name} shape", tensor(name, lambda x: torch.empty((x.shape[0] + 1, *x.shape[1:]), dtype=x.dtype))),
+            (f"{name} strides", tensor(name, lambda x: torch.empty(2 * x.numel(), dtype=x.dtype).as_strided(
+                x.shape, tuple(2 * s for s in x.stride())))),
+            (f"{name} dtype", tensor(name, lambda x: torch.empty_like(
+                x, dtype=torch.float16 if x.dtype != torch.float16 else torch.bfloat16))),
+        ]
+        if name not in _GEOMETRY_TENSORS[:6]:
+            changes.append((f"{name} None", tensor(name, lambda x: None)))
+    changes.append(("q device", tensor("q", lambda x: x.to("meta"))))
+    changes += [(name, lambda t, o, k, name=name, value=value: (t, {**o, name: value}, k))
+                for name, value in _GEOMETRY_OPTIONS.items()]
+    changes += [(name, lambda t, o, k, name=name, value=value: (t, o, {**k, name: value}))
+                for name, value in _GEOMETRY_KEYWORDS.items()]
+    return changes
+
+
+def test_launch_cache_keys_every_field_of_the_geometry(monkeypatch):
+    """A call that differs from a bound geometry in any one shape, stride, dtype, device or option
+    binds anew; the bound geometry's next call launches its own launch again."""
+    binds = []
+
+    def bind(*args):
+        binds.append(_StubLaunch([0] * len(POINTER_FIELDS)))
+        return binds[-1]
+
+    monkeypatch.setattr(api, "_bind", bind)
+    monkeypatch.setattr(api, "_launches", api._LaunchCache())
+    base = _full_geometry()
+    _launch_geometry(*base)
+    changes = _geometry_changes()
+    assert len(changes) == 3 * len(_GEOMETRY_TENSORS) + len(_GEOMETRY_TENSORS) - 6 + 1 + len(_GEOMETRY_OPTIONS) + \
+        len(_GEOMETRY_KEYWORDS)
+    for number, (what, change) in enumerate(changes, start=1):
+        _launch_geometry(*change(*base))
+        assert len(binds) == 1 + number, f"a call with another {what} reused a bound launch"
+        _launch_geometry(*base)
+        assert len(binds) == 1 + number and len(binds[0].launched) == 1 + number, what
+
+
+def test_launch_cache_rewrites_the_callers_workspace_and_fault_word(monkeypatch):
+    bound = _StubLaunch([0] * len(POINTER_FIELDS))
+    monkeypatch.setattr(api, "_bind", lambda *args: bound)
+    monkeypatch.setattr(api, "_launches", api._LaunchCache())
+    tensors, options, keywords = _full_geometry()
+    _launch_geometry(tensors, options, keywords)
+    for semaphores in (torch.zeros(64, dtype=torch.int32), torch.zeros(0, dtype=torch.int32)):
+        workspace = torch.empty(1024)
+        for _ in range(2):  # bound, then from the cache
+            _launch_geometry({**tensors, "workspace": workspace, "semaphores": semaphores}, options, keywords)
+        faults = semaphores.data_ptr() + 4 * 63 if semaphores.numel() else 0
+        assert bound.launched[-1] == {**bound.launched[-1], "workspace": workspace.data_ptr(),
+                                      "semaphores": semaphores.data_ptr(), "faults": faults}
 
 
 def test_pointer_fields_are_written_where_the_struct_declares_them():

@@ -68,10 +68,17 @@ class _Loaded:
     function: driver.CUfunction
 
 
-def fault_word_address(semaphores: torch.Tensor) -> int:
-    """The fault word of a semaphore buffer: its last int32 (0, not recorded, for an empty buffer)."""
+def fault_word_offset(semaphores: torch.Tensor) -> int | None:
+    """Where a semaphore buffer's fault word is, its last int32, in bytes from the buffer's start
+    (None for a buffer too small to hold one: faults are then not recorded)."""
     words = semaphores.numel() * semaphores.element_size() // 4
-    return semaphores.data_ptr() + 4 * (words - 1) if words else 0
+    return 4 * (words - 1) if words else None
+
+
+def fault_word_address(semaphores: torch.Tensor) -> int:
+    """The address of a semaphore buffer's fault word (0: not recorded)."""
+    offset = fault_word_offset(semaphores)
+    return 0 if offset is None else semaphores.data_ptr() + offset
 
 
 class Workspace:
@@ -216,8 +223,10 @@ _PROGRAMMATIC_STREAM_SERIALIZATION = int(
 
 @functools.lru_cache(maxsize=None)
 def _launch_kernel_ex():
+    """``cuLaunchKernelEx(config, function, params, extra)``, without ``argtypes``: converting four
+    arguments through them costs about half a microsecond per launch, so every caller passes ctypes
+    objects that are pointers already (a bare int would go as a C int)."""
     function = ctypes.CDLL("libcuda.so.1").cuLaunchKernelEx
-    function.argtypes = (ctypes.POINTER(_LaunchConfig), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p)
     function.restype = ctypes.c_int
     return function
 
@@ -255,7 +264,7 @@ class BoundLaunch:
         self.params = params  # kept alive: the driver reads them through the pointer array below
         self._param_ptrs = (ctypes.c_void_p * len(params))(*map(ctypes.addressof, params))  # kept alive likewise
         self._struct = memoryview(params[0]).cast("B")  # the path's parameter struct comes first
-        self._function = int(kernel.load(device).function)
+        self._function = ctypes.c_void_p(int(kernel.load(device).function))
         self._refresh = kernel.path.refresh if len(params) > 1 else None
         self._attribute = _LaunchAttribute(id=_PROGRAMMATIC_STREAM_SERIALIZATION)
         self._attribute.value[0] = 1  # programmaticStreamSerializationAllowed, the union's first int
