@@ -66,7 +66,8 @@ def xqa(
     num_q_heads, head_dim]``, ``q_seq_len`` is the largest number of tokens of a request and the
     mask rows are packed like q.
     """
-    _no_nvfp4(k_sf_cache=k_sf_cache, v_sf_cache=v_sf_cache)
+    if k_sf_cache is not None or v_sf_cache is not None:
+        _no_nvfp4(k_sf_cache=k_sf_cache, v_sf_cache=v_sf_cache)
     if not isinstance(q, torch.Tensor):
         raise TypeError(f"q: expected a torch.Tensor, got {type(q).__name__}")
     if q_cu_seq_lens is None:
@@ -74,13 +75,14 @@ def xqa(
         if q_seq_len != inferred:
             raise ValueError(f"q_seq_len: expected {inferred} (q has shape {tuple(q.shape)}), got {q_seq_len}")
     layout = kv_layout_named(kv_layout)
-    if isinstance(k_cache, torch.Tensor) and k_cache.dim() == 4:
-        if layout.page_size(k_cache.shape) != page_size:
-            raise ValueError(f"page_size: expected {layout.page_size(k_cache.shape)} (k_cache's {kv_layout} "
-                             f"shape {tuple(k_cache.shape)}), got {page_size}")
-        if layout.num_kv_heads(k_cache.shape) != num_kv_heads:
-            raise ValueError(f"num_kv_heads: expected {layout.num_kv_heads(k_cache.shape)} (k_cache's {kv_layout} "
-                             f"shape {tuple(k_cache.shape)}), got {num_kv_heads}")
+    kv_shape = k_cache.shape if isinstance(k_cache, torch.Tensor) else ()  # read once: each read builds a Size
+    if len(kv_shape) == 4:
+        if layout.page_size(kv_shape) != page_size:
+            raise ValueError(f"page_size: expected {layout.page_size(kv_shape)} (k_cache's {kv_layout} "
+                             f"shape {tuple(kv_shape)}), got {page_size}")
+        if layout.num_kv_heads(kv_shape) != num_kv_heads:
+            raise ValueError(f"num_kv_heads: expected {layout.num_kv_heads(kv_shape)} (k_cache's {kv_layout} "
+                             f"shape {tuple(kv_shape)}), got {num_kv_heads}")
     q_scale_tensor, q_scale = (q_scale, 1.0) if isinstance(q_scale, torch.Tensor) else (None, q_scale)
     kv_scale_tensor, kv_scale = (kv_scale, 1.0) if isinstance(kv_scale, torch.Tensor) else (None, kv_scale)
     launch(q, k_cache, v_cache, page_table, seq_lens, output, workspace_buffer, semaphores, sinks, mask, q_scale_tensor,
