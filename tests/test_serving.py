@@ -19,7 +19,7 @@ from xqagen.emitters import LaunchShape, WorkspaceSize
 from xqagen.emitters.params import KernelParams
 from xqagen.flashinfer_compat import SEMAPHORE_BYTES, xqa, xqa_batch_decode_with_kv_cache
 from xqagen.plan import plan_launch
-from xqagen.runtime import _POINTERS, POINTER_FIELDS, _LaunchAttribute, _LaunchConfig
+from xqagen.runtime import POINTER_FIELDS, POINTER_WORDS, _LaunchAttribute, _LaunchConfig
 from xqagen.spec import KernelSpec
 from xqagen.wrapper import DecodeWrapper
 
@@ -167,32 +167,33 @@ def test_batch_api_scale_mapping_costs(bmm1, bmm2, o_scale, kernels):
 
 
 class _StubLaunch:
-    """Stands in for a bound launch: records the pointers of each launch."""
+    """Stands in for a bound launch: its struct's words a list; the pointers of each refresh and each
+    launch recorded."""
 
-    def __init__(self, pointers):
-        self._pointers = list(pointers)
+    def __init__(self, pointers=None):
+        self.words = [0] * (max(POINTER_WORDS.values()) + 1)
+        for name, value in (pointers or {}).items():
+            self.words[POINTER_WORDS[name]] = value
+        self.refreshed = []
         self.launched = []
 
-    def pointers(self):
-        return list(self._pointers)
+    def _pointers(self):
+        return {name: self.words[POINTER_WORDS[name]] for name in POINTER_FIELDS}
 
-    def set_pointers(self, pointers):
-        self._pointers = list(pointers)
+    def refresh(self):
+        self.refreshed.append(self._pointers())
 
     def __call__(self):
-        self.launched.append(dict(zip(POINTER_FIELDS, self._pointers)))
+        self.launched.append(self._pointers())
 
 
 def test_launch_cache_binds_once_per_geometry_and_rewrites_pointers(monkeypatch):
     binds = []
 
     def bind(q, k, v, pt, lens, out, scratch, semaphores, sinks, mask, *rest):
-        pointers = [0] * len(POINTER_FIELDS)
-        for name, t in (("q", q), ("k", k), ("v", v), ("page_table", pt), ("seq_lens", lens), ("out", out),
-                        ("sinks", sinks)):
-            pointers[POINTER_FIELDS.index(name)] = t.data_ptr() if t is not None else 0
-        pointers[POINTER_FIELDS.index("workspace")] = 4096  # the default workspace's, kept on later calls
-        binds.append(_StubLaunch(pointers))
+        pointers = {name: t.data_ptr() if t is not None else 0 for name, t in (
+            ("q", q), ("k", k), ("v", v), ("page_table", pt), ("seq_lens", lens), ("out", out), ("sinks", sinks))}
+        binds.append(_StubLaunch({**pointers, "workspace": 4096}))  # the default workspace's, kept on later calls
         return binds[-1]
 
     monkeypatch.setattr(api, "_bind", bind)
@@ -208,6 +209,7 @@ def test_launch_cache_binds_once_per_geometry_and_rewrites_pointers(monkeypatch)
         call(*layer, out)
     assert len(binds) == 1  # one geometry
     launched = binds[0].launched
+    assert binds[0].refreshed == launched[1:]  # each repeat refreshes after writing its pointers
     for (q, k, v, pt, lens), out, seen in zip(layers, outs, launched):
         assert seen == {**seen, "q": q.data_ptr(), "k": k.data_ptr(), "v": v.data_ptr(), "page_table": pt.data_ptr(),
                         "seq_lens": lens.data_ptr(), "out": out.data_ptr(), "sinks": sinks.data_ptr(),
@@ -280,7 +282,7 @@ def test_launch_cache_keys_every_field_of_the_geometry(monkeypatch):
     binds = []
 
     def bind(*args):
-        binds.append(_StubLaunch([0] * len(POINTER_FIELDS)))
+        binds.append(_StubLaunch())
         return binds[-1]
 
     monkeypatch.setattr(api, "_bind", bind)
@@ -298,7 +300,7 @@ def test_launch_cache_keys_every_field_of_the_geometry(monkeypatch):
 
 
 def test_launch_cache_rewrites_the_callers_workspace_and_fault_word(monkeypatch):
-    bound = _StubLaunch([0] * len(POINTER_FIELDS))
+    bound = _StubLaunch()
     monkeypatch.setattr(api, "_bind", lambda *args: bound)
     monkeypatch.setattr(api, "_launches", api._LaunchCache())
     tensors, options, keywords = _full_geometry()
@@ -313,12 +315,14 @@ def test_launch_cache_rewrites_the_callers_workspace_and_fault_word(monkeypatch)
 
 
 def test_pointer_fields_are_written_where_the_struct_declares_them():
+    """A bound launch's words (the struct as 64-bit words) at POINTER_WORDS are the pointer fields."""
     params = KernelParams(q_stride_batch=7, kv_scale=0.5, num_kv_heads=3)
-    values = [1000 + 16 * i for i in range(len(POINTER_FIELDS))]
-    _POINTERS.pack_into(memoryview(params).cast("B"), 0, *values)
-    assert {name: getattr(params, name) for name in POINTER_FIELDS} == dict(zip(POINTER_FIELDS, values))
+    words = memoryview(params).cast("B").cast("Q")
+    values = {name: (1 << 40) + 16 * i for i, name in enumerate(POINTER_FIELDS)}
+    for name, value in values.items():
+        words[POINTER_WORDS[name]] = value
+    assert {name: getattr(params, name) for name in POINTER_FIELDS} == values
     assert (params.q_stride_batch, params.kv_scale, params.num_kv_heads) == (7, 0.5, 3)
-    assert list(_POINTERS.unpack_from(memoryview(params).cast("B"))) == values
 
 
 def test_launch_config_matches_cuda_h(tmp_path):

@@ -12,9 +12,10 @@ Entries: ``launch_decode`` (:func:`xqagen.api.launch_decode`), ``op`` (``torch.o
 ``ops.launch``, ``xqa`` and ``batch`` (the FlashInfer-compatible entry points), ``decode``
 (``xqa_decode(validate=False)``), ``run`` (:meth:`DecodeWrapper.run`, GPU only); ``floor``: a no-op
 Python kernel with the op's schema through the dispatcher, the least any Python-implemented op of
-that schema costs; on a GPU without ``--stub`` also ``set_pointers`` and ``bound()`` of the bound
-launch alone.  Each entry: the best and the median over rounds of the mean of 100 calls; entries
-take turns, so that a busy machine slows every entry alike.
+that schema costs; on a GPU without ``--stub`` also ``rewrite`` (a layer's four pointer words and
+the bound launch's ``refresh()``) and ``bound()``, the launch alone.  Each entry: the best and the
+median over rounds of the mean of 100 calls; entries take turns, so that a busy machine slows every
+entry alike.
 """
 
 from __future__ import annotations
@@ -30,18 +31,17 @@ from xqagen import api, flashinfer_compat, ops
 from xqagen.emitters import PATHS
 from xqagen.emitters.params import KernelParams
 from xqagen.reference import FP8_VALUE_SCALE, make_paged_kv
-from xqagen.runtime import BoundLaunch, Workspace
+from xqagen.runtime import POINTER_WORDS, BoundLaunch, Workspace
 
 CASES = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}  # KV dtype; q bf16 [1, 1, 64, 128], 32k tokens
 NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM, PAGE_SIZE, SEQ_LEN = 64, 8, 128, 64, 32768
 
 
 class StubLaunch:
-    """A bound launch without a kernel: the real pointer rewrite (and, with tensor maps, the Hopper
-    path's refresh of them), then nothing."""
+    """A bound launch without a kernel: a real parameter struct for the pointer rewrites and, with
+    tensor maps, the Hopper path's refresh of them; then nothing."""
 
-    pointers = BoundLaunch.pointers
-    set_pointers = BoundLaunch.set_pointers
+    refresh = BoundLaunch.refresh
 
     def __init__(self, k_cache: torch.Tensor, v_cache: torch.Tensor, tensor_maps: bool):
         from xqagen.tensor_maps import TensorMap
@@ -51,7 +51,7 @@ class StubLaunch:
         for tensor_map, pool in zip(maps, (k_cache, v_cache)):
             tensor_map.address = pool.data_ptr()  # the same pools every call: no driver call to retarget
         self.params = (params, *maps)
-        self._struct = memoryview(params).cast("B")
+        self.words = memoryview(params).cast("B").cast("Q")
         self._refresh = PATHS["hopper"].refresh if tensor_maps else None
 
     def __call__(self) -> None:
@@ -114,8 +114,14 @@ def entries_of(kv_dtype: torch.dtype, device: torch.device, stub: bool) -> dict:
         entries["run"] = lambda: wrapper.run(q, k, v, out)
         if not stub:
             bound = api.prepare_decode(q, k, v, pt, seq_lens, out=out, kv_scale=kv_scale, workspace=workspace).bound
-            pointers = bound.pointers()
-            entries["set_pointers"] = lambda: bound.set_pointers(pointers)
+            words, layer_words = bound.words, [POINTER_WORDS[name] for name in ("q", "k", "v", "out")]
+
+            def rewrite():  # a layer's four pointers, as run() writes them
+                for index in layer_words:
+                    words[index] = words[index]
+                bound.refresh()
+
+            entries["rewrite"] = rewrite
             entries["bound()"] = bound
     return entries
 

@@ -24,7 +24,7 @@ from ._torch import torch
 from .emitters import PATHS, LaunchShape
 from .plan import LaunchPlan, choose_path, plan_launch
 from .problem import DTYPE_NAMES, TORCH_DTYPES, describe, fail
-from .runtime import (POINTER_FIELDS, BoundLaunch, DecodeKernel, Workspace, default_workspace, device_arch,
+from .runtime import (POINTER_WORDS, BoundLaunch, DecodeKernel, Workspace, default_workspace, device_arch,
                       fault_word_offset, get_kernel, sm_count as device_sm_count, supports_pdl)
 
 __all__ = ["DTYPE_NAMES", "TORCH_DTYPES", "DecodeCall", "launch_decode", "prepare_decode", "xqa_decode"]
@@ -191,15 +191,15 @@ def variant_for(problem, *, path: str | None, tile, device: torch.device, k_cach
 
 
 class _LaunchCache:
-    """Bound launches by geometry, each entry (bound launch, its pointer values, its semaphore
-    buffer's fault-word offset); cleared when full (an engine has a handful of geometries per step).
+    """Bound launches by geometry, each entry (bound launch, its semaphore buffer's fault-word
+    offset); cleared when full (an engine has a handful of geometries per step).
     ``last`` holds the last geometry launched, (key, entry): layers repeat one geometry, and comparing
     a key with it costs half of hashing it for the dict."""
 
     MAX_ENTRIES = 4096
 
     def __init__(self):
-        self.entries: dict[tuple, tuple[BoundLaunch, list[int], int | None]] = {}
+        self.entries: dict[tuple, tuple[BoundLaunch, int | None]] = {}
         self.last: tuple = ((), None)
 
     def add(self, key: tuple, entry: tuple) -> None:
@@ -215,7 +215,7 @@ _launches_lock = threading.Lock()  # a bound launch's pointers are written, then
 REWRITTEN_POINTERS = ("q", "k", "v", "page_table", "seq_lens", "out", "sinks", "mask", "q_cu_seq_lens",
                       "q_scale_ptr", "kv_scale_ptr", "workspace", "semaphores", "faults")
 (_Q, _K, _V, _PAGE_TABLE, _SEQ_LENS, _OUT, _SINKS, _MASK, _Q_CU_SEQ_LENS, _Q_SCALE, _KV_SCALE, _SCRATCH, _SEMAPHORES,
- _FAULTS) = (POINTER_FIELDS.index(name) for name in REWRITTEN_POINTERS)
+ _FAULTS) = (POINTER_WORDS[name] for name in REWRITTEN_POINTERS)
 
 
 def launch_decode(q, k_cache, v_cache, page_table, seq_lens, out, scratch, semaphores, sinks, mask,
@@ -262,41 +262,42 @@ def launch_decode(q, k_cache, v_cache, page_table, seq_lens, out, scratch, semap
     except (AttributeError, TypeError):  # not tensors, or an unhashable option: the checks below name it
         entry = None
     if entry is not None:
-        bound, pointers, faults_offset = entry
+        bound, faults_offset = entry
         q_ptr, k_ptr, v_ptr, out_ptr = q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr()
         scratch_ptr = scratch.data_ptr() if scratch is not None else 0
         if not (q_ptr | k_ptr | v_ptr | out_ptr | scratch_ptr) & 15:
             with _launches_lock:
-                pointers[_Q] = q_ptr
-                pointers[_K] = k_ptr
-                pointers[_V] = v_ptr
-                pointers[_OUT] = out_ptr
-                pointers[_PAGE_TABLE] = page_table.data_ptr()
-                pointers[_SEQ_LENS] = seq_lens.data_ptr()
+                words = bound.words
+                words[_Q] = q_ptr
+                words[_K] = k_ptr
+                words[_V] = v_ptr
+                words[_OUT] = out_ptr
+                words[_PAGE_TABLE] = page_table.data_ptr()
+                words[_SEQ_LENS] = seq_lens.data_ptr()
                 if sinks is not None:
-                    pointers[_SINKS] = sinks.data_ptr()
+                    words[_SINKS] = sinks.data_ptr()
                 if mask is not None:
-                    pointers[_MASK] = mask.data_ptr()
+                    words[_MASK] = mask.data_ptr()
                 if q_cu_seq_lens is not None:
-                    pointers[_Q_CU_SEQ_LENS] = q_cu_seq_lens.data_ptr()
+                    words[_Q_CU_SEQ_LENS] = q_cu_seq_lens.data_ptr()
                 if q_scale_tensor is not None:
-                    pointers[_Q_SCALE] = q_scale_tensor.data_ptr()
+                    words[_Q_SCALE] = q_scale_tensor.data_ptr()
                 if kv_scale_tensor is not None:
-                    pointers[_KV_SCALE] = kv_scale_tensor.data_ptr()
+                    words[_KV_SCALE] = kv_scale_tensor.data_ptr()
                 if scratch is not None:  # the default workspace's pointers stay as bound
                     semaphores_ptr = semaphores.data_ptr()
-                    pointers[_SCRATCH] = scratch_ptr
-                    pointers[_SEMAPHORES] = semaphores_ptr
+                    words[_SCRATCH] = scratch_ptr
+                    words[_SEMAPHORES] = semaphores_ptr
                     # the semaphores' geometry is in the key, so their fault word's offset is the bound one
-                    pointers[_FAULTS] = 0 if faults_offset is None else semaphores_ptr + faults_offset
-                bound.set_pointers(pointers)
+                    words[_FAULTS] = 0 if faults_offset is None else semaphores_ptr + faults_offset
+                bound.refresh()
                 bound()
             return
     # A new geometry, or a misaligned view for the checks to report.
     bound = _bind(q, k_cache, v_cache, page_table, seq_lens, out, scratch, semaphores, sinks, mask, q_scale_tensor,
                   kv_scale_tensor, q_scale, kv_scale, rcp_out_scale, sliding_window, kv_layout, num_splits, sm_count,
                   enable_pdl, q_cu_seq_lens, q_seq_len, tile, path, cache_dir)
-    entry = (bound, bound.pointers(), None if semaphores is None else fault_word_offset(semaphores))
+    entry = (bound, None if semaphores is None else fault_word_offset(semaphores))
     with _launches_lock:
         _launches.add(key, entry)
         bound()

@@ -5,16 +5,15 @@ The launch path does no host synchronisation and no allocation: the kernel's par
 once (by the variant's path) and each launch is one ``cuLaunchKernelEx``, called through ctypes on a
 launch configuration built once (cuda-python's wrapper costs microseconds per call), so launches
 can be captured in CUDA graphs.  A bound launch may have its pointers rewritten between launches
-(:meth:`BoundLaunch.set_pointers`): a plan serves every layer of a step.  Grid, block and shared
-memory come from the path (``xqagen.emitters``); validation and planning happen before, in
-:mod:`xqagen.problem` and :mod:`xqagen.plan`.
+(:attr:`BoundLaunch.words`, then :meth:`BoundLaunch.refresh`): a plan serves every layer of a step.
+Grid, block and shared memory come from the path (``xqagen.emitters``); validation and planning
+happen before, in :mod:`xqagen.problem` and :mod:`xqagen.plan`.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import struct
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -236,17 +235,9 @@ def _launch_kernel_ex():
 POINTER_FIELDS: tuple[str, ...] = tuple(name for name, _, ctype in PARAMS if ctype is ctypes.c_void_p)
 
 
-def _pointer_layout() -> struct.Struct:
-    """One ``pack_into`` format that writes every pointer field at its offset in the struct."""
-    fmt, end = "<", 0
-    for name in POINTER_FIELDS:
-        offset = getattr(KernelParams, name).offset
-        fmt += f"{offset - end}x" * (offset > end) + "Q"
-        end = offset + 8
-    return struct.Struct(fmt)
-
-
-_POINTERS = _pointer_layout()
+#: Each pointer field's index in the parameter struct read as 64-bit words (:attr:`BoundLaunch.words`;
+#: a pointer is 8-byte aligned in the struct).
+POINTER_WORDS: dict[str, int] = {name: getattr(KernelParams, name).offset // 8 for name in POINTER_FIELDS}
 
 
 class BoundLaunch:
@@ -263,7 +254,9 @@ class BoundLaunch:
         self._index = device_index(device)
         self.params = params  # kept alive: the driver reads them through the pointer array below
         self._param_ptrs = (ctypes.c_void_p * len(params))(*map(ctypes.addressof, params))  # kept alive likewise
-        self._struct = memoryview(params[0]).cast("B")  # the path's parameter struct comes first
+        # The path's parameter struct (it comes first) as 64-bit words: a caller rewrites a pointer
+        # field with one store at its POINTER_WORDS index, cheaper than packing every field anew.
+        self.words = memoryview(params[0]).cast("B").cast("Q")
         self._function = ctypes.c_void_p(int(kernel.load(device).function))
         self._refresh = kernel.path.refresh if len(params) > 1 else None
         self._attribute = _LaunchAttribute(id=_PROGRAMMATIC_STREAM_SERIALIZATION)
@@ -277,14 +270,10 @@ class BoundLaunch:
         # torch's current stream as a handle, without building a Stream object (as Inductor reads it)
         self._raw_stream = torch._C._cuda_getCurrentRawStream
 
-    def pointers(self) -> list[int]:
-        """The struct's pointer fields, in :data:`POINTER_FIELDS` order."""
-        return list(_POINTERS.unpack_from(self._struct))
-
-    def set_pointers(self, pointers) -> None:
-        """Rewrite every pointer field (values in :data:`POINTER_FIELDS` order); the next launch
-        reads them.  Strides, sizes and scales stay as bound."""
-        _POINTERS.pack_into(self._struct, 0, *pointers)
+    def refresh(self) -> None:
+        """Bring what the path derives from the pointer fields (a Hopper launch's tensor maps) up to
+        date after pointers were rewritten in :attr:`words`; the next launch reads them.  Strides,
+        sizes and scales stay as bound."""
         if self._refresh is not None:
             self._refresh(self.params)
 
