@@ -266,7 +266,8 @@ def launch_decode(q, k_cache, v_cache, page_table, seq_lens, out, scratch, semap
         q_ptr, k_ptr, v_ptr, out_ptr = q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr()
         scratch_ptr = scratch.data_ptr() if scratch is not None else 0
         if not (q_ptr | k_ptr | v_ptr | out_ptr | scratch_ptr) & 15:
-            with _launches_lock:
+            _launches_lock.acquire()  # not `with`: its exit call costs as much again
+            try:
                 words = bound.words
                 words[_Q] = q_ptr
                 words[_K] = k_ptr
@@ -292,6 +293,8 @@ def launch_decode(q, k_cache, v_cache, page_table, seq_lens, out, scratch, semap
                     words[_FAULTS] = 0 if faults_offset is None else semaphores_ptr + faults_offset
                 bound.refresh()
                 bound()
+            finally:
+                _launches_lock.release()
             return
     # A new geometry, or a misaligned view for the checks to report.
     bound = _bind(q, k_cache, v_cache, page_table, seq_lens, out, scratch, semaphores, sinks, mask, q_scale_tensor,
