@@ -73,6 +73,7 @@ def _driver_function(name: str, argtypes: tuple):
 
 @functools.cache
 def _replace_address():
+    # looked up without arguments: a retarget per layer would otherwise hash _driver_function's key
     return _driver_function("cuTensorMapReplaceAddress", (ctypes.c_void_p, ctypes.c_void_p))
 
 
