@@ -210,10 +210,9 @@ class HopperPath(KernelPath):
                                         box_tokens=plan.box_tokens))
 
     def refresh(self, params: tuple) -> None:
-        from xqagen.tensor_maps import retarget
-
-        retarget(params[1], params[0].k)
-        retarget(params[2], params[0].v)
+        struct, k_map, v_map = params
+        k_map.retarget(struct.k)
+        v_map.retarget(struct.v)
 
     def _full_grid_variant(self, spec: KernelSpec) -> KernelSpec | None:
         """``spec`` on the four-stage tile where it is on the six-stage one, else None."""

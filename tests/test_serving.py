@@ -19,7 +19,7 @@ from xqagen.emitters import LaunchShape, WorkspaceSize
 from xqagen.emitters.params import KernelParams
 from xqagen.flashinfer_compat import SEMAPHORE_BYTES, xqa, xqa_batch_decode_with_kv_cache
 from xqagen.plan import plan_launch
-from xqagen.runtime import _POINTERS, POINTER_FIELDS, _LaunchAttribute, _LaunchConfig
+from xqagen.runtime import POINTER_FIELDS, POINTER_WORDS, _LaunchAttribute, _LaunchConfig
 from xqagen.spec import KernelSpec
 from xqagen.wrapper import DecodeWrapper
 
@@ -167,36 +167,37 @@ def test_batch_api_scale_mapping_costs(bmm1, bmm2, o_scale, kernels):
 
 
 class _StubLaunch:
-    """Stands in for a bound launch: records the pointers of each launch."""
+    """Stands in for a bound launch: its struct's words a list; the pointers of each refresh and each
+    launch recorded."""
 
-    def __init__(self, pointers):
-        self._pointers = list(pointers)
+    def __init__(self, pointers=None):
+        self.words = [0] * (max(POINTER_WORDS.values()) + 1)
+        for name, value in (pointers or {}).items():
+            self.words[POINTER_WORDS[name]] = value
+        self.refreshed = []
         self.launched = []
 
-    def pointers(self):
-        return list(self._pointers)
+    def _pointers(self):
+        return {name: self.words[POINTER_WORDS[name]] for name in POINTER_FIELDS}
 
-    def set_pointers(self, pointers):
-        self._pointers = list(pointers)
+    def refresh(self):
+        self.refreshed.append(self._pointers())
 
     def __call__(self):
-        self.launched.append(dict(zip(POINTER_FIELDS, self._pointers)))
+        self.launched.append(self._pointers())
 
 
 def test_launch_cache_binds_once_per_geometry_and_rewrites_pointers(monkeypatch):
     binds = []
 
     def bind(q, k, v, pt, lens, out, scratch, semaphores, sinks, mask, *rest):
-        pointers = [0] * len(POINTER_FIELDS)
-        for name, t in (("q", q), ("k", k), ("v", v), ("page_table", pt), ("seq_lens", lens), ("out", out),
-                        ("sinks", sinks)):
-            pointers[POINTER_FIELDS.index(name)] = t.data_ptr() if t is not None else 0
-        pointers[POINTER_FIELDS.index("workspace")] = 4096  # the default workspace's, kept on later calls
-        binds.append(_StubLaunch(pointers))
+        pointers = {name: t.data_ptr() if t is not None else 0 for name, t in (
+            ("q", q), ("k", k), ("v", v), ("page_table", pt), ("seq_lens", lens), ("out", out), ("sinks", sinks))}
+        binds.append(_StubLaunch({**pointers, "workspace": 4096}))  # the default workspace's, kept on later calls
         return binds[-1]
 
     monkeypatch.setattr(api, "_bind", bind)
-    monkeypatch.setattr(api, "_launches", {})
+    monkeypatch.setattr(api, "_launches", api._LaunchCache())
     sinks = torch.zeros(2, 8)
 
     def call(q, k, v, pt, lens, out, **overrides):
@@ -208,6 +209,7 @@ def test_launch_cache_binds_once_per_geometry_and_rewrites_pointers(monkeypatch)
         call(*layer, out)
     assert len(binds) == 1  # one geometry
     launched = binds[0].launched
+    assert binds[0].refreshed == launched[1:]  # each repeat refreshes after writing its pointers
     for (q, k, v, pt, lens), out, seen in zip(layers, outs, launched):
         assert seen == {**seen, "q": q.data_ptr(), "k": k.data_ptr(), "v": v.data_ptr(), "page_table": pt.data_ptr(),
                         "seq_lens": lens.data_ptr(), "out": out.data_ptr(), "sinks": sinks.data_ptr(),
@@ -222,13 +224,105 @@ def test_launch_cache_binds_once_per_geometry_and_rewrites_pointers(monkeypatch)
     assert len(binds) == 4
 
 
+# launch_decode's arguments with every optional tensor given, so that each can differ on its own.
+_GEOMETRY_TENSORS = ("q", "k_cache", "v_cache", "page_table", "seq_lens", "out", "workspace", "semaphores", "sinks",
+                     "mask", "q_scale_tensor", "kv_scale_tensor", "q_cu_seq_lens")
+_GEOMETRY_OPTIONS = dict(q_scale=0.5, kv_scale=0.25, rcp_out_scale=2.0, sliding_window=64, kv_layout="HND",
+                         num_splits=2, sm_count=8, enable_pdl=True, q_seq_len=4)
+_GEOMETRY_KEYWORDS = dict(tile="split", path="generic", cache_dir="elsewhere")
+
+
+def _full_geometry():
+    q, k, v, pt, lens = _tensors("cpu")
+    tensors = dict(q=q, k_cache=k, v_cache=v, page_table=pt, seq_lens=lens, out=torch.empty_like(q),
+                   workspace=torch.empty(1024), semaphores=torch.zeros(64, dtype=torch.int32),
+                   sinks=torch.zeros(2, 8), mask=torch.zeros(2, 1, 1, dtype=torch.int32), q_scale_tensor=torch.ones(1),
+                   kv_scale_tensor=torch.ones(1), q_cu_seq_lens=torch.zeros(3, dtype=torch.int32))
+    return tensors, dict(q_scale=1.0, kv_scale=1.0, rcp_out_scale=1.0, sliding_window=0, kv_layout="NHD",
+                         num_splits=0, sm_count=0, enable_pdl=False, q_seq_len=0), {}
+
+
+def _launch_geometry(tensors, options, keywords):
+    t = tensors
+    api.launch_decode(t["q"], t["k_cache"], t["v_cache"], t["page_table"], t["seq_lens"], t["out"], t["workspace"],
+                      t["semaphores"], t["sinks"], t["mask"], t["q_scale_tensor"], t["kv_scale_tensor"],
+                      options["q_scale"], options["kv_scale"], options["rcp_out_scale"], options["sliding_window"],
+                      options["kv_layout"], options["num_splits"], options["sm_count"], options["enable_pdl"],
+                      t["q_cu_seq_lens"], options["q_seq_len"], **keywords)
+
+
+def _geometry_changes():
+    """(what changed, a function of the base call's tensors, options and keywords giving the changed
+    ones): every field of a bound launch's geometry on its own."""
+    def tensor(name, make):
+        return lambda t, o, k: ({**t, name: make(t[name])}, o, k)
+
+    changes = []
+    for name in _GEOMETRY_TENSORS:
+        changes += [
+            (f"{name} shape", tensor(name, lambda x: torch.empty((x.shape[0] + 1, *x.shape[1:]), dtype=x.dtype))),
+            (f"{name} strides", tensor(name, lambda x: torch.empty(2 * x.numel(), dtype=x.dtype).as_strided(
+                x.shape, tuple(2 * s for s in x.stride())))),
+            (f"{name} dtype", tensor(name, lambda x: torch.empty_like(
+                x, dtype=torch.float16 if x.dtype != torch.float16 else torch.bfloat16))),
+        ]
+        if name not in _GEOMETRY_TENSORS[:6]:
+            changes.append((f"{name} None", tensor(name, lambda x: None)))
+    changes.append(("q device", tensor("q", lambda x: x.to("meta"))))
+    changes += [(name, lambda t, o, k, name=name, value=value: (t, {**o, name: value}, k))
+                for name, value in _GEOMETRY_OPTIONS.items()]
+    changes += [(name, lambda t, o, k, name=name, value=value: (t, o, {**k, name: value}))
+                for name, value in _GEOMETRY_KEYWORDS.items()]
+    return changes
+
+
+def test_launch_cache_keys_every_field_of_the_geometry(monkeypatch):
+    """A call that differs from a bound geometry in any one shape, stride, dtype, device or option
+    binds anew; the bound geometry's next call launches its own launch again."""
+    binds = []
+
+    def bind(*args):
+        binds.append(_StubLaunch())
+        return binds[-1]
+
+    monkeypatch.setattr(api, "_bind", bind)
+    monkeypatch.setattr(api, "_launches", api._LaunchCache())
+    base = _full_geometry()
+    _launch_geometry(*base)
+    changes = _geometry_changes()
+    assert len(changes) == 3 * len(_GEOMETRY_TENSORS) + len(_GEOMETRY_TENSORS) - 6 + 1 + len(_GEOMETRY_OPTIONS) + \
+        len(_GEOMETRY_KEYWORDS)
+    for number, (what, change) in enumerate(changes, start=1):
+        _launch_geometry(*change(*base))
+        assert len(binds) == 1 + number, f"a call with another {what} reused a bound launch"
+        _launch_geometry(*base)
+        assert len(binds) == 1 + number and len(binds[0].launched) == 1 + number, what
+
+
+def test_launch_cache_rewrites_the_callers_workspace_and_fault_word(monkeypatch):
+    bound = _StubLaunch()
+    monkeypatch.setattr(api, "_bind", lambda *args: bound)
+    monkeypatch.setattr(api, "_launches", api._LaunchCache())
+    tensors, options, keywords = _full_geometry()
+    _launch_geometry(tensors, options, keywords)
+    for semaphores in (torch.zeros(64, dtype=torch.int32), torch.zeros(0, dtype=torch.int32)):
+        workspace = torch.empty(1024)
+        for _ in range(2):  # bound, then from the cache
+            _launch_geometry({**tensors, "workspace": workspace, "semaphores": semaphores}, options, keywords)
+        faults = semaphores.data_ptr() + 4 * 63 if semaphores.numel() else 0
+        assert bound.launched[-1] == {**bound.launched[-1], "workspace": workspace.data_ptr(),
+                                      "semaphores": semaphores.data_ptr(), "faults": faults}
+
+
 def test_pointer_fields_are_written_where_the_struct_declares_them():
+    """A bound launch's words (the struct as 64-bit words) at POINTER_WORDS are the pointer fields."""
     params = KernelParams(q_stride_batch=7, kv_scale=0.5, num_kv_heads=3)
-    values = [1000 + 16 * i for i in range(len(POINTER_FIELDS))]
-    _POINTERS.pack_into(memoryview(params).cast("B"), 0, *values)
-    assert {name: getattr(params, name) for name in POINTER_FIELDS} == dict(zip(POINTER_FIELDS, values))
+    words = memoryview(params).cast("B").cast("Q")
+    values = {name: (1 << 40) + 16 * i for i, name in enumerate(POINTER_FIELDS)}
+    for name, value in values.items():
+        words[POINTER_WORDS[name]] = value
+    assert {name: getattr(params, name) for name in POINTER_FIELDS} == values
     assert (params.q_stride_batch, params.kv_scale, params.num_kv_heads) == (7, 0.5, 3)
-    assert list(_POINTERS.unpack_from(memoryview(params).cast("B"))) == values
 
 
 def test_launch_config_matches_cuda_h(tmp_path):

@@ -24,8 +24,8 @@ from ._torch import torch
 from .emitters import PATHS, LaunchShape
 from .plan import LaunchPlan, choose_path, plan_launch
 from .problem import DTYPE_NAMES, TORCH_DTYPES, describe, fail
-from .runtime import (POINTER_FIELDS, BoundLaunch, DecodeKernel, Workspace, default_workspace, device_arch,
-                      fault_word_address, get_kernel, sm_count as device_sm_count, supports_pdl)
+from .runtime import (POINTER_WORDS, BoundLaunch, DecodeKernel, Workspace, default_workspace, device_arch,
+                      fault_word_offset, get_kernel, sm_count as device_sm_count, supports_pdl)
 
 __all__ = ["DTYPE_NAMES", "TORCH_DTYPES", "DecodeCall", "launch_decode", "prepare_decode", "xqa_decode"]
 
@@ -81,8 +81,9 @@ def xqa_decode(
     launches (no sync, no allocation when ``out`` is given).
     Returns ``out`` (allocated when not given) with q's shape.
     """
-    # The per-geometry path, unless an argument is already wrong or a tile mapping is no cache key.
-    if not validate and isinstance(q, torch.Tensor) and not isinstance(tile, Mapping):
+    # The per-geometry path, unless an argument is already wrong or a tile mapping is no cache key
+    # (tested for None first: isinstance against an ABC costs more).
+    if not validate and isinstance(q, torch.Tensor) and (tile is None or not isinstance(tile, Mapping)):
         if out is None:
             out = torch.empty(q.shape, dtype=q.dtype if out_dtype is None else out_dtype, device=q.device)
         scratch, semaphores = (None, None) if workspace is None else (workspace.scratch, workspace.buffer)
@@ -189,19 +190,32 @@ def variant_for(problem, *, path: str | None, tile, device: torch.device, k_cach
     return spec
 
 
-def _tensor_key(t: torch.Tensor | None):
-    return None if t is None else (t.shape, t.stride(), t.dtype)
+class _LaunchCache:
+    """Bound launches by geometry, each entry (bound launch, its semaphore buffer's fault-word
+    offset); cleared when full (an engine has a handful of geometries per step).
+    ``last`` holds the last geometry launched, (key, entry): layers repeat one geometry, and comparing
+    a key with it costs half of hashing it for the dict."""
+
+    MAX_ENTRIES = 4096
+
+    def __init__(self):
+        self.entries: dict[tuple, tuple[BoundLaunch, int | None]] = {}
+        self.last: tuple = ((), None)
+
+    def add(self, key: tuple, entry: tuple) -> None:
+        if len(self.entries) >= self.MAX_ENTRIES:
+            self.entries.clear()
+        self.entries[key] = entry
+        self.last = (key, entry)
 
 
-# Bound launches by geometry; cleared when full (an engine has a handful of geometries per step).
-_launches: dict[tuple, tuple[BoundLaunch, list[int]]] = {}
-_MAX_LAUNCHES = 4096
+_launches = _LaunchCache()
 _launches_lock = threading.Lock()  # a bound launch's pointers are written, then launched, by one thread at a time
 # The pointer fields launch_decode rewrites on every call: all of them (a test holds the two equal).
 REWRITTEN_POINTERS = ("q", "k", "v", "page_table", "seq_lens", "out", "sinks", "mask", "q_cu_seq_lens",
                       "q_scale_ptr", "kv_scale_ptr", "workspace", "semaphores", "faults")
 (_Q, _K, _V, _PAGE_TABLE, _SEQ_LENS, _OUT, _SINKS, _MASK, _Q_CU_SEQ_LENS, _Q_SCALE, _KV_SCALE, _SCRATCH, _SEMAPHORES,
- _FAULTS) = (POINTER_FIELDS.index(name) for name in REWRITTEN_POINTERS)
+ _FAULTS) = (POINTER_WORDS[name] for name in REWRITTEN_POINTERS)
 
 
 def launch_decode(q, k_cache, v_cache, page_table, seq_lens, out, scratch, semaphores, sinks, mask,
@@ -221,53 +235,74 @@ def launch_decode(q, k_cache, v_cache, page_table, seq_lens, out, scratch, semap
     geometry: a scale that changes from call to call belongs in a tensor.
     """
     try:
+        # The geometry: every tensor's shape, strides and dtype, q's device and every option, in one
+        # flat tuple (each optional tensor's part inline: a helper call per tensor costs more).
         key = (q.shape, q.stride(), q.dtype, q.device, k_cache.shape, k_cache.stride(), k_cache.dtype,
                v_cache.shape, v_cache.stride(), v_cache.dtype, page_table.shape, page_table.stride(),
                page_table.dtype, seq_lens.shape, seq_lens.stride(), seq_lens.dtype, out.shape, out.stride(),
-               out.dtype, _tensor_key(scratch), _tensor_key(semaphores), _tensor_key(sinks), _tensor_key(mask),
-               _tensor_key(q_scale_tensor), _tensor_key(kv_scale_tensor), q_scale, kv_scale, rcp_out_scale,
-               sliding_window, kv_layout, num_splits, sm_count, enable_pdl, _tensor_key(q_cu_seq_lens), q_seq_len,
-               tile, path, cache_dir)
-        entry = _launches.get(key)
+               out.dtype,
+               None if scratch is None else (scratch.shape, scratch.stride(), scratch.dtype),
+               None if semaphores is None else (semaphores.shape, semaphores.stride(), semaphores.dtype),
+               None if sinks is None else (sinks.shape, sinks.stride(), sinks.dtype),
+               None if mask is None else (mask.shape, mask.stride(), mask.dtype),
+               None if q_scale_tensor is None else (q_scale_tensor.shape, q_scale_tensor.stride(),
+                                                    q_scale_tensor.dtype),
+               None if kv_scale_tensor is None else (kv_scale_tensor.shape, kv_scale_tensor.stride(),
+                                                     kv_scale_tensor.dtype),
+               None if q_cu_seq_lens is None else (q_cu_seq_lens.shape, q_cu_seq_lens.stride(),
+                                                   q_cu_seq_lens.dtype),
+               q_scale, kv_scale, rcp_out_scale, sliding_window, kv_layout, num_splits, sm_count, enable_pdl,
+               q_seq_len, tile, path, cache_dir)
+        launches = _launches
+        last_key, entry = launches.last
+        if key != last_key:
+            entry = launches.entries.get(key)
+            if entry is not None:
+                launches.last = (key, entry)
     except (AttributeError, TypeError):  # not tensors, or an unhashable option: the checks below name it
         entry = None
     if entry is not None:
-        bound, pointers = entry
+        bound, faults_offset = entry
         q_ptr, k_ptr, v_ptr, out_ptr = q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr()
         scratch_ptr = scratch.data_ptr() if scratch is not None else 0
         if not (q_ptr | k_ptr | v_ptr | out_ptr | scratch_ptr) & 15:
-            with _launches_lock:
-                pointers[_Q] = q_ptr
-                pointers[_K] = k_ptr
-                pointers[_V] = v_ptr
-                pointers[_OUT] = out_ptr
-                pointers[_PAGE_TABLE] = page_table.data_ptr()
-                pointers[_SEQ_LENS] = seq_lens.data_ptr()
+            _launches_lock.acquire()  # not `with`: its exit call costs as much again
+            try:
+                words = bound.words
+                words[_Q] = q_ptr
+                words[_K] = k_ptr
+                words[_V] = v_ptr
+                words[_OUT] = out_ptr
+                words[_PAGE_TABLE] = page_table.data_ptr()
+                words[_SEQ_LENS] = seq_lens.data_ptr()
                 if sinks is not None:
-                    pointers[_SINKS] = sinks.data_ptr()
+                    words[_SINKS] = sinks.data_ptr()
                 if mask is not None:
-                    pointers[_MASK] = mask.data_ptr()
+                    words[_MASK] = mask.data_ptr()
                 if q_cu_seq_lens is not None:
-                    pointers[_Q_CU_SEQ_LENS] = q_cu_seq_lens.data_ptr()
+                    words[_Q_CU_SEQ_LENS] = q_cu_seq_lens.data_ptr()
                 if q_scale_tensor is not None:
-                    pointers[_Q_SCALE] = q_scale_tensor.data_ptr()
+                    words[_Q_SCALE] = q_scale_tensor.data_ptr()
                 if kv_scale_tensor is not None:
-                    pointers[_KV_SCALE] = kv_scale_tensor.data_ptr()
+                    words[_KV_SCALE] = kv_scale_tensor.data_ptr()
                 if scratch is not None:  # the default workspace's pointers stay as bound
-                    pointers[_SCRATCH] = scratch_ptr
-                    pointers[_SEMAPHORES] = semaphores.data_ptr()
-                    pointers[_FAULTS] = fault_word_address(semaphores)
-                bound.set_pointers(pointers)
+                    semaphores_ptr = semaphores.data_ptr()
+                    words[_SCRATCH] = scratch_ptr
+                    words[_SEMAPHORES] = semaphores_ptr
+                    # the semaphores' geometry is in the key, so their fault word's offset is the bound one
+                    words[_FAULTS] = 0 if faults_offset is None else semaphores_ptr + faults_offset
+                bound.refresh()
                 bound()
+            finally:
+                _launches_lock.release()
             return
     # A new geometry, or a misaligned view for the checks to report.
     bound = _bind(q, k_cache, v_cache, page_table, seq_lens, out, scratch, semaphores, sinks, mask, q_scale_tensor,
                   kv_scale_tensor, q_scale, kv_scale, rcp_out_scale, sliding_window, kv_layout, num_splits, sm_count,
                   enable_pdl, q_cu_seq_lens, q_seq_len, tile, path, cache_dir)
+    entry = (bound, None if semaphores is None else fault_word_offset(semaphores))
     with _launches_lock:
-        if len(_launches) >= _MAX_LAUNCHES:
-            _launches.clear()
-        _launches[key] = (bound, bound.pointers())
+        _launches.add(key, entry)
         bound()
 
 

@@ -7,8 +7,10 @@ CUDA events around single eager launches (which also count any host launch time 
 for).  When a case's KV cache is small enough to stay in L2, launches rotate over several input
 copies.  Reported: milliseconds, KV bandwidth (KV bytes read / time) against the copy bandwidth
 (bytes read + written / time of a large ``copy_``) and the streaming-read bandwidth (a plain
-read kernel over 1 GiB), and speed ratios (FlashInfer time / ours) for both timings.  Both libraries
-launch without programmatic dependent launch, or both with it (``--pdl``, sm_90+).
+read kernel over 1 GiB), and speed ratios (FlashInfer time / ours) for both timings.  FlashInfer is
+timed on each kernel path the case names, forced through its module API, and through its public
+``xqa``, which picks the path itself as it would in an engine.  Both libraries launch without
+programmatic dependent launch, or both with it (``--pdl``, sm_90+).
 
 ``--host-time`` measures the host instead: the median wall-clock microseconds of one eager call of
 each entry point (:func:`host_time_us`), FlashInfer's ``xqa`` and batch API beside ours.  Columns:
@@ -28,9 +30,10 @@ graph column is what a captured decode step sees.
 
 ``--json FILE`` writes one JSON object per line: a header (the device, PDL, the versions the run
 used: :func:`run_versions`; for the kernel bench also the copy and streaming-read bandwidths),
-then one record per case.  ``--plot FILE`` draws each case's KV bandwidth for xqagen and each
-FlashInfer path against those two ceilings (matplotlib, the ``plot`` extra); with ``--from JSON``
-it draws a recorded run and runs nothing.
+then one record per case.  ``--plot FILE`` draws each case's KV bandwidth for xqagen, each
+FlashInfer path and FlashInfer's ``xqa`` against those two ceilings (matplotlib, the ``plot``
+extra); with ``--from JSON`` it draws a recorded run and runs nothing (records of runs before the
+``xqa`` column draw without it).
 """
 
 from __future__ import annotations
@@ -112,7 +115,7 @@ class BenchResult:
     read_fraction: float
     num_splits: int
     same_read_ms: float = float("nan")  # a streaming read of the case's KV bytes, timed like the decode
-    flashinfer_ms: dict[str, float] = field(default_factory=dict)
+    flashinfer_ms: dict[str, float] = field(default_factory=dict)  # by FlashInfer path, and FLASHINFER_XQA
     flashinfer_ms_events: dict[str, float] = field(default_factory=dict)
     flashinfer_rel_diff: dict[str, float] = field(default_factory=dict)
 
@@ -273,9 +276,15 @@ def _run_xqagen(case: BenchCase, inputs: _Inputs, num_splits: int | None, pdl: b
     return (lambda i: calls[i].launch()), out, calls[0].num_splits
 
 
+#: FlashInfer's public ``flashinfer.xqa.xqa``, which picks its kernel path itself: timed beside the
+#: paths the bench forces, under this name.
+FLASHINFER_XQA = "xqa"
+
+
 def _run_flashinfer(case: BenchCase, inputs: _Inputs, path: str, pdl: bool):
-    """(launch(i) on input copy i, output) of FlashInfer's XQA ``path`` ("generic" or "sm90"),
-    through FlashInfer 0.7.2's module API (no scale-factor caches, no ragged q)."""
+    """(launch(i) on input copy i, output) of FlashInfer's XQA: ``path`` "generic" or "sm90" forced
+    through FlashInfer 0.7.2's module API, or :data:`FLASHINFER_XQA`, its public ``xqa`` as an engine
+    calls it (no scale-factor caches, no ragged q)."""
     fx = importlib.import_module("flashinfer.xqa")  # the package re-exports a function named xqa
     device = inputs.q.device
     out = torch.empty_like(inputs.q)
@@ -290,9 +299,14 @@ def _run_flashinfer(case: BenchCase, inputs: _Inputs, path: str, pdl: bool):
 
     def launch(i: int) -> None:
         k, v, pt = inputs.sets[i]
-        module.xqa(path == "sm90", sm_count, case.num_kv_heads, case.window, 1.0, out, 1.0, inputs.q,
-                   inputs.sinks, k, v, None, None, pt, max_seq_len, seq_lens, case.batch, inputs.kv_scale,
-                   semaphores, workspace, pdl, case.q_seq_len, None, mask)
+        if path == FLASHINFER_XQA:
+            fx.xqa(inputs.q, k, v, pt, seq_lens, out, workspace, semaphores, case.num_kv_heads, case.page_size,
+                   sinks=inputs.sinks, kv_scale=inputs.kv_scale, sliding_win_size=case.window, enable_pdl=pdl,
+                   q_seq_len=case.q_seq_len, mask=mask)
+        else:
+            module.xqa(path == "sm90", sm_count, case.num_kv_heads, case.window, 1.0, out, 1.0, inputs.q,
+                       inputs.sinks, k, v, None, None, pt, max_seq_len, seq_lens, case.batch, inputs.kv_scale,
+                       semaphores, workspace, pdl, case.q_seq_len, None, mask)
 
     return launch, out
 
@@ -333,13 +347,19 @@ def run_case(case: BenchCase, copy_tbps: float, read_tbps: float, *, flashinfer:
     if flashinfer:
         launch(0)
         ours = out.float()
-        for path in case.flashinfer_paths:
-            fi_launch, fi_out = _run_flashinfer(case, inputs, path, pdl)
-            fi_launch(0)
-            torch.cuda.synchronize()
-            result.flashinfer_rel_diff[path] = relative_l2_error(ours, fi_out.float())
-            result.flashinfer_ms[path] = time_cuda_graph(_rotating(fi_launch, copies))
-            result.flashinfer_ms_events[path] = time_cuda(_rotating(fi_launch, copies))
+        for path in (*case.flashinfer_paths, FLASHINFER_XQA):
+            try:
+                fi_launch, fi_out = _run_flashinfer(case, inputs, path, pdl)
+                fi_launch(0)
+                torch.cuda.synchronize()
+                rel_diff = relative_l2_error(ours, fi_out.float())
+                graph_ms = time_cuda_graph(_rotating(fi_launch, copies))
+                events_ms = time_cuda(_rotating(fi_launch, copies))
+            except Exception as err:  # noqa: BLE001  (a case FlashInfer rejects leaves its column empty)
+                print(f"FlashInfer {path}: {type(err).__name__}: {err}", file=sys.stderr)
+                continue
+            result.flashinfer_rel_diff[path], result.flashinfer_ms[path] = rel_diff, graph_ms
+            result.flashinfer_ms_events[path] = events_ms
     return result
 
 
@@ -505,12 +525,14 @@ def format_pdl_gemm(rows: list[tuple[BenchCase, dict[str, float]]]) -> str:
 
 def format_table(results: list[BenchResult], copy_tbps: float, read_tbps: float, device_name: str) -> str:
     """ms: CUDA-graph time per launch; %read: KV bandwidth over the streaming-read ceiling; %same: a
-    streaming read of the case's KV bytes, timed the same way, over our time; x: FlashInfer's time /
+    streaming read of the case's KV bytes, timed the same way, over our time; FI generic and FI sm90:
+    FlashInfer's paths forced, FI xqa(): its public ``xqa``, which picks one; x: FlashInfer's time /
     ours (graph), x ev: the same from eager launches timed with events."""
     lines = [f"device: {device_name}; copy bandwidth {copy_tbps:.2f} TB/s (read + write), "
              f"streaming read {read_tbps:.2f} TB/s",
              f"{'case':28} {'splits':>6} {'ms':>8} {'KV TB/s':>8} {'%copy':>6} {'%read':>6} {'%same':>6} "
-             f"{'FI generic ms':>13} {'x':>5} {'x ev':>5} {'FI sm90 ms':>10} {'x':>5} {'x ev':>5} {'|diff| FI':>9}"]
+             f"{'FI generic ms':>13} {'x':>5} {'x ev':>5} {'FI sm90 ms':>10} {'x':>5} {'x ev':>5} "
+             f"{'FI xqa() ms':>11} {'x':>5} {'x ev':>5} {'|diff| FI':>9}"]
 
     def versus(r: BenchResult, path: str, width: int) -> str:
         fi = r.flashinfer_ms.get(path)
@@ -522,7 +544,8 @@ def format_table(results: list[BenchResult], copy_tbps: float, read_tbps: float,
         diff = max(r.flashinfer_rel_diff.values()) if r.flashinfer_rel_diff else float("nan")
         lines.append(
             f"{r.case.name:28} {r.num_splits:>6} {r.ms:8.4f} {r.kv_tbps:8.2f} {100 * r.copy_fraction:5.0f}% "
-            f"{100 * r.read_fraction:5.0f}% {100 * r.same_read_fraction:5.0f}%" + versus(r, "generic", 13) + versus(r, "sm90", 10) + f" {diff:9.1e}")
+            f"{100 * r.read_fraction:5.0f}% {100 * r.same_read_fraction:5.0f}%" + versus(r, "generic", 13)
+            + versus(r, "sm90", 10) + versus(r, FLASHINFER_XQA, 11) + f" {diff:9.1e}")
     return "\n".join(lines)
 
 
@@ -567,8 +590,9 @@ def _installed_version(distribution: str) -> str | None:
 
 # ---- --plot ----
 
-#: FlashInfer's XQA paths as the plot labels them
-FLASHINFER_LABELS = {"generic": "FlashInfer XQA", "sm90": "FlashInfer XQA sm90"}
+#: FlashInfer's XQA paths, and its public xqa(), as the plot labels them
+FLASHINFER_LABELS = {"generic": "FlashInfer XQA", "sm90": "FlashInfer XQA sm90",
+                     FLASHINFER_XQA: "FlashInfer xqa() (its own path)"}
 
 
 def read_records(path: Path) -> tuple[dict, list[dict]]:

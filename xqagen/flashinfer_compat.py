@@ -66,7 +66,8 @@ def xqa(
     num_q_heads, head_dim]``, ``q_seq_len`` is the largest number of tokens of a request and the
     mask rows are packed like q.
     """
-    _no_nvfp4(k_sf_cache=k_sf_cache, v_sf_cache=v_sf_cache)
+    if k_sf_cache is not None or v_sf_cache is not None:
+        _no_nvfp4(k_sf_cache=k_sf_cache, v_sf_cache=v_sf_cache)
     if not isinstance(q, torch.Tensor):
         raise TypeError(f"q: expected a torch.Tensor, got {type(q).__name__}")
     if q_cu_seq_lens is None:
@@ -74,13 +75,14 @@ def xqa(
         if q_seq_len != inferred:
             raise ValueError(f"q_seq_len: expected {inferred} (q has shape {tuple(q.shape)}), got {q_seq_len}")
     layout = kv_layout_named(kv_layout)
-    if isinstance(k_cache, torch.Tensor) and k_cache.dim() == 4:
-        if layout.page_size(k_cache.shape) != page_size:
-            raise ValueError(f"page_size: expected {layout.page_size(k_cache.shape)} (k_cache's {kv_layout} "
-                             f"shape {tuple(k_cache.shape)}), got {page_size}")
-        if layout.num_kv_heads(k_cache.shape) != num_kv_heads:
-            raise ValueError(f"num_kv_heads: expected {layout.num_kv_heads(k_cache.shape)} (k_cache's {kv_layout} "
-                             f"shape {tuple(k_cache.shape)}), got {num_kv_heads}")
+    kv_shape = k_cache.shape if isinstance(k_cache, torch.Tensor) else ()  # read once: each read builds a Size
+    if len(kv_shape) == 4:
+        if layout.page_size(kv_shape) != page_size:
+            raise ValueError(f"page_size: expected {layout.page_size(kv_shape)} (k_cache's {kv_layout} "
+                             f"shape {tuple(kv_shape)}), got {page_size}")
+        if layout.num_kv_heads(kv_shape) != num_kv_heads:
+            raise ValueError(f"num_kv_heads: expected {layout.num_kv_heads(kv_shape)} (k_cache's {kv_layout} "
+                             f"shape {tuple(kv_shape)}), got {num_kv_heads}")
     q_scale_tensor, q_scale = (q_scale, 1.0) if isinstance(q_scale, torch.Tensor) else (None, q_scale)
     kv_scale_tensor, kv_scale = (kv_scale, 1.0) if isinstance(kv_scale, torch.Tensor) else (None, kv_scale)
     launch(q, k_cache, v_cache, page_table, seq_lens, output, workspace_buffer, semaphores, sinks, mask, q_scale_tensor,
@@ -132,7 +134,8 @@ def xqa_batch_decode_with_kv_cache(
     score scale and the output scale as the batch API defines them.
     """
     del max_seq_len  # the page table's width bounds the sequences
-    _no_nvfp4(kv_cache_sf=kv_cache_sf)
+    if kv_cache_sf is not None:
+        _no_nvfp4(kv_cache_sf=kv_cache_sf)
     if isinstance(kv_cache, tuple):
         k_cache, v_cache = kv_cache
     else:
@@ -140,17 +143,17 @@ def xqa_batch_decode_with_kv_cache(
             raise ValueError("kv_cache: expected a (k_cache, v_cache) pair or a [num_pages, 1 or 2, ...] tensor, "
                              f"got {getattr(kv_cache, 'shape', type(kv_cache).__name__)}")
         k_cache, v_cache = (kv_cache[:, 0], kv_cache[:, 0]) if kv_cache.shape[1] == 1 else kv_cache.unbind(dim=1)
-    if not isinstance(query, torch.Tensor) or query.dim() != 3:
+    query_shape = query.shape if isinstance(query, torch.Tensor) else ()  # read once: each read builds a Size
+    if len(query_shape) != 3:
         raise ValueError(f"query: expected [num_tokens, num_q_heads, head_dim], got "
                          f"{getattr(query, 'shape', type(query).__name__)}")
+    num_tokens, num_q_heads, head_dim = query_shape
     q_len = q_len_per_req or 1
-    head_dim = query.shape[-1]
     if q_cu_seq_lens is None:
-        if query.shape[0] % q_len:
-            raise ValueError(f"query: {query.shape[0]} tokens are not a multiple of q_len_per_req = {q_len}")
-        batch = query.shape[0] // q_len
+        if num_tokens % q_len:
+            raise ValueError(f"query: {num_tokens} tokens are not a multiple of q_len_per_req = {q_len}")
         if q_len > 1:  # as FlashInfer: the query (and a default output) become [batch, q_len, heads, dim]
-            query = query.view(batch, q_len, query.shape[1], head_dim)
+            query = query.view(num_tokens // q_len, q_len, num_q_heads, head_dim)
     if out is None:
         out = torch.empty_like(query)
     if out.shape != query.shape:
@@ -165,8 +168,7 @@ def xqa_batch_decode_with_kv_cache(
         (None, q_scale)
     kv_scale_tensor, kv_scale = (kv_scale.to(torch.float32).reshape(1), 1.0) if isinstance(kv_scale, torch.Tensor) \
         else (None, kv_scale)
-    if not isinstance(workspace_buffer, torch.Tensor) or workspace_buffer.numel() * \
-            workspace_buffer.element_size() <= SEMAPHORE_BYTES:
+    if not isinstance(workspace_buffer, torch.Tensor) or workspace_buffer.nbytes <= SEMAPHORE_BYTES:
         raise ValueError(f"workspace_buffer: expected a tensor of more than {SEMAPHORE_BYTES} bytes")
     raw = workspace_buffer if workspace_buffer.dtype == torch.uint8 else workspace_buffer.view(torch.uint8)
     sinks_2d = sinks.reshape(kv_layout_named(kv_layout).num_kv_heads(k_cache.shape), -1) if sinks is not None else None

@@ -5,16 +5,15 @@ The launch path does no host synchronisation and no allocation: the kernel's par
 once (by the variant's path) and each launch is one ``cuLaunchKernelEx``, called through ctypes on a
 launch configuration built once (cuda-python's wrapper costs microseconds per call), so launches
 can be captured in CUDA graphs.  A bound launch may have its pointers rewritten between launches
-(:meth:`BoundLaunch.set_pointers`): a plan serves every layer of a step.  Grid, block and shared
-memory come from the path (``xqagen.emitters``); validation and planning happen before, in
-:mod:`xqagen.problem` and :mod:`xqagen.plan`.
+(:attr:`BoundLaunch.words`, then :meth:`BoundLaunch.refresh`): a plan serves every layer of a step.
+Grid, block and shared memory come from the path (``xqagen.emitters``); validation and planning
+happen before, in :mod:`xqagen.problem` and :mod:`xqagen.plan`.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import struct
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,10 +67,17 @@ class _Loaded:
     function: driver.CUfunction
 
 
-def fault_word_address(semaphores: torch.Tensor) -> int:
-    """The fault word of a semaphore buffer: its last int32 (0, not recorded, for an empty buffer)."""
+def fault_word_offset(semaphores: torch.Tensor) -> int | None:
+    """Where a semaphore buffer's fault word is, its last int32, in bytes from the buffer's start
+    (None for a buffer too small to hold one: faults are then not recorded)."""
     words = semaphores.numel() * semaphores.element_size() // 4
-    return semaphores.data_ptr() + 4 * (words - 1) if words else 0
+    return 4 * (words - 1) if words else None
+
+
+def fault_word_address(semaphores: torch.Tensor) -> int:
+    """The address of a semaphore buffer's fault word (0: not recorded)."""
+    offset = fault_word_offset(semaphores)
+    return 0 if offset is None else semaphores.data_ptr() + offset
 
 
 class Workspace:
@@ -216,8 +222,10 @@ _PROGRAMMATIC_STREAM_SERIALIZATION = int(
 
 @functools.lru_cache(maxsize=None)
 def _launch_kernel_ex():
+    """``cuLaunchKernelEx(config, function, params, extra)``, without ``argtypes``: converting four
+    arguments through them costs about half a microsecond per launch, so every caller passes ctypes
+    objects that are pointers already (a bare int would go as a C int)."""
     function = ctypes.CDLL("libcuda.so.1").cuLaunchKernelEx
-    function.argtypes = (ctypes.POINTER(_LaunchConfig), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p)
     function.restype = ctypes.c_int
     return function
 
@@ -227,17 +235,9 @@ def _launch_kernel_ex():
 POINTER_FIELDS: tuple[str, ...] = tuple(name for name, _, ctype in PARAMS if ctype is ctypes.c_void_p)
 
 
-def _pointer_layout() -> struct.Struct:
-    """One ``pack_into`` format that writes every pointer field at its offset in the struct."""
-    fmt, end = "<", 0
-    for name in POINTER_FIELDS:
-        offset = getattr(KernelParams, name).offset
-        fmt += f"{offset - end}x" * (offset > end) + "Q"
-        end = offset + 8
-    return struct.Struct(fmt)
-
-
-_POINTERS = _pointer_layout()
+#: Each pointer field's index in the parameter struct read as 64-bit words (:attr:`BoundLaunch.words`;
+#: a pointer is 8-byte aligned in the struct).
+POINTER_WORDS: dict[str, int] = {name: getattr(KernelParams, name).offset // 8 for name in POINTER_FIELDS}
 
 
 class BoundLaunch:
@@ -254,8 +254,10 @@ class BoundLaunch:
         self._index = device_index(device)
         self.params = params  # kept alive: the driver reads them through the pointer array below
         self._param_ptrs = (ctypes.c_void_p * len(params))(*map(ctypes.addressof, params))  # kept alive likewise
-        self._struct = memoryview(params[0]).cast("B")  # the path's parameter struct comes first
-        self._function = int(kernel.load(device).function)
+        # The path's parameter struct (it comes first) as 64-bit words: a caller rewrites a pointer
+        # field with one store at its POINTER_WORDS index, cheaper than packing every field anew.
+        self.words = memoryview(params[0]).cast("B").cast("Q")
+        self._function = ctypes.c_void_p(int(kernel.load(device).function))
         self._refresh = kernel.path.refresh if len(params) > 1 else None
         self._attribute = _LaunchAttribute(id=_PROGRAMMATIC_STREAM_SERIALIZATION)
         self._attribute.value[0] = 1  # programmaticStreamSerializationAllowed, the union's first int
@@ -268,14 +270,10 @@ class BoundLaunch:
         # torch's current stream as a handle, without building a Stream object (as Inductor reads it)
         self._raw_stream = torch._C._cuda_getCurrentRawStream
 
-    def pointers(self) -> list[int]:
-        """The struct's pointer fields, in :data:`POINTER_FIELDS` order."""
-        return list(_POINTERS.unpack_from(self._struct))
-
-    def set_pointers(self, pointers) -> None:
-        """Rewrite every pointer field (values in :data:`POINTER_FIELDS` order); the next launch
-        reads them.  Strides, sizes and scales stay as bound."""
-        _POINTERS.pack_into(self._struct, 0, *pointers)
+    def refresh(self) -> None:
+        """Bring what the path derives from the pointer fields (a Hopper launch's tensor maps) up to
+        date after pointers were rewritten in :attr:`words`; the next launch reads them.  Strides,
+        sizes and scales stay as bound."""
         if self._refresh is not None:
             self._refresh(self.params)
 

@@ -8,8 +8,8 @@ outside the map, which TMA fills with zeros.
 
 Maps are encoded with the driver's ``cuTensorMapEncodeTiled`` through ctypes (cuda-python's
 wrapper costs microseconds per call), into 64-byte-aligned buffers that the launch passes by
-value; :func:`retarget` moves a map to another pool of the same geometry (a plan serving every
-layer) with ``cuTensorMapReplaceAddress``.
+value; :meth:`TensorMap.retarget` moves a map to another pool of the same geometry (a plan serving
+every layer) with ``cuTensorMapReplaceAddress``.
 """
 
 from __future__ import annotations
@@ -50,6 +50,18 @@ class TensorMap(ctypes.Structure):
         tensor_map._raw = raw  # keeps the memory alive
         return tensor_map
 
+    def retarget(self, address: int) -> None:
+        """Point the map at another pool of the same geometry (``address`` 16-byte aligned).  A
+        method, so that a path's ``refresh`` calls it without importing this module (a function-
+        level import costs about a microsecond per launch)."""
+        if address == self.address:
+            return
+        err = _replace_address()(ctypes.addressof(self), address)
+        if err:
+            raise TensorMapError(f"cuTensorMapReplaceAddress failed ({driver.CUresult(err).name}) for address "
+                                 f"{address:#x}")
+        self.address = address
+
 
 @functools.lru_cache(maxsize=None)
 def _driver_function(name: str, argtypes: tuple):
@@ -57,6 +69,12 @@ def _driver_function(name: str, argtypes: tuple):
     function.argtypes = argtypes
     function.restype = ctypes.c_int
     return function
+
+
+@functools.cache
+def _replace_address():
+    # looked up without arguments: a retarget per layer would otherwise hash _driver_function's key
+    return _driver_function("cuTensorMapReplaceAddress", (ctypes.c_void_p, ctypes.c_void_p))
 
 
 def tma_incompatibility(pool: torch.Tensor, strides: tuple[int, int, int]) -> str | None:
@@ -108,13 +126,3 @@ def kv_tensor_maps(problem, *, chunk_elems: int, box_tokens: int) -> tuple[Tenso
                     box_tokens=box_tokens)
     return encode(problem.k_cache, **geometry), encode(problem.v_cache, **geometry)
 
-
-def retarget(tensor_map: TensorMap, address: int) -> None:
-    """Point ``tensor_map`` at another pool of the same geometry (``address`` 16-byte aligned)."""
-    if address == tensor_map.address:
-        return
-    replace = _driver_function("cuTensorMapReplaceAddress", (ctypes.c_void_p, ctypes.c_void_p))
-    err = replace(ctypes.addressof(tensor_map), address)
-    if err:
-        raise TensorMapError(f"cuTensorMapReplaceAddress failed ({driver.CUresult(err).name}) for address {address:#x}")
-    tensor_map.address = address

@@ -23,7 +23,7 @@ from .emitters import LaunchShape, WorkspaceSize
 from .api import variant_for
 from .plan import choose_path, plan_launch
 from .problem import DTYPE_NAMES, DecodeProblem, describe, fail
-from .runtime import POINTER_FIELDS, BoundLaunch, Workspace, get_kernel, sm_count as device_sm_count, supports_pdl
+from .runtime import POINTER_WORDS, BoundLaunch, Workspace, get_kernel, sm_count as device_sm_count, supports_pdl
 from .spec import KernelSpec
 
 __all__ = ["DecodeWrapper"]
@@ -33,7 +33,7 @@ __all__ = ["DecodeWrapper"]
 LAYER_POINTERS = ("q", "k", "v", "out")
 STEP_POINTERS = ("page_table", "seq_lens", "sinks", "mask", "q_cu_seq_lens", "q_scale_ptr", "kv_scale_ptr")
 _Q, _K, _V, _OUT, _PAGE_TABLE, _SEQ_LENS, _SINKS, _MASK, _Q_CU_SEQ_LENS, _Q_SCALE, _KV_SCALE = (
-    POINTER_FIELDS.index(name) for name in LAYER_POINTERS + STEP_POINTERS)
+    POINTER_WORDS[name] for name in LAYER_POINTERS + STEP_POINTERS)
 
 
 def _meta(t):
@@ -91,7 +91,6 @@ class DecodeWrapper:
         self._workspace = workspace
         self._cache_dir = cache_dir
         self._bound: BoundLaunch | None = None
-        self._pointers: list[int] = []
         self._keep: tuple = ()
         self.plan_info = None  # the LaunchPlan of the last plan(): variant and split count
 
@@ -184,13 +183,13 @@ class DecodeWrapper:
         params = kernel.path.pack(plan.spec, real_pools, plan.num_splits, workspace)
         bound = kernel.bind(params, batch=batch, num_kv_heads=problem.num_kv_heads, num_splits=plan.num_splits,
                             device=device, pdl=enable_pdl)
-        pointers = bound.pointers()
-        pointers[_PAGE_TABLE], pointers[_SEQ_LENS] = page_table.data_ptr(), seq_lens.data_ptr()
+        words = bound.words
+        words[_PAGE_TABLE], words[_SEQ_LENS] = page_table.data_ptr(), seq_lens.data_ptr()
         for index, t in ((_SINKS, sinks), (_MASK, mask), (_Q_CU_SEQ_LENS, q_cu_seq_lens), (_Q_SCALE, q_scale),
                          (_KV_SCALE, kv_scale)):
             if isinstance(t, torch.Tensor):
-                pointers[index] = t.data_ptr()
-        self._bound, self._pointers, self.plan_info = bound, pointers, plan
+                words[index] = t.data_ptr()
+        self._bound, self.plan_info = bound, plan
         self._keep = (page_table, seq_lens, mask, sinks, q_cu_seq_lens, q_scale, kv_scale, workspace)  # what launches read
 
     def run(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -199,13 +198,14 @@ class DecodeWrapper:
         The tensors must match the plan (shapes, strides, dtypes, device, 16-byte aligned); nothing
         is checked here.
         """
-        if self._bound is None:
+        bound = self._bound
+        if bound is None:
             raise RuntimeError("DecodeWrapper.run: call plan() first")
-        pointers = self._pointers
-        pointers[_Q] = q.data_ptr()
-        pointers[_K] = k_cache.data_ptr()
-        pointers[_V] = v_cache.data_ptr()
-        pointers[_OUT] = out.data_ptr()
-        self._bound.set_pointers(pointers)
-        self._bound()
+        words = bound.words
+        words[_Q] = q.data_ptr()
+        words[_K] = k_cache.data_ptr()
+        words[_V] = v_cache.data_ptr()
+        words[_OUT] = out.data_ptr()
+        bound.refresh()
+        bound()
         return out
