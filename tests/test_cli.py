@@ -539,7 +539,22 @@ def test_bench_records_the_versions_it_ran_with():
     assert versions["xqagen"] == (described.stdout.strip() if described.returncode == 0 else xqagen.__version__)
     assert versions["nvrtc"] == "%d.%d" % compiler.nvrtc_version()
     assert versions["torch"] == torch.__version__
-    assert versions.keys() == {"xqagen", "torch", "driver", "nvrtc", "flashinfer"}
+    assert versions.keys() == {"xqagen", "source", "torch", "driver", "nvrtc", "flashinfer"}
+
+
+def test_bench_source_digest_follows_the_templates(tmp_path, monkeypatch):
+    import shutil
+
+    from xqagen import bench, emitters
+
+    copy = tmp_path / "emitters"  # a copy of the emitters to change, standing in for the real ones
+    shutil.copytree(Path(emitters.__file__).resolve().parent, copy)
+    monkeypatch.setattr(emitters, "__file__", str(copy / "__init__.py"))
+    digest = bench.source_digest()
+    assert len(digest) == 12 and int(digest, 16) >= 0 and bench.source_digest() == digest
+    template = copy / "templates" / "pieces" / "softmax.cuh.j2"
+    template.write_bytes(template.read_bytes() + b"// changed\n")
+    assert bench.source_digest() != digest
 
 
 def test_bench_plot_series_are_each_librarys_kv_bandwidth(tmp_path):

@@ -39,6 +39,7 @@ extra); with ``--from JSON`` it draws a recorded run and runs nothing (records o
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib
 import importlib.metadata
 import itertools
@@ -551,11 +552,27 @@ def format_table(results: list[BenchResult], copy_tbps: float, read_tbps: float,
 
 def run_versions() -> dict[str, str | None]:
     """What a bench ran with: xqagen (``git describe`` of its checkout, else the package version),
-    torch, the CUDA driver and NVRTC, and FlashInfer (None where one is absent)."""
+    the digest of its sources (:func:`source_digest`), torch, the CUDA driver and NVRTC, and
+    FlashInfer (None where one is absent)."""
     from .compiler import nvrtc_version
 
-    return {"xqagen": _xqagen_version(), "torch": torch.__version__, "driver": _driver_version(),
-            "nvrtc": "%d.%d" % nvrtc_version(), "flashinfer": _installed_version("flashinfer-python")}
+    return {"xqagen": _xqagen_version(), "source": source_digest(), "torch": torch.__version__,
+            "driver": _driver_version(), "nvrtc": "%d.%d" % nvrtc_version(),
+            "flashinfer": _installed_version("flashinfer-python")}
+
+
+def source_digest() -> str:
+    """12 hex digits of SHA-256 over xqagen's Python and its emitters' Python and templates (paths and
+    contents): the code a run used, also where a copy of the checkout carries stale git metadata."""
+    from . import emitters
+
+    package, emitter_root = Path(xqagen.__file__).resolve().parent, Path(emitters.__file__).resolve().parent
+    files = [(emitter_root, path) for path in emitter_root.rglob("*") if path.suffix in (".py", ".j2")]
+    files += [(package, path) for path in package.rglob("*.py") if not path.resolve().is_relative_to(emitter_root)]
+    digest = hashlib.sha256()
+    for root, path in sorted(files, key=lambda item: (str(item[0]), item[1].relative_to(item[0]).as_posix())):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:12]
 
 
 def _xqagen_version() -> str:
