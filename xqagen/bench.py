@@ -289,25 +289,29 @@ def _run_flashinfer(case: BenchCase, inputs: _Inputs, path: str, pdl: bool):
     fx = importlib.import_module("flashinfer.xqa")  # the package re-exports a function named xqa
     device = inputs.q.device
     out = torch.empty_like(inputs.q)
-    module = fx.get_xqa_module(inputs.q.dtype, TORCH_DTYPES[case.kv_dtype], case.page_size, case.head_dim,
-                               inputs.group, case.window > 0, out.dtype, case.q_seq_len)
     workspace = torch.zeros(256 << 20, dtype=torch.uint8, device=device)
     semaphores = torch.zeros(8 << 20, dtype=torch.uint32, device=device)
     seq_lens = inputs.seq_lens.to(torch.uint32).unsqueeze(1)
     mask = as_flashinfer_mask(inputs.mask) if inputs.mask is not None else None
+
+    if path == FLASHINFER_XQA:
+        def launch_public(i: int) -> None:
+            k, v, pt = inputs.sets[i]
+            fx.xqa(inputs.q, k, v, pt, seq_lens, out, workspace, semaphores, case.num_kv_heads, case.page_size,
+                   sinks=inputs.sinks, kv_scale=inputs.kv_scale, sliding_win_size=case.window, enable_pdl=pdl,
+                   q_seq_len=case.q_seq_len, mask=mask)
+        return launch_public, out
+
+    module = fx.get_xqa_module(inputs.q.dtype, TORCH_DTYPES[case.kv_dtype], case.page_size, case.head_dim,
+                               inputs.group, case.window > 0, out.dtype, case.q_seq_len)
     sm_count = torch.cuda.get_device_properties(device).multi_processor_count
     max_seq_len = inputs.sets[0][2].shape[1] * case.page_size
 
     def launch(i: int) -> None:
         k, v, pt = inputs.sets[i]
-        if path == FLASHINFER_XQA:
-            fx.xqa(inputs.q, k, v, pt, seq_lens, out, workspace, semaphores, case.num_kv_heads, case.page_size,
-                   sinks=inputs.sinks, kv_scale=inputs.kv_scale, sliding_win_size=case.window, enable_pdl=pdl,
-                   q_seq_len=case.q_seq_len, mask=mask)
-        else:
-            module.xqa(path == "sm90", sm_count, case.num_kv_heads, case.window, 1.0, out, 1.0, inputs.q,
-                       inputs.sinks, k, v, None, None, pt, max_seq_len, seq_lens, case.batch, inputs.kv_scale,
-                       semaphores, workspace, pdl, case.q_seq_len, None, mask)
+        module.xqa(path == "sm90", sm_count, case.num_kv_heads, case.window, 1.0, out, 1.0, inputs.q,
+                   inputs.sinks, k, v, None, None, pt, max_seq_len, seq_lens, case.batch, inputs.kv_scale,
+                   semaphores, workspace, pdl, case.q_seq_len, None, mask)
 
     return launch, out
 
