@@ -421,13 +421,15 @@ static_assert(kSplitRows == kRowsCta, "split-KV partials hold one CTA's rows");
 static_assert(kHeadDimPad % kChunkElems == 0 && kKvTile % kBoxTokens == 0, "TMA boxes do not tile a stage");
 
 // ---- shared memory ----------------------------------------------------------------------------
-// A K or V tile is [chunk][token][chunk element], each chunk 128- or 64-byte rows swizzled as TMA
-// writes them.  Read as K (M = tokens, K = head dim, K-major) or as V^T (M = head dim, K = tokens,
-// MN-major) it is the same bytes.
+// A stage's K or V tile is [chunk][token][chunk element], each chunk 128- or 64-byte rows swizzled
+// as TMA writes them.  Read as K (M = tokens, K = head dim, K-major) or as V^T (M = head dim, K =
+// tokens, MN-major) it is the same bytes.  These layouts (CuTe's GMMA atoms, whose swizzle acts on
+// addresses) give the wgmma descriptors; threads address the tiles through StageTile below.
 using KvAtom = GMMA::Layout_K_SW128_Atom<KVElem>;
-using KTileLayout = decltype(tile_to_shape(KvAtom{}, Shape<Int<kKvTile>, Int<kHeadDimPad>, Int<kStages>>{}, Step<_1, _2, _3>{}));
+using KTileLayout = decltype(tile_to_shape(KvAtom{}, Shape<Int<kKvTile>, Int<kHeadDimPad>>{}, Step<_1, _2>{}));
 using VtTileLayout = decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<KVElem>{},
-                                            Shape<Int<kHeadDimPad>, Int<kKvTile>, Int<kStages>>{}, Step<_2, _1, _3>{}));
+                                            Shape<Int<kHeadDimPad>, Int<kKvTile>>{}, Step<_2, _1>{}));
+constexpr int kTileElems = cosize_v<KTileLayout>;  // one stage's K (or V) tile; a multiple of 1024 bytes
 using QLayout = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<MmaElem>{}, Shape<Int<kRowsCta>, Int<kHeadDimPad>>{}));
 using PLayout = decltype(tile_to_shape(GMMA::Layout_MN_INTER_Atom<MmaElem>{}, Shape<Int<kRowsCta>, Int<kKvTile>>{}, Step<_2, _1>{}));
 // (warpgroup, row, head dim): each consumer warpgroup's output rows, padded against bank conflicts
@@ -438,8 +440,8 @@ using Pipeline = cutlass::PipelineTmaAsync<kStages>;
 struct SharedStorage {
   union {
     struct {
-      alignas(1024) KVElem k[cosize_v<KTileLayout>];
-      alignas(1024) KVElem v[cosize_v<KTileLayout>];
+      alignas(1024) KVElem k[kStages * kTileElems];
+      alignas(1024) KVElem v[kStages * kTileElems];
     } pipe;
     alignas(16) float o[cosize_v<OStageLayout>];  // the output rows, once the pipeline has drained
   };
@@ -450,8 +452,19 @@ struct SharedStorage {
   typename Pipeline::SharedStorage pipeline;
   int is_last_split;
 };
-static_assert(cosize_v<VtTileLayout> == cosize_v<KTileLayout>, "K and V^T views of a tile differ in size");
+static_assert(cosize_v<VtTileLayout> == kTileElems && kTileElems * sizeof(KVElem) % 1024 == 0,
+              "K and V^T views of a tile differ in size, or a stage breaks the swizzle's alignment");
 static_assert(sizeof(SharedStorage) == 103424, "shared-memory size disagrees with the emitter's plan");
+
+// Tile `stage` of an array of swizzled tiles (K or V stages; Q and P have one), as threads address
+// it: the swizzle acts on element offsets rather than on the 64-bit address (CuTe's
+// position-independent form; every tile is 1024-byte aligned), so addresses stay 32-bit
+// shared-memory arithmetic, a thread's part of them is computed once outside the tile loop, and a
+// stage adds one step.
+template <class Layout, class Elem>
+__device__ __forceinline__ auto swizzled_tile(Elem* tiles, int stage = 0) {
+  return make_tensor(make_smem_ptr(tiles + stage * cosize_v<Layout>), as_position_independent_swizzle_layout(Layout{}));
+}
 
 // ---- the two wgmmas: CuTe's SM90 GMMA atoms, called directly ----------------------------------
 // One wgmma is M = 64 x N = kRowsCta x K = 16 for the whole warpgroup.  Its operands are built here
@@ -563,15 +576,15 @@ __device__ __forceinline__ int out_dim(int m) {
 // r2 (row g, k 2t+8..2t+9), r3 (row g+8, k + 8), with g = lane / 4, t = lane % 4; r0..r3 are the
 // atom's fma arguments a0..a3.
 
-// K rows 16w.. of the stage, head-dim k-steps 2 * kstep2 and 2 * kstep2 + 1: one 4-byte read per
+// K rows 16w.. of a stage's tile, head-dim k-steps 2 * kstep2 and 2 * kstep2 + 1: one 4-byte read per
 // row feeds k-slots 2t, 2t+1, 2t+8, 2t+9 (Q's head dim is permuted to match when it is staged).
-template <class KTiles>
-__device__ __forceinline__ void load_k_fp8(KTiles const& sK, int stage, int warp, int lane, int kstep2,
+template <class KTile>
+__device__ __forceinline__ void load_k_fp8(KTile const& sK, int warp, int lane, int kstep2,
                                            uint32_t (&a)[2][4]) {
   int const mat = lane / 8;
   uint32_t r[4];
   SM75_U32x4_LDSM_N::copy(
-      *reinterpret_cast<uint128_t const*>(&sK(16 * warp + (mat / 2) * 8 + lane % 8, kstep2 * 32 + (mat % 2) * 16, stage)),
+      *reinterpret_cast<uint128_t const*>(&sK(16 * warp + (mat / 2) * 8 + lane % 8, kstep2 * 32 + (mat % 2) * 16)),
       r[0], r[1], r[2], r[3]);
   CUTE_UNROLL
   for (int ks = 0; ks < 2; ++ks) {  // r[ks]: row g, r[ks + 2]: row g + 8
@@ -583,12 +596,12 @@ __device__ __forceinline__ void load_k_fp8(KTiles const& sK, int stage, int warp
 // V^T rows (head dim) 16w.. of M block `mb`, tokens of k-steps 2 * kstep2 and 2 * kstep2 + 1 (32
 // tokens): a transposed ldmatrix of byte pairs gives each thread (tokens 2t, 2t+1) x (dims 2g,
 // 2g+1); a byte permute splits them into the even-dim and odd-dim token pairs (see out_dim).
-template <class VTiles>
-__device__ __forceinline__ void load_vt_fp8(VTiles const& sV, int stage, int warp, int lane, int mb, int kstep2,
+template <class VTile>
+__device__ __forceinline__ void load_vt_fp8(VTile const& sV, int warp, int lane, int mb, int kstep2,
                                             uint32_t (&a)[2][4]) {
   uint32_t r[4];  // matrix i: tokens 8i..8i+7 of the 32
   SM75_U16x8_LDSM_T::copy(
-      *reinterpret_cast<uint128_t const*>(&sV(kstep2 * 32 + lane, 64 * mb + 16 * warp, stage)),
+      *reinterpret_cast<uint128_t const*>(&sV(kstep2 * 32 + lane, 64 * mb + 16 * warp)),
       r[0], r[1], r[2], r[3]);
   CUTE_UNROLL
   for (int i = 0; i < 4; ++i) {
@@ -616,9 +629,9 @@ __device__ __forceinline__ void fence_accumulator(Accum& acc) {
 // Templates on the operand form, so that a variant instantiates only its own (fp8 register
 // fragments or 16-bit shared-memory descriptors).
 
-// S^T = K Q^T on the K tile of `stage`; q is Q's descriptor (its first k-step).
-template <bool Fp8, class KTiles>
-__device__ __forceinline__ void mma_scores(KTiles const& sK, int stage, GMMA::DescriptorIterator q, Accum& acc,
+// S^T = K Q^T on a stage's K tile; q is Q's descriptor (its first k-step).
+template <bool Fp8, class KTile>
+__device__ __forceinline__ void mma_scores(KTile const& sK, GMMA::DescriptorIterator q, Accum& acc,
                                            int warp, int lane) {
   fence_accumulator(acc);
   if constexpr (Fp8) {
@@ -629,7 +642,7 @@ __device__ __forceinline__ void mma_scores(KTiles const& sK, int stage, GMMA::De
       CUTE_UNROLL
       for (int ks2 = 0; ks2 < kSBatch / 2; ++ks2) {
         uint32_t a[2][4];
-        load_k_fp8(sK, stage, warp, lane, b * kSBatch / 2 + ks2, a);
+        load_k_fp8(sK, warp, lane, b * kSBatch / 2 + ks2, a);
         CUTE_UNROLL
         for (int ks = 0; ks < 2; ++ks)
           CUTE_UNROLL
@@ -648,22 +661,22 @@ __device__ __forceinline__ void mma_scores(KTiles const& sK, int stage, GMMA::De
     }
   } else {
     // A = the stage's K tile, K-major: 64 tokens = 8 row groups
-    auto const k = gmma_desc<gmma_swizzle<KTileLayout>(), 16, smem_bytes_at<KVElem, KTileLayout>(8, 0, 0)>(&sK(0, 0, stage));
+    auto const k = gmma_desc<gmma_swizzle<KTileLayout>(), 16, smem_bytes_at<KVElem, KTileLayout>(8, 0)>(&sK(0, 0));
     warpgroup_arrive();
     CUTE_UNROLL
     for (int ks = 0; ks < kHeadDimPad / 16; ++ks)
       gmma<GmmaS>(acc, ks == 0 ? GMMA::ScaleOut::Zero : GMMA::ScaleOut::One,
-                  k[desc_step<KVElem, KTileLayout>(0, 16 * ks, 0)], q[desc_step<MmaElem, QLayout>(0, 16 * ks)]);
+                  k[desc_step<KVElem, KTileLayout>(0, 16 * ks)], q[desc_step<MmaElem, QLayout>(0, 16 * ks)]);
     warpgroup_commit_batch();
   }
   warpgroup_wait<0>();
   fence_accumulator(acc);
 }
 
-// O^T += V^T P^T, one 64-row block of head dim at a time, on the V tile of `stage`, read as (token,
+// O^T += V^T P^T, one 64-row block of head dim at a time, on a stage's V tile, read as (token,
 // dim) by sV and as (dim, token) by sVt; p is P's descriptor (its first k-step).
-template <bool Fp8, class VTiles, class VtTiles>
-__device__ __forceinline__ void mma_output(VTiles const& sV, VtTiles const& sVt, int stage, GMMA::DescriptorIterator p,
+template <bool Fp8, class VTile, class VtTile>
+__device__ __forceinline__ void mma_output(VTile const& sV, VtTile const& sVt, GMMA::DescriptorIterator p,
                                            Accum (&acc)[kMBlocks], int warp, int lane) {
   CUTE_UNROLL
   for (int mb = 0; mb < kMBlocks; ++mb) fence_accumulator(acc[mb]);
@@ -675,7 +688,7 @@ __device__ __forceinline__ void mma_output(VTiles const& sV, VtTiles const& sVt,
       CUTE_UNROLL
       for (int kt2 = 0; kt2 < kKvTile / 32; ++kt2) {
         uint32_t a[2][4];
-        load_vt_fp8(sV, stage, warp, lane, mb, kt2, a);
+        load_vt_fp8(sV, warp, lane, mb, kt2, a);
         CUTE_UNROLL
         for (int kt = 0; kt < 2; ++kt)
           CUTE_UNROLL
@@ -695,11 +708,10 @@ __device__ __forceinline__ void mma_output(VTiles const& sV, VtTiles const& sVt,
     CUTE_UNROLL
     for (int mb = 0; mb < kMBlocks; ++mb) {
       // A = V^T's M block, MN-major: the next 8 tokens are SBO away
-      auto const vt = gmma_desc<gmma_swizzle<VtTileLayout>(), 0, smem_bytes_at<KVElem, VtTileLayout>(0, 8, 0)>(
-          &sVt(64 * mb, 0, stage));
+      auto const vt = gmma_desc<gmma_swizzle<VtTileLayout>(), 0, smem_bytes_at<KVElem, VtTileLayout>(0, 8)>(&sVt(64 * mb, 0));
       CUTE_UNROLL
       for (int kt = 0; kt < kKvTile / 16; ++kt)
-        gmma<GmmaO>(acc[mb], GMMA::ScaleOut::One, vt[desc_step<KVElem, VtTileLayout>(0, 16 * kt, 0)],
+        gmma<GmmaO>(acc[mb], GMMA::ScaleOut::One, vt[desc_step<KVElem, VtTileLayout>(0, 16 * kt)],
                     p[desc_step<MmaElem, PLayout>(0, 16 * kt)]);
     }
     warpgroup_commit_batch();
@@ -737,7 +749,7 @@ struct KvProducer {
   }
 
   __device__ void load(int tile, int stage, SharedStorage& smem, uint64_t* full_barrier) {
-    Tensor sK = make_tensor(make_smem_ptr(smem.pipe.k), KTileLayout{});
+    auto const sK = swizzled_tile<KTileLayout>(smem.pipe.k, stage);
     CUTE_UNROLL
     for (int b = 0; b < kBoxesPerTile; ++b) {
       int const tok0 = tile * kKvTile + b * kBoxTokens;
@@ -746,7 +758,7 @@ struct KvProducer {
         CUTE_UNROLL
         for (int c = 0; c < kChunks; ++c) {
           // the box's corner: a row multiple of 8 at a chunk start, where the swizzle is the identity
-          int const offset = &sK(b * kBoxTokens, c * kChunkElems, stage) - smem.pipe.k;
+          int const offset = &sK(b * kBoxTokens, c * kChunkElems) - smem.pipe.k;
           SM90_TMA_LOAD_4D::copy(k_map, full_barrier, kEvictFirst, smem.pipe.k + offset, c * kChunkElems, kv_head,
                                  tok0 % kPageSize, page);
           SM90_TMA_LOAD_4D::copy(v_map, full_barrier, kEvictFirst, smem.pipe.v + offset, c * kChunkElems, kv_head,
@@ -812,7 +824,7 @@ xqa_hopper_qbf16_kve4m3_d128_g8_p64_s1_tma6x2_cb2637d5(Params const p, __grid_co
     // ---- Q rows of this CTA -> shared memory as the B operand of S^T (zeros past the request's
     // rows and past head_dim), while the first tiles load ----
     {
-      auto sQ = make_tensor(make_smem_ptr(smem.q), QLayout{});
+      auto const sQ = swizzled_tile<QLayout>(smem.q);
       constexpr int kQVec = 8;
       for (int i = threadIdx.x; i < kRowsCta * kHeadDimPad / kQVec; i += kConsumerThreads) {
         int const r = i / (kHeadDimPad / kQVec), d0 = (i % (kHeadDimPad / kQVec)) * kQVec;
@@ -847,10 +859,7 @@ xqa_hopper_qbf16_kve4m3_d128_g8_p64_s1_tma6x2_cb2637d5(Params const p, __grid_co
 
     // ---- consumer warpgroups: wg takes tiles tile_begin + wg, + kConsumers, ... ----
     int const wg = warp / 4, wg_warp = warp % 4, tid = threadIdx.x % 128;
-    Tensor sK = make_tensor(make_smem_ptr(smem.pipe.k), KTileLayout{});    // (token, dim, stage)
-    Tensor sVt = make_tensor(make_smem_ptr(smem.pipe.v), VtTileLayout{});  // (dim, token, stage)
-    Tensor sV = make_tensor(make_smem_ptr(smem.pipe.v), KTileLayout{});    // (token, dim, stage)
-    Tensor sP = make_tensor(make_smem_ptr(smem.p[wg]), PLayout{});
+    auto const sP = swizzled_tile<PLayout>(smem.p[wg]);  // (row, token)
     GMMA::DescriptorIterator const q_desc = q_descriptor(smem.q);  // B of S^T, per head-dim k-step
     GMMA::DescriptorIterator const p_desc = p_descriptor(smem.p[wg]);  // B of O^T, per token k-step
     Accum acc_s;              // S^T
@@ -891,6 +900,9 @@ xqa_hopper_qbf16_kve4m3_d128_g8_p64_s1_tma6x2_cb2637d5(Params const p, __grid_co
       pipeline.consumer_wait(state);
       int const stage = state.index();
       int const tok0 = tile * kKvTile;
+      auto const sK = swizzled_tile<KTileLayout>(smem.pipe.k, stage);    // (token, dim)
+      auto const sV = swizzled_tile<KTileLayout>(smem.pipe.v, stage);    // (token, dim)
+      auto const sVt = swizzled_tile<VtTileLayout>(smem.pipe.v, stage);  // (dim, token)
 
       // Tokens past the sequence in its last page hold whatever the pool holds there (NaN
       // included), and 0 * NaN is NaN: zero them in V before P V reads them.
@@ -899,12 +911,12 @@ xqa_hopper_qbf16_kve4m3_d128_g8_p64_s1_tma6x2_cb2637d5(Params const p, __grid_co
         constexpr int kVec = 16 / int(sizeof(KVElem));
         for (int i = tid; i < (kKvTile - valid) * (kHeadDimPad / kVec); i += 128) {
           int const t = valid + i / (kHeadDimPad / kVec), d = (i % (kHeadDimPad / kVec)) * kVec;
-          *reinterpret_cast<uint128_t*>(&sV(t, d, stage)) = uint128_t{};
+          *reinterpret_cast<uint128_t*>(&sV(t, d)) = uint128_t{};
         }
       }
 
       // S^T = K Q^T
-      mma_scores<kKvFp8>(sK, stage, q_desc, acc_s, wg_warp, lane);
+      mma_scores<kKvFp8>(sK, q_desc, acc_s, wg_warp, lane);
 
       // visibility (tiles that reach past the sequence, the window start or the mask), then the
       // tile maxima of every row: over the thread's tokens, its warp (lanes with the same lane % 4)
@@ -969,7 +981,7 @@ xqa_hopper_qbf16_kve4m3_d128_g8_p64_s1_tma6x2_cb2637d5(Params const p, __grid_co
       warpgroup_sync(wg, kPReady);
 
       // O^T += V^T P^T, one 64-row M block of head dim at a time
-      mma_output<kKvFp8>(sV, sVt, stage, p_desc, acc_o, wg_warp, lane);
+      mma_output<kKvFp8>(sV, sVt, p_desc, acc_o, wg_warp, lane);
       pipeline.consumer_release(state);
       CUTE_UNROLL
       for (int i = 0; i < kConsumers; ++i) ++state;
