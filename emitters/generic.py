@@ -46,10 +46,13 @@ MMA_OPS = {"fp16": "SM80_16x8x16_F32F16F16F32_TN", "bf16": "SM80_16x8x16_F32BF16
 # A memory-bound decode saturates HBM with about TARGET_WARPS_PER_SM warps per SM (2 CTAs of the
 # 4-warp tiles, 1 of the 8-warp split tile).  The last CTA of each output tile merges every split
 # alone, so more than MAX_AUTO_SPLITS cost more in that merge than they gain (H100, fp8 d128: batch
-# 8 x 32k best at 4 splits, batch 1 x 32k at 16).  A split keeps at least MIN_TILES_PER_SPLIT tiles.
+# 8 x 32k best at 4 splits, batch 1 x 32k at 16).  A split keeps at least MIN_TILES_PER_SPLIT tiles
+# (H200, batch 1 x 1k: 8 splits of 2 tiles 7.4 us, 4 of 4 10.8 us, 16 of 1 7.6 us for fp8 KV).
 TARGET_WARPS_PER_SM = 8
 MAX_AUTO_SPLITS = 16
-MIN_TILES_PER_SPLIT = 4
+MIN_TILES_PER_SPLIT = 2
+# The split tile pays for requests long enough to give MAX_AUTO_SPLITS splits 4 of its tiles each.
+SPLIT_TILE_MIN_KV_LEN = MAX_AUTO_SPLITS * 4 * 128
 # Grids too small to fill the GPU even at MAX_AUTO_SPLITS splits of the default tile (batch 1-2 of
 # 8 KV heads on 132 SMs) run this tile instead: 8 warps over 128-token stages, one CTA per SM, so
 # that the GPU holds as many bytes in flight from a sixteenth of the CTAs (H100, fp8 d128 batch 1:
@@ -313,14 +316,13 @@ class GenericPath(KernelPath):
 
     def choose_tile(self, spec: KernelSpec, shape: LaunchShape) -> KernelSpec:
         """The split tile for grids that MAX_AUTO_SPLITS splits of ``spec``'s tile cannot fill and
-        whose KV range is long enough to give every one of those splits MIN_TILES_PER_SPLIT of its
-        tiles; ``spec`` otherwise."""
+        whose KV range is at least SPLIT_TILE_MIN_KV_LEN; ``spec`` otherwise."""
         split = self._split_variant(spec)
         if split is None:
             return spec
         base_warps = shape.batch * shape.num_kv_heads * plan_of(spec).row_tiles * spec.tile.warps
         under_filled = base_warps * MAX_AUTO_SPLITS < TARGET_WARPS_PER_SM * shape.sm_count
-        long_enough = shape.kv_len >= MAX_AUTO_SPLITS * MIN_TILES_PER_SPLIT * split.tile.kv_tile
+        long_enough = shape.kv_len >= SPLIT_TILE_MIN_KV_LEN
         return split if under_filled and long_enough else spec
 
     def auto_splits(self, spec: KernelSpec, shape: LaunchShape) -> int:

@@ -44,9 +44,10 @@ MAX_CHUNK_BYTES = 128
 # Splits fill the GPU once with one CTA per SM: two resident CTAs of two consumer warpgroups each
 # measured slower than one with twice the tiles (H200, fp8 d128: batch 8 x 32k 0.1320 ms at 2
 # splits against 0.1493 at 4; batch 1 x 32k 0.0226 ms at 16 against 0.0266 at 32).  A split keeps
-# at least MIN_TILES_PER_SPLIT tiles; the last CTA of each output tile merges every split alone.
+# at least MIN_TILES_PER_SPLIT tiles, one per consumer warpgroup (batch 1 x 1k: 8 splits of 2 tiles
+# 6.0 us, 4 of 4 7.5 us, 16 of 1 6.5 us); the last CTA of each output tile merges every split alone.
 MAX_AUTO_SPLITS = 32
-MIN_TILES_PER_SPLIT = 4
+MIN_TILES_PER_SPLIT = 2
 # Grids of at least this many CTAs per SM (every SM's two resident six-stage CTAs busy without
 # splits) run the six-stage default on four stages: fp8 d128 batch 64 x 8k 0.2608-0.2619 ms against
 # 0.2634-0.2670, batch 256 x 2k 0.2737 against 0.2825; a CTA alone on its SM keeps six (batch 8 x
@@ -145,6 +146,7 @@ class HopperPath(KernelPath):
     name = "hopper"
     tile_type = HopperTile
     arches = (TARGET,)
+    max_rows_cta = MAX_ROWS_CTA  # query rows one CTA holds; more take several row tiles
 
     @property
     def tiles(self) -> Mapping[str, HopperTile]:

@@ -36,8 +36,9 @@ def test_tile_and_split_choice_on_132_sms(batch, kv_len, tile, splits):
     assert (plan.spec.tile.name, plan.num_splits) == (tile, splits)
 
 
-def test_splits_keep_four_tiles_each_and_stay_under_the_cap():
-    assert GENERIC.auto_splits(FP8, shape(1, 64 * 4 * 3)) == 3
+def test_splits_keep_two_tiles_each_and_stay_under_the_cap():
+    assert GENERIC.auto_splits(FP8, shape(1, 64 * 2 * 3)) == 3
+    assert GENERIC.auto_splits(FP8, shape(1, 1024)) == 8  # batch 1 x 1k: 8 splits of 2 tiles
     assert GENERIC.auto_splits(FP8, shape(1, 1 << 20, num_kv_heads=1)) == MAX_AUTO_SPLITS
     assert GENERIC.auto_splits(FP8, shape(1, 1)) == 1
 
@@ -107,15 +108,17 @@ def test_dispatch_sends_fp8_kv_on_sm90_to_the_hopper_path():
     for arch in ("sm_80", "sm_89", "sm_100", "sm_120"):  # Hopper cubins run on sm_90 only
         assert choose_path(FP8, arch, tma_ok) == FP8
     assert choose_path(FP8, "sm_90", lambda: "the KV pool's token stride is not a multiple of 16") == FP8
-    specdec = dataclasses.replace(FP8, q_seq_len=4)  # faster on the generic path (docs/benchmarks.md)
-    assert choose_path(specdec, "sm_90", tma_ok) == specdec
+    for q_seq_len, group, path in ((2, 8, "hopper"), (4, 8, "hopper"), (8, 4, "hopper"), (8, 8, "generic")):
+        specdec = dataclasses.replace(FP8, q_seq_len=q_seq_len, group=group)  # one Hopper CTA holds 32 rows
+        assert choose_path(specdec, "sm_90", tma_ok).path == path
 
 
 @pytest.mark.parametrize("batch, kv_len, splits", [
     (1, 32768, 16),   # one CTA per SM: 8 heads x 16 splits on 132 SMs
     (8, 32768, 2),
     (64, 8192, 1),    # the batch fills the SMs
-    (1, 64 * 4 * 3, 3),  # four tiles per split at least
+    (1, 64 * 2 * 3, 3),  # two tiles per split at least, one per consumer warpgroup
+    (1, 1024, 8),
 ])
 def test_hopper_splits_give_each_sm_one_cta(batch, kv_len, splits):
     assert plan_launch(HOPPER_FP8, shape(batch, kv_len), workspace=LARGE).num_splits == splits

@@ -769,23 +769,26 @@ def main(argv: list[str] | None = None) -> int:
     copy_tbps = copy_bandwidth_tbps()
     reader = StreamingRead()
     read_tbps = reader.bandwidth_tbps()
+    header = {"device": props.name, "copy_TBps": copy_tbps, "read_TBps": read_tbps, "pdl": pdl, "path": args.path,
+              "versions": run_versions()}
+    record = open(args.json, "w") if args.json else None  # a row per case as it is measured: a failure keeps the rest
+    if record:
+        record.write(json.dumps(header) + "\n")
     results = []
     for case in cases:
         result = run_case(case, copy_tbps, read_tbps, flashinfer=flashinfer, num_splits=args.num_splits,
                           l2_bytes=getattr(props, "L2_cache_size", 0), pdl=pdl, path=args.path, reader=reader)
         results.append(result)
         print(format_table([result], copy_tbps, read_tbps, props.name).splitlines()[-1], flush=True)
+        if record:
+            record.write(json.dumps(result.row()) + "\n")
+            record.flush()
         torch.cuda.empty_cache()
+    if record:
+        record.close()
     print(format_table(results, copy_tbps, read_tbps, props.name))
     print(f"programmatic dependent launch: {'on' if pdl else 'off'} for both libraries")
-    header = {"device": props.name, "copy_TBps": copy_tbps, "read_TBps": read_tbps, "pdl": pdl, "path": args.path,
-              "versions": run_versions()}
     rows = [r.row() for r in results]
-    if args.json:
-        with open(args.json, "w") as f:
-            f.write(json.dumps(header) + "\n")
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
     if args.plot is not None:
         plot_bandwidth(header, rows, args.plot)
         print(f"plotted {len(rows)} cases to {args.plot}")

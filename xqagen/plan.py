@@ -19,17 +19,19 @@ from .spec import KernelSpec, SpecError
 
 def choose_path(spec: KernelSpec, device_arch: str, kv_incompatibility: Callable[[], str | None]) -> KernelSpec:
     """``spec`` (on the generic path's default tile) moved to the path that runs it fastest on a GPU
-    of ``device_arch``: the Hopper path on sm_90 for decode (one query token) from an fp8 KV cache
-    that TMA can read (``kv_incompatibility()`` is None), the generic path otherwise.
+    of ``device_arch``: the Hopper path on sm_90 for an fp8 KV cache that TMA can read
+    (``kv_incompatibility()`` is None) whose rows (q_seq_len x group) one Hopper CTA holds, the
+    generic path otherwise.
 
     The rule follows the H200 measurements in docs/benchmarks.md ("Path dispatch"): with fp8 KV the
     Hopper path's wgmma and register conversion keep up with HBM where the generic path's mma.sync
-    does not (batch 64 x 8k: 0.261 against 0.286 ms); 16-bit KV streams at 97% of read bandwidth on
-    the generic path against 91-93% on the Hopper path; fp8 speculative decoding runs faster on the
-    generic path (q_seq_len 4: 0.3623 against 0.4005 ms), whose consumer does less per row.
+    does not (batch 64 x 8k: 0.257 against 0.286 ms; q_seq_len 4 x group 8: 0.334 against 0.376);
+    beyond one CTA's rows the Hopper path reads the KV once per row tile (q_seq_len 8 x group 8:
+    0.313 against 0.276); 16-bit KV streams at 95-98% of read bandwidth on the generic path against
+    91-93% on the Hopper path.
     """
     hopper = PATHS["hopper"]
-    if (spec.kv_dtype != "e4m3" or spec.q_seq_len != 1 or hopper.target_arch(device_arch) is None
+    if (spec.kv_dtype != "e4m3" or spec.rows > hopper.max_rows_cta or hopper.target_arch(device_arch) is None
             or kv_incompatibility() is not None):
         return spec
     try:

@@ -253,11 +253,17 @@ def make_paged_kv(
     random_device = generator.device if generator is not None else device
     shape = layout.shape(num_pages, page_size, num_kv_heads, head_dim)
 
-    def random_cache() -> torch.Tensor:
-        data = torch.randn(shape, generator=generator, device=random_device).to(device)
-        if dtype == FP8:
-            data = (data * FP8_VALUE_SCALE).clamp(-FP8_MAX, FP8_MAX)
-        return data.to(dtype)
+    def random_cache() -> torch.Tensor:  # in runs of pages, so that no fp32 copy of a large pool exists
+        cache = torch.empty(shape, dtype=dtype, device=device)
+        page_elems = cache[:1].numel() if num_pages else 1
+        step = max(1, RANDOM_CHUNK_ELEMS // page_elems)
+        for first in range(0, num_pages, step):
+            data = torch.randn((min(step, num_pages - first), *shape[1:]), generator=generator,
+                               device=random_device).to(device)
+            if dtype == FP8:
+                data = (data * FP8_VALUE_SCALE).clamp(-FP8_MAX, FP8_MAX)
+            cache[first:first + step] = data.to(dtype)
+        return cache
 
     k_cache, v_cache = random_cache(), random_cache()
     if shuffle:
@@ -270,6 +276,9 @@ def make_paged_kv(
         page_table[b, :n] = order[first:first + n]
         first += n
     return k_cache, v_cache, page_table.to(device)
+
+
+RANDOM_CHUNK_ELEMS = 1 << 28  # fp32 values generated at once by make_paged_kv (1 GiB)
 
 
 def relative_l2_error(out: torch.Tensor, ref: torch.Tensor) -> float:

@@ -775,6 +775,15 @@ enum ConsumerBarrier : uint32_t { kRowMaxReady = 0, kPReady = 1 };
 __device__ __forceinline__ void warpgroup_sync(int wg, ConsumerBarrier id) {
   cutlass::arch::NamedBarrier::arrive_and_wait(128, 1 + 2 * wg + id);
 }
+// Whether `pred` holds for any thread of warpgroup wg: the barrier reduces as it synchronises
+// (bar.red, which CUTLASS's NamedBarrier does not wrap).
+__device__ __forceinline__ bool warpgroup_any(int wg, ConsumerBarrier id, bool pred) {
+  uint32_t any;
+  asm volatile(
+      "{\n .reg .pred p, q;\n setp.ne.u32 p, %1, 0;\n bar.red.or.pred q, %2, 128, p;\n selp.u32 %0, 1, 0, q;\n}"
+      : "=r"(any) : "r"(uint32_t(pred)), "r"(1 + 2 * wg + id) : "memory");
+  return any != 0;
+}
 __device__ __forceinline__ void consumers_sync() {
   cutlass::arch::NamedBarrier::arrive_and_wait(kConsumerThreads, 1 + 2 * kConsumers);
 }
@@ -918,44 +927,58 @@ xqa_hopper_qbf16_kve4m3_oe4m3_d128_g8_p16_s1_tma6x2_8871ce9e(Params const p, __g
       // S^T = K Q^T
       mma_scores<kKvFp8>(sK, q_desc, acc_s, wg_warp, lane);
 
-      // visibility (tiles that reach past the sequence, the window start or the mask), then the
-      // tile maxima of every row: over the thread's tokens, its warp (lanes with the same lane % 4)
-      // and the warpgroup (through shared memory)
+      // visibility (tiles that reach past the sequence, the window start or the mask)
       if (vis.tile_needs_mask(tok0, kKvTile)) {
         CUTE_UNROLL
         for (int v = 0; v < kVals; ++v)
           if (!vis(tok0 + coords.m(v), row_vis[col_of(v)])) acc_s[v] = kNegInf;
       }
-      float tile_max[kCols];
+      // A row's running max rises only where a score exceeds it by more than the headroom
+      // (raise_row_max).  A vote of the warpgroup skips the exchange of tile maxima when no score
+      // does, and the base stays the running max: what raise_row_max gives then.
+      bool raises = false;
       CUTE_UNROLL
-      for (int c = 0; c < kCols; ++c) tile_max[c] = kNegInf;
-      CUTE_UNROLL
-      for (int v = 0; v < kVals; ++v) tile_max[col_of(v)] = fmaxf(tile_max[col_of(v)], acc_s[v]);
-      CUTE_UNROLL
-      for (int c = 0; c < kCols; ++c) {
-        tile_max[c] = fmaxf(tile_max[c], __shfl_xor_sync(0xffffffffu, tile_max[c], 4));
-        tile_max[c] = fmaxf(tile_max[c], __shfl_xor_sync(0xffffffffu, tile_max[c], 8));
-        tile_max[c] = fmaxf(tile_max[c], __shfl_xor_sync(0xffffffffu, tile_max[c], 16));
-      }
-      if (lane < 4) {
+      for (int v = 0; v < kVals; ++v) raises |= acc_s[v] * scale.score_scale > row_max[col_of(v)] + kMaxHeadroom;
+      float rescale[kCols], base[kCols];
+      bool any_rescale = false;
+      if (warpgroup_any(wg, kRowMaxReady, raises)) {
+        // the tile maxima of every row: over the thread's tokens, its warp (lanes with the same
+        // lane % 4) and the warpgroup (through shared memory)
+        float tile_max[kCols];
+        CUTE_UNROLL
+        for (int c = 0; c < kCols; ++c) tile_max[c] = kNegInf;
+        CUTE_UNROLL
+        for (int v = 0; v < kVals; ++v) tile_max[col_of(v)] = fmaxf(tile_max[col_of(v)], acc_s[v]);
+        CUTE_UNROLL
+        for (int c = 0; c < kCols; ++c) {
+          tile_max[c] = fmaxf(tile_max[c], __shfl_xor_sync(0xffffffffu, tile_max[c], 4));
+          tile_max[c] = fmaxf(tile_max[c], __shfl_xor_sync(0xffffffffu, tile_max[c], 8));
+          tile_max[c] = fmaxf(tile_max[c], __shfl_xor_sync(0xffffffffu, tile_max[c], 16));
+        }
+        if (lane < 4) {
+          CUTE_UNROLL
+          for (int v = 0; v < kVals; v += 4)
+            CUTE_UNROLL
+            for (int e = 0; e < 2; ++e) smem.warp_max[wg][wg_warp][coords.n(v + e)] = tile_max[col_of(v + e)];
+        }
+        warpgroup_sync(wg, kRowMaxReady);
         CUTE_UNROLL
         for (int v = 0; v < kVals; v += 4)
           CUTE_UNROLL
-          for (int e = 0; e < 2; ++e) smem.warp_max[wg][wg_warp][coords.n(v + e)] = tile_max[col_of(v + e)];
-      }
-      warpgroup_sync(wg, kRowMaxReady);
-      float rescale[kCols], base[kCols];
-      bool any_rescale = false;
-      CUTE_UNROLL
-      for (int v = 0; v < kVals; v += 4)
+          for (int e = 0; e < 2; ++e) {
+            int const c = col_of(v + e), n = coords.n(v + e);
+            float const m = fmaxf(fmaxf(smem.warp_max[wg][0][n], smem.warp_max[wg][1][n]),
+                                  fmaxf(smem.warp_max[wg][2][n], smem.warp_max[wg][3][n]));
+            rescale[c] = raise_row_max(row_max[c], m, scale.score_scale, base[c]);
+            any_rescale |= rescale[c] != 1.f;
+          }
+      } else {
         CUTE_UNROLL
-        for (int e = 0; e < 2; ++e) {
-          int const c = col_of(v + e), n = coords.n(v + e);
-          float const m = fmaxf(fmaxf(smem.warp_max[wg][0][n], smem.warp_max[wg][1][n]),
-                                fmaxf(smem.warp_max[wg][2][n], smem.warp_max[wg][3][n]));
-          rescale[c] = raise_row_max(row_max[c], m, scale.score_scale, base[c]);
-          any_rescale |= rescale[c] != 1.f;
+        for (int c = 0; c < kCols; ++c) {
+          rescale[c] = 1.f;
+          base[c] = row_max[c] == kNegInf ? 0.f : row_max[c];
         }
+      }
 
       // P = exp2(S * scale - max) -> shared memory (the B operand of O^T); the sums from the same
       // fp32 values
