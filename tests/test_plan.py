@@ -102,15 +102,31 @@ def test_dispatch_sends_fp8_kv_on_sm90_to_the_hopper_path():
     from xqagen.plan import choose_path
 
     tma_ok = lambda: None  # noqa: E731
-    assert choose_path(FP8, "sm_90", tma_ok) == HOPPER_FP8
-    bf16 = KernelSpec(q_dtype="bf16", kv_dtype="bf16", head_dim=128, group=8, page_size=64)
-    assert choose_path(bf16, "sm_90", tma_ok) == bf16  # 16-bit KV streams faster on the generic path
+    large = shape(64, 8192)
+    assert choose_path(FP8, "sm_90", tma_ok, large) == HOPPER_FP8
     for arch in ("sm_80", "sm_89", "sm_100", "sm_120"):  # Hopper cubins run on sm_90 only
-        assert choose_path(FP8, arch, tma_ok) == FP8
-    assert choose_path(FP8, "sm_90", lambda: "the KV pool's token stride is not a multiple of 16") == FP8
+        assert choose_path(FP8, arch, tma_ok, large) == FP8
+    assert choose_path(FP8, "sm_90", lambda: "the KV pool's token stride is not a multiple of 16", large) == FP8
     for q_seq_len, group, path in ((2, 8, "hopper"), (4, 8, "hopper"), (8, 4, "hopper"), (8, 8, "generic")):
         specdec = dataclasses.replace(FP8, q_seq_len=q_seq_len, group=group)  # one Hopper CTA holds 32 rows
-        assert choose_path(specdec, "sm_90", tma_ok).path == path
+        assert choose_path(specdec, "sm_90", tma_ok, large).path == path
+
+
+@pytest.mark.parametrize("batch, kv_len, path", [
+    (1, 1024, "hopper"),    # small launches: the Hopper path's pipeline starts sooner
+    (16, 1024, "hopper"),
+    (1, 32768, "hopper"),   # 64 MiB: 0.5 MiB per SM
+    (4, 16384, "generic"),  # 256 MiB: 2 MiB per SM, where the generic path streams faster
+    (64, 8192, "generic"),
+])
+def test_dispatch_sends_small_16bit_decodes_to_the_hopper_path(batch, kv_len, path):
+    from xqagen.plan import choose_path
+
+    bf16 = KernelSpec(q_dtype="bf16", kv_dtype="bf16", head_dim=128, group=8, page_size=64)
+    assert choose_path(bf16, "sm_90", lambda: None, shape(batch, kv_len)).path == path
+    assert choose_path(bf16, "sm_80", lambda: None, shape(batch, kv_len)) == bf16
+    specdec = dataclasses.replace(bf16, q_seq_len=4)  # 16-bit speculative decoding stays generic
+    assert choose_path(specdec, "sm_90", lambda: None, shape(batch, kv_len)) == specdec
 
 
 @pytest.mark.parametrize("batch, kv_len, splits", [

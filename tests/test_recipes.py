@@ -11,7 +11,7 @@ from xqagen.emitters.generic import TILES
 from xqagen.spec import KernelSpec
 
 # Each recipe variant ships its default tile and the split tile small batches dispatch to.
-SHIPPED = {"llama3-8b": 8, "llama3-70b-fp8": 16, "llama3.2-1b": 4, "llama3-70b-specdec": 10, "gpt-oss": 8}
+SHIPPED = {"llama3-8b": 12, "llama3-70b-fp8": 16, "llama3.2-1b": 8, "llama3-70b-specdec": 10, "gpt-oss": 12}
 
 
 @pytest.mark.parametrize("path", shipped_recipes(), ids=lambda path: path.stem)

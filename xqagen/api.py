@@ -149,15 +149,17 @@ def prepare_decode(q, k_cache, v_cache, page_table, seq_lens, *, out=None, out_d
     device = problem.device
     if device.type != "cuda":
         fail("q", "CUDA tensors (the kernels run on NVIDIA GPUs)", f"tensors on {device}")
-    spec = variant_for(problem, path=path, tile=tile, device=device, k_cache=problem.k_cache, v_cache=problem.v_cache)
+    if sm_count is None:
+        sm_count = device_sm_count(device)
+    shape = LaunchShape(problem.batch, problem.num_kv_heads, problem.kv_len, sm_count)
+    spec = variant_for(problem, shape, path=path, tile=tile, device=device, k_cache=problem.k_cache,
+                       v_cache=problem.v_cache)
     if enable_pdl and not supports_pdl(device):
         fail("enable_pdl", "False on a GPU older than sm_90 (programmatic dependent launch needs sm_90+)",
              f"True on {torch.cuda.get_device_name(device)}")
 
     workspace = default_workspace(device) if workspace is None else workspace
-    if sm_count is None:
-        sm_count = device_sm_count(device)
-    plan = plan_launch(spec, LaunchShape(problem.batch, problem.num_kv_heads, problem.kv_len, sm_count),
+    plan = plan_launch(spec, shape,
                        tile_given=tile is not None, num_splits=num_splits, workspace=workspace.size)
     kernel = get_kernel(plan.spec, cache_dir=cache_dir)
     params = kernel.path.pack(plan.spec, problem, plan.num_splits, workspace)
@@ -166,10 +168,10 @@ def prepare_decode(q, k_cache, v_cache, page_table, seq_lens, *, out=None, out_d
     return DecodeCall(plan, kernel, problem.out, bound)
 
 
-def variant_for(problem, *, path: str | None, tile, device: torch.device, k_cache: torch.Tensor,
-                v_cache: torch.Tensor):
-    """The kernel variant of a validated problem launched on CUDA ``device``: on ``path`` and
-    ``tile`` when given, else on the path :func:`xqagen.plan.choose_path` picks for the GPU.
+def variant_for(problem, shape: LaunchShape, *, path: str | None, tile, device: torch.device,
+                k_cache: torch.Tensor, v_cache: torch.Tensor):
+    """The kernel variant of a validated problem launched on CUDA ``device`` in ``shape``: on
+    ``path`` and ``tile`` when given, else on the path :func:`xqagen.plan.choose_path` picks.
     ``k_cache`` and ``v_cache`` are the pools the launches read (the problem's may be shape-only).
     A Hopper-path variant needs pools TMA can read."""
     from .tensor_maps import tma_incompatibility
@@ -186,7 +188,7 @@ def variant_for(problem, *, path: str | None, tile, device: torch.device, k_cach
         fail("k_cache", "a KV pool TMA can read on the hopper path (16-byte aligned, strides multiples of 16 bytes)",
              reason)
     if path is None and tile is None:
-        spec = choose_path(spec, device_arch(device), kv_incompatibility)
+        spec = choose_path(spec, device_arch(device), kv_incompatibility, shape)
     return spec
 
 

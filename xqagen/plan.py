@@ -17,22 +17,38 @@ from .emitters import PATHS, KernelPath, LaunchShape, WorkspaceSize, path_of
 from .spec import KernelSpec, SpecError
 
 
-def choose_path(spec: KernelSpec, device_arch: str, kv_incompatibility: Callable[[], str | None]) -> KernelSpec:
-    """``spec`` (on the generic path's default tile) moved to the path that runs it fastest on a GPU
-    of ``device_arch``: the Hopper path on sm_90 for an fp8 KV cache that TMA can read
-    (``kv_incompatibility()`` is None) whose rows (q_seq_len x group) one Hopper CTA holds, the
-    generic path otherwise.
+# 16-bit KV decodes of at most this many KV bytes per SM run on the Hopper path: its pipeline starts
+# sooner than the generic path's, which streams faster once there is enough to read (H200 sweep in
+# docs/benchmarks.md: batch 1-16 up to 0.5 MiB per SM 1.1-1.3x faster on the Hopper path; from 2 MiB
+# per SM the generic path leads, by 1-2% at 2 MiB and 6-10% beyond).
+HOPPER_16BIT_MAX_KV_BYTES_PER_SM = 1 << 20
+
+
+def choose_path(spec: KernelSpec, device_arch: str, kv_incompatibility: Callable[[], str | None],
+                shape: LaunchShape) -> KernelSpec:
+    """``spec`` (on the generic path's default tile) moved to the path that runs a launch of
+    ``shape`` fastest on a GPU of ``device_arch``.  On sm_90, with KV pools that TMA can read
+    (``kv_incompatibility()`` is None), the Hopper path takes an fp8 KV cache whose rows
+    (q_seq_len x group) one Hopper CTA holds, and 16-bit decode (one query token) of at most
+    HOPPER_16BIT_MAX_KV_BYTES_PER_SM; the generic path takes everything else.
 
     The rule follows the H200 measurements in docs/benchmarks.md ("Path dispatch"): with fp8 KV the
     Hopper path's wgmma and register conversion keep up with HBM where the generic path's mma.sync
     does not (batch 64 x 8k: 0.257 against 0.286 ms; q_seq_len 4 x group 8: 0.334 against 0.376);
     beyond one CTA's rows the Hopper path reads the KV once per row tile (q_seq_len 8 x group 8:
-    0.313 against 0.276); 16-bit KV streams at 95-98% of read bandwidth on the generic path against
-    91-93% on the Hopper path.
+    0.313 against 0.276); 16-bit KV streams at 95-99% of read bandwidth on the generic path against
+    90-93% on the Hopper path, whose shorter start wins small launches (batch 1 x 1k: 5.7 against
+    7.6 us; batch 16 x 1k: 18.9 against 24.4 us).
     """
     hopper = PATHS["hopper"]
-    if (spec.kv_dtype != "e4m3" or spec.rows > hopper.max_rows_cta or hopper.target_arch(device_arch) is None
-            or kv_incompatibility() is not None):
+    if hopper.target_arch(device_arch) is None:
+        return spec
+    if spec.kv_dtype == "e4m3":
+        takes = spec.rows <= hopper.max_rows_cta
+    else:
+        kv_bytes = 2 * shape.batch * shape.kv_len * shape.num_kv_heads * spec.head_dim * 2
+        takes = spec.q_seq_len == 1 and kv_bytes <= HOPPER_16BIT_MAX_KV_BYTES_PER_SM * shape.sm_count
+    if not takes or kv_incompatibility() is not None:
         return spec
     try:
         return dataclasses.replace(spec, path=hopper.name, tile=None)

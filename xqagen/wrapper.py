@@ -113,18 +113,20 @@ class DecodeWrapper:
                           out_dtype=DTYPE_NAMES[out_dtype] if out_dtype is not None else None, head_dim=head_dim,
                           group=num_q_heads // num_kv_heads, page_size=page_size, q_seq_len=q_seq_len,
                           features=features, path=path or "generic", tile=tile)
-        specs = {spec}
-        if path is None and tile is None:  # what dispatch picks on a GPU that takes the Hopper path
-            specs.add(choose_path(spec, "sm_90", lambda: None))
         unbounded = WorkspaceSize(1 << 62, 1 << 62)
         powers = [1 << k for k in range(max_kv_len.bit_length()) if 1 << k <= max_kv_len]
         kv_lens = sorted({max_kv_len, *powers, *(p - 1 for p in powers if p > 1)})
         floats = semaphores = 0
-        for spec, batch, kv_len in itertools.product(specs, range(1, max_batch + 1), kv_lens):
-            plan = plan_launch(spec, LaunchShape(batch, num_kv_heads, kv_len, sm_count), tile_given=tile is not None,
-                               num_splits=num_splits, workspace=unbounded)
-            need = plan.path.workspace_need(plan.spec, batch, num_kv_heads, plan.num_splits)
-            floats, semaphores = max(floats, need.floats), max(semaphores, need.semaphores)
+        for batch, kv_len in itertools.product(range(1, max_batch + 1), kv_lens):
+            shape = LaunchShape(batch, num_kv_heads, kv_len, sm_count)
+            specs = {spec}
+            if path is None and tile is None:  # what dispatch picks on a GPU that takes the Hopper path
+                specs.add(choose_path(spec, "sm_90", lambda: None, shape))
+            for launched in specs:
+                plan = plan_launch(launched, shape, tile_given=tile is not None, num_splits=num_splits,
+                                   workspace=unbounded)
+                need = plan.path.workspace_need(plan.spec, batch, num_kv_heads, plan.num_splits)
+                floats, semaphores = max(floats, need.floats), max(semaphores, need.semaphores)
         return 4 * floats, semaphores + 1  # the semaphore buffer's last int32 is the fault word
 
     def plan(self, page_table: torch.Tensor, seq_lens: torch.Tensor, kv_cache: torch.Tensor, *, num_q_heads: int,
@@ -173,7 +175,8 @@ class DecodeWrapper:
             workspace = Workspace(torch.empty(0, dtype=torch.float32, device=device),
                                   torch.empty(0, dtype=torch.int32, device=device))
         launch_shape = LaunchShape(batch, problem.num_kv_heads, problem.kv_len, sm_count or device_sm_count(device))
-        spec = variant_for(problem, path=path, tile=tile, device=device, k_cache=kv_cache, v_cache=kv_cache)
+        spec = variant_for(problem, launch_shape, path=path, tile=tile, device=device, k_cache=kv_cache,
+                           v_cache=kv_cache)
         plan = plan_launch(spec, launch_shape,
                            tile_given=tile is not None, num_splits=num_splits,
                            workspace=self._workspace.size if self._workspace is not None else None)
