@@ -19,8 +19,8 @@ from .spec import KernelSpec, SpecError
 
 # 16-bit KV decodes of at most this many KV bytes per SM run on the Hopper path: its pipeline starts
 # sooner than the generic path's, which streams faster once there is enough to read (H200 sweep in
-# docs/benchmarks.md: batch 1-16 up to 0.5 MiB per SM 1.1-1.3x faster on the Hopper path; from 2 MiB
-# per SM the generic path leads, by 1-2% at 2 MiB and 6-10% beyond).
+# docs/benchmarks.md: up to 0.5 MiB per SM the Hopper path is 1.1-1.3x faster; at 2 MiB the two are
+# within 1-2% either way; beyond, the generic path leads by 3-11%).
 HOPPER_16BIT_MAX_KV_BYTES_PER_SM = 1 << 20
 
 
