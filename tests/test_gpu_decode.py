@@ -342,6 +342,44 @@ def test_last_head_dim_block_alone_decides_the_scores(case: Case):
     _check_against_reference(case, keep_last_block)
 
 
+# Masks and windows read off the output: requests no longer than head_dim, so that V can be one-hot
+# in the token position.  Both paths, pages shorter than the requests, several splits.
+VISIBILITY_CASES = [replace(BASE, head_dim=64, page_size=16, seq_lens=(50, 7, 64), **change) for change in (
+    dict(q_seq_len=4, mask="tree"), dict(q_seq_len=8, mask="causal", window=5), dict(q_seq_len=3, mask="tree", window=20),
+    dict(window=9, num_splits=3), dict(kv_dtype="e4m3", q_seq_len=4, mask="tree", num_splits=3),
+    dict(kv_dtype="e4m3", group=5, q_seq_len=5, mask="tree", window=30))]
+VISIBILITY_CASES += [replace(case, path="hopper") for case in VISIBILITY_CASES]
+
+
+@pytest.mark.parametrize("case", VISIBILITY_CASES, ids=lambda c: c.id)
+def test_zero_scores_average_exactly_the_visible_values(case: Case):
+    """q = 0 makes every visible score 0, so each output row is the plain mean of the V rows it sees.
+    With the V row of token t the unit vector e_t, an output element is nonzero exactly where its row
+    sees that token, and equals 1 / (the tokens it sees): a mask bit, window edge or page the kernel
+    gets wrong moves a zero."""
+    from xqagen.api import xqa_decode
+    from xqagen.emitters import PATHS
+    from xqagen.runtime import device_arch
+
+    if PATHS[case.path].target_arch(device_arch(torch.device("cuda"))) is None:
+        pytest.skip(f"the {case.path} path does not run on this GPU")
+    q, k_cache, v_cache, page_table, seq_lens, kwargs = _inputs(case, seed=zlib.crc32(case.id.encode()))
+    q.zero_()
+    kwargs["kv_scale"] = 1.0
+    v_cache.zero_()  # NHD: [page, token in page, KV head, head_dim]
+    for b, length in enumerate(case.seq_lens):
+        for t in range(length):
+            v_cache[page_table[b, t // case.page_size], t % case.page_size, :, t] = 1
+    ref = xqa_reference(q, k_cache, v_cache, page_table, seq_lens, num_kv_heads=case.num_kv_heads,
+                        out_dtype=torch.float64, compute_dtype=torch.float64, **kwargs)
+    out = torch.full_like(q, float("nan"))
+    xqa_decode(q, k_cache, v_cache, page_table, seq_lens, out=out, num_splits=case.num_splits, path=case.path,
+               **kwargs)
+    torch.cuda.synchronize()
+    assert torch.equal(out != 0, ref != 0), f"visible positions differ for {case.id}"
+    assert torch.allclose(out.double(), ref, rtol=2 ** -8, atol=0), f"visible means differ for {case.id}"
+
+
 @pytest.mark.parametrize("kv_dtype, q_scale, kv_scale", [
     ("bf16", -0.7, 1.0),    # a negative scale product: the kernel negates Q instead
     ("e4m3", 0.7, -1.3),
