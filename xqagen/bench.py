@@ -39,6 +39,7 @@ extra); with ``--from JSON`` it draws a recorded run and runs nothing (records o
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import importlib
 import importlib.metadata
@@ -771,21 +772,20 @@ def main(argv: list[str] | None = None) -> int:
     read_tbps = reader.bandwidth_tbps()
     header = {"device": props.name, "copy_TBps": copy_tbps, "read_TBps": read_tbps, "pdl": pdl, "path": args.path,
               "versions": run_versions()}
-    record = open(args.json, "w") if args.json else None  # a row per case as it is measured: a failure keeps the rest
-    if record:
-        record.write(json.dumps(header) + "\n")
     results = []
-    for case in cases:
-        result = run_case(case, copy_tbps, read_tbps, flashinfer=flashinfer, num_splits=args.num_splits,
-                          l2_bytes=getattr(props, "L2_cache_size", 0), pdl=pdl, path=args.path, reader=reader)
-        results.append(result)
-        print(format_table([result], copy_tbps, read_tbps, props.name).splitlines()[-1], flush=True)
+    # a JSON row per case as it is measured: a case that fails keeps the rows before it
+    with open(args.json, "w") if args.json else contextlib.nullcontext() as record:
         if record:
-            record.write(json.dumps(result.row()) + "\n")
-            record.flush()
-        torch.cuda.empty_cache()
-    if record:
-        record.close()
+            record.write(json.dumps(header) + "\n")
+        for case in cases:
+            result = run_case(case, copy_tbps, read_tbps, flashinfer=flashinfer, num_splits=args.num_splits,
+                              l2_bytes=getattr(props, "L2_cache_size", 0), pdl=pdl, path=args.path, reader=reader)
+            results.append(result)
+            print(format_table([result], copy_tbps, read_tbps, props.name).splitlines()[-1], flush=True)
+            if record:
+                record.write(json.dumps(result.row()) + "\n")
+                record.flush()
+            torch.cuda.empty_cache()
     print(format_table(results, copy_tbps, read_tbps, props.name))
     print(f"programmatic dependent launch: {'on' if pdl else 'off'} for both libraries")
     rows = [r.row() for r in results]

@@ -46,7 +46,7 @@ def choose_path(spec: KernelSpec, device_arch: str, kv_incompatibility: Callable
     if spec.kv_dtype == "e4m3":
         takes = spec.rows <= hopper.max_rows_cta
     else:
-        kv_bytes = 2 * shape.batch * shape.kv_len * shape.num_kv_heads * spec.head_dim * 2
+        kv_bytes = 2 * shape.batch * shape.kv_len * shape.num_kv_heads * spec.head_dim * 2  # K and V, 2 bytes each
         takes = spec.q_seq_len == 1 and kv_bytes <= HOPPER_16BIT_MAX_KV_BYTES_PER_SM * shape.sm_count
     if not takes or kv_incompatibility() is not None:
         return spec

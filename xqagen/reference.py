@@ -81,6 +81,7 @@ COMPUTE_DTYPES = (torch.float32, torch.float64)
 # make_paged_kv's fp8 caches hold standard-normal values times this; kv_scale = 1 / FP8_VALUE_SCALE
 # brings them back to unit scale while the stored values use much of e4m3's range.
 FP8_VALUE_SCALE = 32.0
+RANDOM_CHUNK_ELEMS = 1 << 28  # fp32 values make_paged_kv generates at once (1 GiB)
 
 Scale = float | torch.Tensor
 
@@ -276,9 +277,6 @@ def make_paged_kv(
         page_table[b, :n] = order[first:first + n]
         first += n
     return k_cache, v_cache, page_table.to(device)
-
-
-RANDOM_CHUNK_ELEMS = 1 << 28  # fp32 values generated at once by make_paged_kv (1 GiB)
 
 
 def relative_l2_error(out: torch.Tensor, ref: torch.Tensor) -> float:
