@@ -246,15 +246,20 @@ def test_matches_reference(case: Case, record_property):
     record_property("rel_l2_error", _check_against_reference(case))
 
 
-def _check_against_reference(case: Case, edit_inputs=None) -> float:
-    """``edit_inputs(q, kwargs)``, if given, changes the random inputs in place before the launches;
-    returns the relative L2 error."""
-    from xqagen.api import xqa_decode
+def _skip_unless_the_path_runs_here(case: Case) -> None:
     from xqagen.emitters import PATHS
     from xqagen.runtime import device_arch
 
     if PATHS[case.path].target_arch(device_arch(torch.device("cuda"))) is None:
         pytest.skip(f"the {case.path} path does not run on this GPU")
+
+
+def _check_against_reference(case: Case, edit_inputs=None) -> float:
+    """``edit_inputs(q, kwargs)``, if given, changes the random inputs in place before the launches;
+    returns the relative L2 error."""
+    from xqagen.api import xqa_decode
+
+    _skip_unless_the_path_runs_here(case)
 
     q, k_cache, v_cache, page_table, seq_lens, kwargs = _inputs(case, seed=zlib.crc32(case.id.encode()))
     if edit_inputs is not None:
@@ -358,11 +363,8 @@ def test_zero_scores_average_exactly_the_visible_values(case: Case):
     sees that token, and equals 1 / (the tokens it sees): a mask bit, window edge or page the kernel
     gets wrong moves a zero."""
     from xqagen.api import xqa_decode
-    from xqagen.emitters import PATHS
-    from xqagen.runtime import device_arch
 
-    if PATHS[case.path].target_arch(device_arch(torch.device("cuda"))) is None:
-        pytest.skip(f"the {case.path} path does not run on this GPU")
+    _skip_unless_the_path_runs_here(case)
     q, k_cache, v_cache, page_table, seq_lens, kwargs = _inputs(case, seed=zlib.crc32(case.id.encode()))
     q.zero_()
     kwargs["kv_scale"] = 1.0
