@@ -32,10 +32,12 @@ ELEM_BYTES = {"fp16": 2, "bf16": 2, "e4m3": 1}
 KV_TILE = 64  # KV tokens per stage: the M of one wgmma
 WARPGROUP_THREADS = 128
 PRODUCER_THREADS = 32  # one warp issues every TMA
-# Query rows per CTA (the wgmma N, a power of two from 8); more rows tile over CTAs.  At 64 rows the
-# consumer's accumulators, fp8 fragments and per-row state exceed 255 registers (fp8 d128 with a
-# mask: 254 and spills).
-MAX_ROWS_CTA = 32
+# Query rows per CTA: the wgmma N, a power of two from 8; more rows tile over CTAs.  64 rows take up
+# to 241 registers per consumer thread (d128 with sinks, window and ragged q), which a CTA of one
+# consumer warpgroup has; with two, ptxas rounds the 288-thread CTA up to whole warpgroups and
+# allows 168 (32 rows fit, 64 spill), and d256 spills even with one.
+MAX_ROWS_CTA = 64
+MAX_ROWS_CTA_SHARED_REGISTERS = 32  # two consumer warpgroups, or head_dim above 128
 # TMA box and swizzle: a shared-memory row of K/V is cut into chunks of at most 128 bytes (the
 # widest swizzle), each chunk one box of a tile.
 MAX_CHUNK_BYTES = 128
@@ -86,7 +88,7 @@ class HopperTile:
 # The shipped catalogue: stages x consumer warpgroups (HopperPath.default_tile chooses).
 TILES: Mapping[str, HopperTile] = {tile.name: tile for tile in (
     HopperTile(f"tma{stages}x{consumers}", stages=stages, consumers=consumers)
-    for stages, consumers in ((2, 1), (3, 1), (4, 1), (2, 2), (4, 2), (6, 2)))}
+    for stages, consumers in ((2, 1), (3, 1), (4, 1), (6, 1), (2, 2), (4, 2), (6, 2)))}
 
 
 def _round_up(x: int, m: int) -> int:
@@ -112,7 +114,8 @@ class HopperPlan:
         kv_bytes = ELEM_BYTES[spec.kv_dtype]
         mma_dtype = "fp16" if spec.kv_dtype == "e4m3" else spec.q_dtype
         head_dim_pad = _round_up(spec.head_dim, 64)
-        rows_cta = min(MAX_ROWS_CTA, max(8, 1 << (spec.rows - 1).bit_length()))
+        max_rows = MAX_ROWS_CTA if spec.tile.consumers == 1 and head_dim_pad <= 128 else MAX_ROWS_CTA_SHARED_REGISTERS
+        rows_cta = min(max_rows, max(8, 1 << (spec.rows - 1).bit_length()))
         row_bytes = head_dim_pad * kv_bytes
         chunk_bytes = MAX_CHUNK_BYTES if row_bytes % MAX_CHUNK_BYTES == 0 else 64
         p_atom = {64: "Layout_MN_SW128_Atom", 32: "Layout_MN_SW64_Atom", 16: "Layout_MN_SW32_Atom",
@@ -222,13 +225,28 @@ class HopperPath(KernelPath):
             return None
         return dataclasses.replace(spec, tile=TILES["tma4x2"])
 
+    def wide_rows_variant(self, spec: KernelSpec) -> KernelSpec | None:
+        """``spec`` with one consumer warpgroup on 64 query rows, where its default tile splits more
+        than 32 rows into row tiles of 32 and its head dim lets one warpgroup hold 64; else None."""
+        tile = TILES.get(f"tma{spec.tile.stages}x1")
+        if spec.tile.consumers == 1 or spec.rows <= MAX_ROWS_CTA_SHARED_REGISTERS or tile is None:
+            return None
+        wide = dataclasses.replace(spec, tile=tile)
+        return wide if self.unsupported(wide) is None and plan_of(wide).rows_cta > MAX_ROWS_CTA_SHARED_REGISTERS else None
+
     def launch_specs(self, spec: KernelSpec) -> list[KernelSpec]:
-        full_grid = self._full_grid_variant(spec)
-        return [spec] if full_grid is None else [spec, full_grid]
+        return [spec] + [v for v in (self._full_grid_variant(spec), self.wide_rows_variant(spec)) if v is not None]
 
     def choose_tile(self, spec: KernelSpec, shape: LaunchShape) -> KernelSpec:
-        """The four-stage tile for grids of FULL_GRID_CTAS_PER_SM CTAs per SM or more; ``spec``
+        """For more than 32 query rows, one consumer warpgroup on 64 rows once those CTAs fill half
+        the SMs or more without KV splits (16-bit q_seq_len 8 x group 8: batch 32 x 8k 0.2862 ms
+        against 0.3406 with two warpgroups on row tiles of 32; batch 16 x 8k 0.1412 against
+        0.1606); two keep smaller grids, split (batch 4 x 16k: 0.0768 against 0.0955).  Else the
+        four-stage tile for grids of FULL_GRID_CTAS_PER_SM CTAs per SM or more, and ``spec``
         otherwise."""
+        wide = self.wide_rows_variant(spec)
+        if wide is not None and 2 * shape.batch * shape.num_kv_heads * plan_of(wide).row_tiles >= shape.sm_count:
+            return wide
         full_grid = self._full_grid_variant(spec)
         ctas = shape.batch * shape.num_kv_heads * plan_of(spec).row_tiles
         return full_grid if full_grid is not None and ctas >= FULL_GRID_CTAS_PER_SM * shape.sm_count else spec

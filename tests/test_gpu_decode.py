@@ -170,7 +170,15 @@ HOPPER_CASES = [replace(case, path="hopper") for case in SINGLE_AXIS if case.til
         ("tma2x2", dict(head_dim=256, kv_dtype="e4m3", seq_lens=(3001, 65))),
         ("tma4x2", dict(q_seq_len=4, mask="tree", kv_dtype="e4m3", sinks=True, window=300, num_splits=3)),
         ("tma2x2", dict(group=32, q_seq_len=2, mask="causal", seq_lens=(20000, 3), num_splits=5)),
-        ("tma4x2", dict(group=5, kv_dtype="e4m3", head_dim=64, seq_lens=(127,))))]
+        ("tma4x2", dict(group=5, kv_dtype="e4m3", head_dim=64, seq_lens=(127,))),
+        # one consumer warpgroup holds 64 rows: a full row tile, two of them, and partial ones
+        ("tma4x1", dict(q_seq_len=8, mask="tree", kv_dtype="e4m3", seq_lens=(900, 33, 4000))),
+        ("tma6x1", dict(q_seq_len=13, mask="tree", kv_dtype="e4m3", sinks=True, window=300, num_splits=3,
+                        seq_lens=(900, 33, 4000))),
+        ("tma2x1", dict(q_seq_len=8, mask="causal", sinks=True, head_dim=96, kv_layout="HND", page_size=16)),
+        ("tma3x1", dict(group=16, q_seq_len=4, mask="tree", kv_dtype="e4m3", out_dtype="e4m3", num_splits=5,
+                        seq_lens=(20000, 5))),
+        ("tma4x1", dict(group=5, q_seq_len=8, mask="tree", head_dim=64, window=17, seq_lens=(8, 9, 65, 129))))]
 CASES = SINGLE_AXIS + _combinations(24) + _combinations(16, seed=2027, head_dims=NEW_HEAD_DIMS) + HOPPER_CASES
 
 
@@ -353,7 +361,9 @@ VISIBILITY_CASES = [replace(BASE, head_dim=64, page_size=16, seq_lens=(50, 7, 64
     dict(q_seq_len=4, mask="tree"), dict(q_seq_len=8, mask="causal", window=5), dict(q_seq_len=3, mask="tree", window=20),
     dict(window=9, num_splits=3), dict(kv_dtype="e4m3", q_seq_len=4, mask="tree", num_splits=3),
     dict(kv_dtype="e4m3", group=5, q_seq_len=5, mask="tree", window=30))]
-VISIBILITY_CASES += [replace(case, path="hopper") for case in VISIBILITY_CASES]
+VISIBILITY_CASES += [replace(case, path="hopper") for case in VISIBILITY_CASES] + [
+    replace(VISIBILITY_CASES[1], path="hopper", tile="tma4x1"),  # 64 rows in one CTA
+    replace(VISIBILITY_CASES[4], path="hopper", tile="tma6x1", group=16, q_seq_len=5)]  # 80 rows: two row tiles
 
 
 @pytest.mark.parametrize("case", VISIBILITY_CASES, ids=lambda c: c.id)

@@ -108,8 +108,13 @@ def test_dispatch_sends_fp8_kv_on_sm90_to_the_hopper_path():
         assert choose_path(FP8, arch, tma_ok, large) == FP8
     assert choose_path(FP8, "sm_90", lambda: "the KV pool's token stride is not a multiple of 16", large) == FP8
     for q_seq_len, group, path in ((2, 8, "hopper"), (4, 8, "hopper"), (8, 4, "hopper"), (8, 8, "generic")):
-        specdec = dataclasses.replace(FP8, q_seq_len=q_seq_len, group=group)  # one Hopper CTA holds 32 rows
+        specdec = dataclasses.replace(FP8, q_seq_len=q_seq_len, group=group)  # up to 32 rows at any shape
         assert choose_path(specdec, "sm_90", tma_ok, large).path == path
+    # 64 rows: compute-bound on both paths, so the Hopper path only where its grid needs KV splits
+    many_rows = dataclasses.replace(FP8, q_seq_len=8)
+    assert choose_path(many_rows, "sm_90", tma_ok, shape(4, 16384)).path == "hopper"  # 64 CTAs of 32 rows
+    assert choose_path(many_rows, "sm_90", tma_ok, shape(8, 16384)).path == "hopper"  # 128
+    assert choose_path(many_rows, "sm_90", tma_ok, shape(9, 16384)).path == "generic"  # 144: more than 132 SMs
 
 
 @pytest.mark.parametrize("batch, kv_len, path", [
@@ -125,8 +130,21 @@ def test_dispatch_sends_small_16bit_decodes_to_the_hopper_path(batch, kv_len, pa
     bf16 = KernelSpec(q_dtype="bf16", kv_dtype="bf16", head_dim=128, group=8, page_size=64)
     assert choose_path(bf16, "sm_90", lambda: None, shape(batch, kv_len)).path == path
     assert choose_path(bf16, "sm_80", lambda: None, shape(batch, kv_len)) == bf16
-    specdec = dataclasses.replace(bf16, q_seq_len=4)  # 16-bit speculative decoding stays generic
+    specdec = dataclasses.replace(bf16, q_seq_len=4)  # 32 rows of 16-bit speculative decoding stay generic
     assert choose_path(specdec, "sm_90", lambda: None, shape(batch, kv_len)) == specdec
+    many_rows = dataclasses.replace(bf16, q_seq_len=8)  # 64 rows: the Hopper path holds them in one CTA
+    assert choose_path(many_rows, "sm_90", lambda: None, shape(batch, kv_len)).path == "hopper"
+    wide_head = dataclasses.replace(many_rows, head_dim=256)  # where it cannot, they stay generic
+    assert choose_path(wide_head, "sm_90", lambda: None, shape(batch, kv_len)) == wide_head
+
+
+def test_dispatch_keeps_16bit_decode_grids_of_several_ctas_per_sm_generic():
+    from xqagen.plan import choose_path
+
+    gpt_oss = KernelSpec(q_dtype="bf16", kv_dtype="bf16", head_dim=64, group=8, page_size=64,
+                         features=frozenset({"sinks", "sliding_window"}))
+    assert choose_path(gpt_oss, "sm_90", lambda: None, shape(64, 128)) == gpt_oss  # 512 CTAs, 16 MiB
+    assert choose_path(gpt_oss, "sm_90", lambda: None, shape(16, 128)).path == "hopper"  # 128 CTAs
 
 
 @pytest.mark.parametrize("batch, kv_len, splits", [
@@ -156,6 +174,24 @@ def test_hopper_tile_by_grid(batch, kv_len, tile):
     assert forced.spec == HOPPER_FP8  # a tile the caller names stays
 
 
+@pytest.mark.parametrize("kv_dtype, batch, kv_len, tile, rows_cta", [
+    ("bf16", 32, 8192, "tma4x1", 64),   # 256 CTAs of 64 rows: one consumer warpgroup each
+    ("bf16", 16, 8192, "tma4x1", 64),   # 128
+    ("bf16", 9, 8192, "tma4x1", 64),    # 72: half the SMs at least
+    ("bf16", 8, 8192, "tma4x2", 32),    # 64 would need splits: two row tiles of 32, two warpgroups
+    ("bf16", 4, 16384, "tma4x2", 32),
+    ("e4m3", 32, 8192, "tma6x1", 64),
+])
+def test_hopper_tile_for_64_rows(kv_dtype, batch, kv_len, tile, rows_cta):
+    from xqagen.emitters.hopper import plan_of
+
+    spec = KernelSpec(q_dtype="bf16", kv_dtype=kv_dtype, head_dim=128, group=8, page_size=64, q_seq_len=8,
+                      path="hopper")
+    plan = plan_launch(spec, shape(batch, kv_len), workspace=LARGE)
+    assert (plan.spec.tile.name, plan_of(plan.spec).rows_cta) == (tile, rows_cta)
+    assert plan.spec in path_of(spec).launch_specs(spec)  # recipes ship what dispatch picks
+
+
 def test_hopper_tiles_and_rows():
     from xqagen.emitters.hopper import HopperTile, plan_of
     from xqagen.spec import SpecError
@@ -165,10 +201,13 @@ def test_hopper_tiles_and_rows():
     assert wide.tile.name == "tma2x2" and plan_of(wide).smem_bytes <= 227 * 1024
     with pytest.raises(SpecError, match="multiple of consumers"):
         HopperTile("odd", stages=3, consumers=2)  # a warpgroup could run two phases ahead of a stage
-    # rows -> wgmma N: powers of two from 8 to 32, more rows over several CTAs
-    for group, q_seq_len, rows_cta, row_tiles in ((1, 1, 8, 1), (5, 1, 8, 1), (8, 3, 32, 1), (16, 4, 32, 2)):
-        spec = KernelSpec(q_dtype="bf16", kv_dtype="e4m3", head_dim=128, group=group, page_size=16,
-                          q_seq_len=q_seq_len, path="hopper")
+    # rows -> wgmma N: powers of two from 8 to 32 with two consumer warpgroups, to 64 with one (up to
+    # head_dim 128), more rows over several CTAs
+    for group, q_seq_len, tile, head_dim, rows_cta, row_tiles in (
+            (1, 1, None, 128, 8, 1), (5, 1, None, 128, 8, 1), (8, 3, None, 128, 32, 1), (16, 4, None, 128, 32, 2),
+            (16, 4, "tma4x1", 128, 64, 1), (8, 13, "tma2x1", 96, 64, 2), (8, 8, "tma2x1", 256, 32, 2)):
+        spec = KernelSpec(q_dtype="bf16", kv_dtype="e4m3", head_dim=head_dim, group=group, page_size=16,
+                          q_seq_len=q_seq_len, path="hopper", tile=tile)
         assert (plan_of(spec).rows_cta, plan_of(spec).row_tiles) == (rows_cta, row_tiles)
 
 

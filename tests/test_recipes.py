@@ -11,7 +11,7 @@ from xqagen.emitters.generic import TILES
 from xqagen.spec import KernelSpec
 
 # Each recipe variant ships its default tile and the split tile small batches dispatch to.
-SHIPPED = {"llama3-8b": 12, "llama3-70b-fp8": 16, "llama3.2-1b": 8, "llama3-70b-specdec": 10, "gpt-oss": 12}
+SHIPPED = {"llama3-8b": 12, "llama3-70b-fp8": 16, "llama3.2-1b": 8, "llama3-70b-specdec": 15, "gpt-oss": 12}
 
 
 @pytest.mark.parametrize("path", shipped_recipes(), ids=lambda path: path.stem)
@@ -44,7 +44,9 @@ def test_shipped_recipe_contents():
     assert {(s.kv_dtype, s.q_seq_len) for s in specdec.variants} == {
         (kv, n) for kv in ("bf16", "e4m3") for n in (4, 8)}
     assert {(s.kv_dtype, s.q_seq_len, s.tile.name) for s in specdec.variants if s.path == "hopper"} == {
-        ("e4m3", 4, "tma6x2"), ("e4m3", 4, "tma4x2")}  # what sm_90 dispatches fp8 with 32 rows to
+        ("e4m3", 4, "tma6x2"), ("e4m3", 4, "tma4x2"),  # what sm_90 dispatches fp8 with 32 rows to
+        ("e4m3", 8, "tma6x2"), ("e4m3", 8, "tma4x2"), ("e4m3", 8, "tma6x1"),  # and 64 rows, by grid
+        ("bf16", 8, "tma4x2"), ("bf16", 8, "tma4x1")}
     gpt_oss = load_recipe(find_recipe("gpt-oss"))
     assert all(s.sinks and s.head_dim == 64 for s in gpt_oss.variants)
     assert {s.sliding_window for s in gpt_oss.variants} == {True, False}

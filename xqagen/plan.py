@@ -22,38 +22,52 @@ from .spec import KernelSpec, SpecError
 # docs/benchmarks.md: up to 0.5 MiB per SM the Hopper path is 1.1-1.3x faster; at 2 MiB the two are
 # within 1-2% either way; beyond, the generic path leads by 3-11%).
 HOPPER_16BIT_MAX_KV_BYTES_PER_SM = 1 << 20
+# Query rows (q_seq_len x group) up to which the Hopper path takes fp8 KV at any launch shape: one
+# CTA of two consumer warpgroups holds them.
+HOPPER_FP8_MAX_ROWS = 32
 
 
 def choose_path(spec: KernelSpec, device_arch: str, kv_incompatibility: Callable[[], str | None],
                 shape: LaunchShape) -> KernelSpec:
     """``spec`` (on the generic path's default tile) moved to the path that runs a launch of
     ``shape`` fastest on a GPU of ``device_arch``.  On sm_90, with KV pools that TMA can read
-    (``kv_incompatibility()`` is None), the Hopper path takes an fp8 KV cache whose rows
-    (q_seq_len x group) one Hopper CTA holds, and 16-bit decode (one query token) of at most
-    HOPPER_16BIT_MAX_KV_BYTES_PER_SM; the generic path takes everything else.
+    (``kv_incompatibility()`` is None), the Hopper path takes
 
-    The rule follows the H200 measurements in docs/benchmarks.md ("Path dispatch"): with fp8 KV the
-    Hopper path's wgmma and register conversion keep up with HBM where the generic path's mma.sync
-    does not (batch 64 x 8k: 0.257 against 0.286 ms; q_seq_len 4 x group 8: 0.334 against 0.376);
-    beyond one CTA's rows the Hopper path reads the KV once per row tile (q_seq_len 8 x group 8:
-    0.313 against 0.276); 16-bit KV streams at 95-99% of read bandwidth on the generic path against
-    90-93% on the Hopper path, whose shorter start wins small launches (batch 1 x 1k: 5.7 against
-    7.6 us; batch 16 x 1k: 18.9 against 24.4 us).
+    - fp8 KV with at most HOPPER_FP8_MAX_ROWS query rows, and with more where its CTAs (row tiles of
+      32) do not fill the SMs without KV splits;
+    - 16-bit KV with more than 32 query rows where one Hopper CTA holds 64 of them (head_dim up to
+      128);
+    - 16-bit decode (one query token) whose CTAs fit on the SMs at once, of at most
+      HOPPER_16BIT_MAX_KV_BYTES_PER_SM;
+
+    and the generic path everything else.  The rule follows the H200 measurements in
+    docs/benchmarks.md ("Path dispatch"): with fp8 KV the Hopper path's wgmma and register
+    conversion keep up with HBM where the generic path's mma.sync does not (batch 64 x 8k: 0.257
+    against 0.286 ms; q_seq_len 4 x group 8: 0.334 against 0.376), but 64 rows are compute-bound on
+    both and the generic path is faster (q_seq_len 8 x group 8, batch 32 x 8k: 0.274 against 0.297)
+    unless the grid needs splits (batch 4 x 16k: 0.083 against 0.091); with 16-bit KV and 64 rows
+    the Hopper path is (0.286 against 0.331 ms; batch 4 x 16k 0.077 against 0.098); 16-bit decode
+    streams at 95-99% of read bandwidth on the generic path against 90-93% on the Hopper path,
+    whose shorter start wins small launches (batch 1 x 1k: 5.7 against 7.6 us; batch 16 x 1k: 18.9
+    against 24.4 us) but not grids of several CTAs per SM (a 128-token window at batch 64: 8.9
+    against 7.2 us).
     """
     hopper = PATHS["hopper"]
-    if hopper.target_arch(device_arch) is None:
-        return spec
-    if spec.kv_dtype == "e4m3":
-        takes = spec.rows <= hopper.max_rows_cta
-    else:
-        kv_bytes = 2 * shape.batch * shape.kv_len * shape.num_kv_heads * spec.head_dim * 2  # K and V, 2 bytes each
-        takes = spec.q_seq_len == 1 and kv_bytes <= HOPPER_16BIT_MAX_KV_BYTES_PER_SM * shape.sm_count
-    if not takes or kv_incompatibility() is not None:
+    if hopper.target_arch(device_arch) is None or kv_incompatibility() is not None:
         return spec
     try:
-        return dataclasses.replace(spec, path=hopper.name, tile=None)
+        candidate = dataclasses.replace(spec, path=hopper.name, tile=None)
     except SpecError:  # a variant the Hopper path does not take runs on the generic path
         return spec
+    one_wave = shape.batch * shape.num_kv_heads * hopper.row_tiles(candidate) <= shape.sm_count
+    if spec.kv_dtype == "e4m3":
+        takes = spec.rows <= HOPPER_FP8_MAX_ROWS or one_wave
+    elif spec.rows > HOPPER_FP8_MAX_ROWS:
+        takes = hopper.wide_rows_variant(candidate) is not None
+    else:
+        kv_bytes = 2 * shape.batch * shape.kv_len * shape.num_kv_heads * spec.head_dim * 2  # K and V, 2 bytes each
+        takes = spec.q_seq_len == 1 and one_wave and kv_bytes <= HOPPER_16BIT_MAX_KV_BYTES_PER_SM * shape.sm_count
+    return candidate if takes else spec
 
 
 @dataclass(frozen=True)
