@@ -490,6 +490,17 @@ def test_build_compiles_for_real_in_worker_processes_then_hits_the_cache(write_r
     assert "0 compiled, 2 cached, 0 failed" in capsys.readouterr().out
 
 
+def test_bench_counts_the_kv_bytes_a_window_leaves_visible():
+    from xqagen.bench import BenchCase
+
+    full = BenchCase("full", 2, 8192, head_dim=64)
+    assert full.kv_bytes == 2 * 2 * 8192 * 8 * 64 * 2  # K and V, batch 2, 8 KV heads, 2 bytes
+    windowed = BenchCase("windowed", 2, 8192, head_dim=64, kv_dtype="e4m3", window=128, q_seq_len=4)
+    assert windowed.visible_tokens == 131  # each draft row sees its own last 128 positions
+    assert windowed.kv_bytes == 2 * 2 * 131 * 8 * 64
+    assert BenchCase("short", 1, 100, window=128).visible_tokens == 100
+
+
 def test_bench_table_reports_both_timings_and_ratios():
     from xqagen.bench import DESIGN_CASES, BenchResult, format_table
 

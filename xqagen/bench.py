@@ -79,9 +79,16 @@ class BenchCase:
     flashinfer_paths: tuple[str, ...] = ("generic",)  # FlashInfer paths to compare with
 
     @property
+    def visible_tokens(self) -> int:
+        """The KV tokens of one request that some query row sees: under a sliding window, the last
+        window + q_seq_len - 1 (each draft row sees its own last `window` positions)."""
+        return min(self.seq_len, self.window + self.q_seq_len - 1) if self.window else self.seq_len
+
+    @property
     def kv_bytes(self) -> int:
+        """The K and V bytes a launch must read: the visible tokens of every request."""
         elem = 1 if self.kv_dtype == "e4m3" else 2
-        return 2 * self.batch * self.seq_len * self.num_kv_heads * self.head_dim * elem
+        return 2 * self.batch * self.visible_tokens * self.num_kv_heads * self.head_dim * elem
 
 
 # The rows of the design document's baseline table (H100, FlashInfer 0.6.0).
@@ -93,6 +100,9 @@ DESIGN_CASES: tuple[BenchCase, ...] = (
     BenchCase("specdec4_fp8_b64_s8k", 64, 8192, kv_dtype="e4m3", q_seq_len=4, flashinfer_paths=("generic", "sm90")),
     BenchCase("specdec8_bf16_b32_s8k", 32, 8192, q_seq_len=8),
     BenchCase("gptoss_sinks_bf16_b64_s8k", 64, 8192, head_dim=64, sinks=True),
+    BenchCase("gptoss_window_bf16_b64_s8k", 64, 8192, head_dim=64, sinks=True, window=128),
+    BenchCase("gptoss_specdec4_bf16_b64_s8k", 64, 8192, head_dim=64, sinks=True, q_seq_len=4),
+    BenchCase("gptoss_specdec4_window_bf16_b64_s8k", 64, 8192, head_dim=64, sinks=True, window=128, q_seq_len=4),
     BenchCase("llama8b_bf16_p16_b128_s4k", 128, 4096, num_q_heads=32, page_size=16),
     BenchCase("llama8b_fp8_p16_b128_s4k", 128, 4096, num_q_heads=32, page_size=16, kv_dtype="e4m3",
               flashinfer_paths=("generic", "sm90")),
