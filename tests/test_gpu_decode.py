@@ -7,6 +7,7 @@ with the others.  All variants the grid needs are compiled up front in parallel 
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import os
 import random
@@ -181,6 +182,59 @@ HOPPER_CASES = [replace(case, path="hopper") for case in SINGLE_AXIS if case.til
         ("tma4x1", dict(group=5, q_seq_len=8, mask="tree", head_dim=64, window=17, seq_lens=(8, 9, 65, 129))))]
 CASES = SINGLE_AXIS + _combinations(24) + _combinations(16, seed=2027, head_dims=NEW_HEAD_DIMS) + HOPPER_CASES
 
+# The accuracy matrix of the Hopper path: every pair of values of any two of these axes in some case
+# (tests/covering.py), each case held to the issue's bounds (TOLERANCE_CONTRACT).
+MATRIX_DTYPES = {"bf16": dict(q_dtype="bf16", kv_dtype="bf16"), "fp16": dict(q_dtype="fp16", kv_dtype="fp16"),
+                 "bf16-e4m3": dict(q_dtype="bf16", kv_dtype="e4m3"), "fp16-e4m3": dict(q_dtype="fp16", kv_dtype="e4m3")}
+MATRIX_ROWS = {"s1": dict(q_seq_len=1), "s2-causal": dict(q_seq_len=2, mask="causal"),
+               "s4-tree": dict(q_seq_len=4, mask="tree"), "s8-tree": dict(q_seq_len=8, mask="tree"),
+               "s13-causal": dict(q_seq_len=13, mask="causal")}
+MATRIX_AXES = {
+    "dtypes": tuple(MATRIX_DTYPES), "rows": tuple(MATRIX_ROWS), "head_dim": (32, 64, 96, 128, 176, 256),
+    "group": (1, 4, 5, 8, 16), "page_size": (16, 32, 64, 128), "kv_layout": ("NHD", "HND"), "sinks": (False, True),
+    "window": (0, 17, 300), "num_splits": (None, 1, 3, 8), "num_kv_heads": (1, 2, 3),
+    "seq_lens": ((1000, 77, 4133), (37,), (1, 2, 3, 65, 129), (20011,), (13, 300, 64, 2000)),
+    "tile": (None, "tma2x1", "tma4x1", "tma4x2"),
+}
+TOLERANCE_CONTRACT = {"16bit": 3e-3, "fp8": 5e-3}
+
+
+def _matrix_case(values: dict) -> Case:
+    fields = {k: v for k, v in values.items() if k not in ("dtypes", "rows")}
+    return Case(path="hopper", **MATRIX_DTYPES[values["dtypes"]], **MATRIX_ROWS[values["rows"]], **fields)
+
+
+def _matrix_case_runs(values: dict) -> bool:
+    """Whether the case is one xqa_decode takes on the Hopper path: its variant fits shared memory,
+    and every request is at least q_seq_len long (shorter ones are padding, tested apart)."""
+    return _matrix_variant_runs(values["dtypes"], values["rows"], values["head_dim"], values["group"],
+                                values["tile"], min(values["seq_lens"]))
+
+
+@functools.lru_cache(maxsize=None)
+def _matrix_variant_runs(dtypes, rows, head_dim, group, tile, shortest) -> bool:
+    from xqagen.emitters.hopper import plan_of
+    from xqagen.spec import SpecError
+
+    case = Case(path="hopper", **MATRIX_DTYPES[dtypes], **MATRIX_ROWS[rows], head_dim=head_dim, group=group, tile=tile)
+    if shortest < case.q_seq_len:
+        return False
+    try:
+        plan_of(case.spec())
+    except SpecError:
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def matrix_values() -> tuple[dict, ...]:
+    from covering import pairwise
+
+    return tuple(pairwise(MATRIX_AXES, _matrix_case_runs, seed=11, candidates=20))
+
+
+MATRIX = [_matrix_case(values) for values in matrix_values()]
+
 
 def _compile_one(spec_dict: dict) -> str:
     from xqagen.compiler import compile_kernel
@@ -294,6 +348,14 @@ def _check_against_reference(case: Case, edit_inputs=None) -> float:
                path=case.path, **kwargs)
     assert torch.equal(out.view(torch.uint8), out2.view(torch.uint8)), "non-deterministic output"
     return err
+
+
+@pytest.mark.parametrize("case", MATRIX, ids=lambda c: f"{c.id}-kvh{c.num_kv_heads}")
+def test_hopper_accuracy_matrix(case: Case, record_property):
+    err = _check_against_reference(case)
+    record_property("rel_l2_error", err)
+    bound = TOLERANCE_CONTRACT["fp8" if case.kv_dtype == "e4m3" else "16bit"]
+    assert err <= bound, f"relative L2 error {err:.3e} above {bound:.0e} for {case.id}"
 
 
 # The sm_80 code path (software e4m3 conversion, no fp8 output instruction) on every kind of tile.
