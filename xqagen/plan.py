@@ -53,7 +53,7 @@ def choose_path(spec: KernelSpec, device_arch: str, kv_incompatibility: Callable
     against 7.2 us).
     """
     hopper = PATHS["hopper"]
-    if hopper.target_arch(device_arch) is None or kv_incompatibility() is not None:
+    if hopper.target_arch(device_arch) is None:
         return spec
     try:
         candidate = dataclasses.replace(spec, path=hopper.name, tile=None)
@@ -62,12 +62,12 @@ def choose_path(spec: KernelSpec, device_arch: str, kv_incompatibility: Callable
     one_wave = shape.batch * shape.num_kv_heads * hopper.row_tiles(candidate) <= shape.sm_count
     if spec.kv_dtype == "e4m3":
         takes = spec.rows <= HOPPER_FP8_MAX_ROWS or one_wave
-    elif spec.rows > HOPPER_FP8_MAX_ROWS:
-        takes = hopper.wide_rows_variant(candidate) is not None
+    elif hopper.wide_rows_variant(candidate) is not None:  # more than 32 rows, 64 of them in one CTA
+        takes = True
     else:
         kv_bytes = 2 * shape.batch * shape.kv_len * shape.num_kv_heads * spec.head_dim * 2  # K and V, 2 bytes each
         takes = spec.q_seq_len == 1 and one_wave and kv_bytes <= HOPPER_16BIT_MAX_KV_BYTES_PER_SM * shape.sm_count
-    return candidate if takes else spec
+    return candidate if takes and kv_incompatibility() is None else spec
 
 
 @dataclass(frozen=True)
