@@ -248,22 +248,28 @@ def _compile_one(spec_dict: dict) -> str:
     return spec.name
 
 
+def launched_specs(items, sm_count: int, arch: str) -> set:
+    """The variants that the selected tests' grid cases launch on a GPU of ``arch``: the ``case``
+    parameters that are Cases (other modules name other things ``case``), less the PTX test's, which
+    builds its own, and less those whose path does not run on ``arch``."""
+    from xqagen.emitters import path_of
+
+    selected = [case for item in items
+                if isinstance(case := getattr(getattr(item, "callspec", None), "params", {}).get("case"), Case)
+                and item.originalname != "test_sm80_code_path_through_ptx_jit"]
+    return {spec for spec in (case.launched_spec(sm_count) for case in selected) if path_of(spec).target_arch(arch)}
+
+
 @pytest.fixture(scope="session", autouse=True)
 def precompiled(request):
     """Compile the variants of the selected grid cases in parallel processes (the cubin cache serves
     the tests)."""
     if not torch.cuda.is_available():
         return
-    selected = [case for item in request.session.items  # the PTX test builds its own; other modules' cases are not Cases
-                if isinstance(case := getattr(getattr(item, "callspec", None), "params", {}).get("case"), Case)
-                and item.originalname != "test_sm80_code_path_through_ptx_jit"]
-    from xqagen.emitters import path_of
     from xqagen.runtime import device_arch
 
-    os.environ["XQAGEN_TEST_DEVICE_ARCH"] = device_arch(torch.device("cuda"))
-    sm_count = torch.cuda.get_device_properties(0).multi_processor_count
-    arch = os.environ["XQAGEN_TEST_DEVICE_ARCH"]
-    specs = {spec for spec in (case.launched_spec(sm_count) for case in selected) if path_of(spec).target_arch(arch)}
+    os.environ["XQAGEN_TEST_DEVICE_ARCH"] = arch = device_arch(torch.device("cuda"))
+    specs = launched_specs(request.session.items, torch.cuda.get_device_properties(0).multi_processor_count, arch)
     spawn = multiprocessing.get_context("spawn")  # CUDA is initialised here: never fork
     with ProcessPoolExecutor(max_workers=min(16, os.cpu_count() or 1), mp_context=spawn) as pool:
         list(pool.map(_compile_one, [spec.to_dict() for spec in specs]))
