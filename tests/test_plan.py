@@ -134,8 +134,12 @@ def test_dispatch_sends_small_16bit_decodes_to_the_hopper_path(batch, kv_len, pa
     assert choose_path(specdec, "sm_90", lambda: None, shape(batch, kv_len)) == specdec
     many_rows = dataclasses.replace(bf16, q_seq_len=8)  # 64 rows: the Hopper path holds them in one CTA
     assert choose_path(many_rows, "sm_90", lambda: None, shape(batch, kv_len)).path == "hopper"
-    wide_head = dataclasses.replace(many_rows, head_dim=256)  # where it cannot, they stay generic
-    assert choose_path(wide_head, "sm_90", lambda: None, shape(batch, kv_len)) == wide_head
+    for other in (dataclasses.replace(many_rows, head_dim=256),  # where it cannot, they stay generic
+                  dataclasses.replace(many_rows, q_seq_len=5),   # 40 rows: the generic path's cost falls with them
+                  dataclasses.replace(many_rows, q_seq_len=16)):  # 128: two 64-row tiles, each reading the KV
+        assert choose_path(other, "sm_90", lambda: None, shape(batch, kv_len)) == other
+    assert choose_path(dataclasses.replace(bf16, q_seq_len=7), "sm_90", lambda: None,
+                       shape(batch, kv_len)).path == "hopper"  # 56 rows
 
 
 def test_dispatch_keeps_16bit_decode_grids_of_several_ctas_per_sm_generic():
