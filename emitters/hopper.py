@@ -149,7 +149,6 @@ class HopperPath(KernelPath):
     name = "hopper"
     tile_type = HopperTile
     arches = (TARGET,)
-    max_rows_cta = MAX_ROWS_CTA  # query rows one CTA holds; more take several row tiles
 
     @property
     def tiles(self) -> Mapping[str, HopperTile]:

@@ -22,9 +22,6 @@ from .spec import KernelSpec, SpecError
 # docs/benchmarks.md: up to 0.5 MiB per SM the Hopper path is 1.1-1.3x faster; at 2 MiB the two are
 # within 1-2% either way; beyond, the generic path leads by 3-11%).
 HOPPER_16BIT_MAX_KV_BYTES_PER_SM = 1 << 20
-# Query rows (q_seq_len x group) up to which the Hopper path takes fp8 KV at any launch shape: one
-# CTA of two consumer warpgroups holds them.
-HOPPER_FP8_MAX_ROWS = 32
 # 16-bit KV with more than this many rows, up to the 64 one Hopper CTA holds, runs on the Hopper
 # path.  Its 64-row tile costs the same for fewer rows, while the generic path's cost falls with
 # them (16-bit q_seq_len 8 x group 8 measured 1.03-1.75x faster on the Hopper path; fewer rows are
@@ -38,8 +35,8 @@ def choose_path(spec: KernelSpec, device_arch: str, kv_incompatibility: Callable
     ``shape`` fastest on a GPU of ``device_arch``.  On sm_90, with KV pools that TMA can read
     (``kv_incompatibility()`` is None), the Hopper path takes
 
-    - fp8 KV with at most HOPPER_FP8_MAX_ROWS query rows, and with more where its CTAs (row tiles of
-      32) do not fill the SMs without KV splits;
+    - fp8 KV whose query rows (q_seq_len x group) one CTA of its default tile holds (32 on two
+      consumer warpgroups), and with more where its CTAs do not fill the SMs without KV splits;
     - 16-bit KV with more than HOPPER_16BIT_MIN_ROWS query rows where one Hopper CTA holds them
       (at most 64; head_dim up to 128);
     - 16-bit decode (one query token) whose CTAs fit on the SMs at once, of at most
@@ -64,9 +61,10 @@ def choose_path(spec: KernelSpec, device_arch: str, kv_incompatibility: Callable
         candidate = dataclasses.replace(spec, path=hopper.name, tile=None)
     except SpecError:  # a variant the Hopper path does not take runs on the generic path
         return spec
-    one_wave = shape.batch * shape.num_kv_heads * hopper.row_tiles(candidate) <= shape.sm_count
+    row_tiles = hopper.row_tiles(candidate)
+    one_wave = shape.batch * shape.num_kv_heads * row_tiles <= shape.sm_count
     if spec.kv_dtype == "e4m3":
-        takes = spec.rows <= HOPPER_FP8_MAX_ROWS or one_wave
+        takes = row_tiles == 1 or one_wave
     elif spec.rows > HOPPER_16BIT_MIN_ROWS:
         wide = hopper.wide_rows_variant(candidate)
         takes = wide is not None and hopper.row_tiles(wide) == 1
