@@ -201,6 +201,11 @@ def test_hopper_tiles_and_rows():
     assert wide.tile.name == "tma2x2" and plan_of(wide).smem_bytes <= 227 * 1024
     with pytest.raises(SpecError, match="multiple of consumers"):
         HopperTile("odd", stages=3, consumers=2)  # a warpgroup could run two phases ahead of a stage
+    with pytest.raises(SpecError, match="register_split needs consumers = 2"):
+        HopperTile("alone", stages=4, consumers=1, register_split=True)
+    split = KernelSpec(q_dtype="bf16", kv_dtype="e4m3", head_dim=128, group=8, page_size=64, q_seq_len=8,
+                       path="hopper", tile="tma4x2r")
+    assert (plan_of(split).rows_cta, plan_of(split).threads) == (64, 384)  # a producer warpgroup
     # rows -> wgmma N: powers of two from 8 to 32 with two consumer warpgroups, to 64 with one (up to
     # head_dim 128), more rows over several CTAs
     for group, q_seq_len, tile, head_dim, rows_cta, row_tiles in (

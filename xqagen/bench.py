@@ -92,6 +92,7 @@ DESIGN_CASES: tuple[BenchCase, ...] = (
     BenchCase("llama70b_fp8_b1_s32k", 1, 32768, kv_dtype="e4m3", flashinfer_paths=("generic", "sm90")),
     BenchCase("specdec4_fp8_b64_s8k", 64, 8192, kv_dtype="e4m3", q_seq_len=4, flashinfer_paths=("generic", "sm90")),
     BenchCase("specdec8_bf16_b32_s8k", 32, 8192, q_seq_len=8),
+    BenchCase("specdec8_fp8_b32_s8k", 32, 8192, kv_dtype="e4m3", q_seq_len=8, flashinfer_paths=("generic", "sm90")),
     BenchCase("gptoss_sinks_bf16_b64_s8k", 64, 8192, head_dim=64, sinks=True),
     BenchCase("llama8b_bf16_p16_b128_s4k", 128, 4096, num_q_heads=32, page_size=16),
     BenchCase("llama8b_fp8_p16_b128_s4k", 128, 4096, num_q_heads=32, page_size=16, kv_dtype="e4m3",
