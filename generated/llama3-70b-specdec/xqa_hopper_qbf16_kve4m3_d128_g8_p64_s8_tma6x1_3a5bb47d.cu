@@ -1088,7 +1088,7 @@ xqa_hopper_qbf16_kve4m3_d128_g8_p64_s8_tma6x1_3a5bb47d(Params const p, __grid_co
       partials.store(split, r, d0, m, l, o);
     }
   }
-  if (p.num_splits == 1 || !partials.arrive_last(smem.is_last_split, epilogue_sync)) return;
+  if (p.num_splits == 1 || !partials.arrive_last(smem.is_last_split, [] { epilogue_sync(); })) return;
 
   int const valid_rows = min(kRowsCta, request.rows - row_tile * kRowsCta);
   for (int i = threadIdx.x; i < valid_rows * (kHeadDim / 4); i += kEpilogueThreads) {
