@@ -34,10 +34,15 @@ WARPGROUP_THREADS = 128
 PRODUCER_THREADS = 32  # one warp issues every TMA
 # Query rows per CTA: the wgmma N, a power of two from 8; more rows tile over CTAs.  64 rows take up
 # to 241 registers per consumer thread (d128 with sinks, window and ragged q), which a CTA of one
-# consumer warpgroup has; with two, ptxas rounds the 288-thread CTA up to whole warpgroups and
-# allows 168 (32 rows fit, 64 spill), and d256 spills even with one.
+# consumer warpgroup has; with two and a producer warp, ptxas rounds the 288-thread CTA up to whole
+# warpgroups and allows 168 (32 rows fit, 64 spill), and d256 spills even with 255.  A register
+# split gives two consumer warpgroups 64 rows: the producer is a whole warpgroup that keeps
+# PRODUCER_REGISTERS per thread and gives the rest to them (setmaxnreg; 384 threads x 168 registers
+# = 2 x 128 x CONSUMER_REGISTERS + 128 x PRODUCER_REGISTERS).
 MAX_ROWS_CTA = 64
-MAX_ROWS_CTA_SHARED_REGISTERS = 32  # two consumer warpgroups, or head_dim above 128
+MAX_ROWS_CTA_SHARED_REGISTERS = 32  # two consumer warpgroups without a register split, or head_dim above 128
+PRODUCER_REGISTERS = 24
+CONSUMER_REGISTERS = 240
 # TMA box and swizzle: a shared-memory row of K/V is cut into chunks of at most 128 bytes (the
 # widest swizzle), each chunk one box of a tile.
 MAX_CHUNK_BYTES = 128
@@ -64,11 +69,14 @@ class HopperTile:
     stages: depth of the TMA pipeline, in 64-token K+V tiles.
     consumers: consumer warpgroups; each takes every consumers-th tile with its own softmax state,
       merged at the end, so that one CTA has that many tiles in the tensor cores at once.
+    register_split: the producer is a warpgroup that gives most of its registers to two consumer
+      warpgroups (setmaxnreg), so that each holds 64 query rows; without it, one warp.
     """
 
     name: str
     stages: int = 4
     consumers: int = 1
+    register_split: bool = False
 
     def __post_init__(self) -> None:
         owner = f"HopperTile({self.name!r})"
@@ -76,6 +84,11 @@ class HopperTile:
             raise SpecError(f"HopperTile.name = {self.name!r} is invalid; expected an identifier")
         check_int_range(owner, "stages", self.stages, 2, 8)
         check_int_range(owner, "consumers", self.consumers, 1, 2)
+        if not isinstance(self.register_split, bool):
+            raise SpecError(f"{owner}.register_split = {self.register_split!r} is invalid; expected true or false")
+        if self.register_split and self.consumers != 2:
+            raise SpecError(f"{owner}.register_split needs consumers = 2 (one consumer warpgroup has 255 registers "
+                            f"without it), got {self.consumers}")
         if self.stages % self.consumers:
             # A warpgroup waits on its next stage's barrier by phase parity: with each warpgroup on its
             # own stages it can never be two phases ahead of one of them.
@@ -85,10 +98,12 @@ class HopperTile:
         return dataclasses.asdict(self)
 
 
-# The shipped catalogue: stages x consumer warpgroups (HopperPath.default_tile chooses).
+# The shipped catalogue: stages x consumer warpgroups, "r" for a register split (HopperPath.default_tile
+# chooses).
 TILES: Mapping[str, HopperTile] = {tile.name: tile for tile in (
-    HopperTile(f"tma{stages}x{consumers}", stages=stages, consumers=consumers)
-    for stages, consumers in ((2, 1), (3, 1), (4, 1), (6, 1), (2, 2), (4, 2), (6, 2)))}
+    *(HopperTile(f"tma{stages}x{consumers}", stages=stages, consumers=consumers)
+      for stages, consumers in ((2, 1), (3, 1), (4, 1), (6, 1), (2, 2), (4, 2), (6, 2))),
+    *(HopperTile(f"tma{stages}x2r", stages=stages, consumers=2, register_split=True) for stages in (2, 4, 6)))}
 
 
 def _round_up(x: int, m: int) -> int:
@@ -114,7 +129,8 @@ class HopperPlan:
         kv_bytes = ELEM_BYTES[spec.kv_dtype]
         mma_dtype = "fp16" if spec.kv_dtype == "e4m3" else spec.q_dtype
         head_dim_pad = _round_up(spec.head_dim, 64)
-        max_rows = MAX_ROWS_CTA if spec.tile.consumers == 1 and head_dim_pad <= 128 else MAX_ROWS_CTA_SHARED_REGISTERS
+        own_registers = spec.tile.consumers == 1 or spec.tile.register_split
+        max_rows = MAX_ROWS_CTA if own_registers and head_dim_pad <= 128 else MAX_ROWS_CTA_SHARED_REGISTERS
         rows_cta = min(max_rows, max(8, 1 << (spec.rows - 1).bit_length()))
         row_bytes = head_dim_pad * kv_bytes
         chunk_bytes = MAX_CHUNK_BYTES if row_bytes % MAX_CHUNK_BYTES == 0 else 64
@@ -132,7 +148,7 @@ class HopperPlan:
         if smem > MAX_SMEM_PER_CTA:
             raise SpecError(f"tile {spec.tile.name!r} needs {smem} bytes of shared memory for head_dim {spec.head_dim} "
                             f"({spec.kv_dtype} KV); the limit is {MAX_SMEM_PER_CTA}: use fewer stages")
-        threads = consumers * WARPGROUP_THREADS + PRODUCER_THREADS
+        threads = consumers * WARPGROUP_THREADS + (WARPGROUP_THREADS if spec.tile.register_split else PRODUCER_THREADS)
         return cls(mma_dtype=mma_dtype, rows_cta=rows_cta, row_tiles=-(-spec.rows // rows_cta),
                    head_dim_pad=head_dim_pad, chunk_bytes=chunk_bytes,
                    box_tokens=min(spec.page_size, KV_TILE), p_atom=p_atom,
@@ -174,6 +190,7 @@ class HopperPath(KernelPath):
     def emit(self, spec: KernelSpec) -> EmittedKernel:
         plan = plan_of(spec)
         source = render("hopper_decode.cu.j2", tile=spec.tile, plan=plan, kernel_name=spec.name, kv_tile=KV_TILE,
+                        producer_registers=PRODUCER_REGISTERS, consumer_registers=CONSUMER_REGISTERS,
                         **piece_context(spec, mma_dtype=plan.mma_dtype, workspace=plan.workspace))
         return EmittedKernel(spec=spec, source=source, kernel_name=spec.name, threads=plan.threads,
                              smem_bytes=plan.smem_bytes, arches=self.arches)
@@ -225,10 +242,11 @@ class HopperPath(KernelPath):
         return dataclasses.replace(spec, tile=TILES["tma4x2"])
 
     def wide_rows_variant(self, spec: KernelSpec) -> KernelSpec | None:
-        """``spec`` with one consumer warpgroup on 64 query rows, where its default tile splits more
-        than 32 rows into row tiles of 32 and its head dim lets one warpgroup hold 64; else None."""
-        tile = TILES.get(f"tma{spec.tile.stages}x1")
-        if spec.tile.consumers == 1 or spec.rows <= MAX_ROWS_CTA_SHARED_REGISTERS or tile is None:
+        """``spec`` with a register split, so that each of its two consumer warpgroups holds 64
+        query rows, where its default tile splits more than 32 rows into row tiles of 32 and its
+        head dim lets a warpgroup hold 64; else None."""
+        tile = TILES.get(f"tma{spec.tile.stages}x2r")
+        if spec.tile.consumers == 1 or spec.tile.register_split or spec.rows <= MAX_ROWS_CTA_SHARED_REGISTERS or tile is None:
             return None
         wide = dataclasses.replace(spec, tile=tile)
         return wide if self.unsupported(wide) is None and plan_of(wide).rows_cta > MAX_ROWS_CTA_SHARED_REGISTERS else None
@@ -237,14 +255,15 @@ class HopperPath(KernelPath):
         return [spec] + [v for v in (self._full_grid_variant(spec), self.wide_rows_variant(spec)) if v is not None]
 
     def choose_tile(self, spec: KernelSpec, shape: LaunchShape) -> KernelSpec:
-        """For more than 32 query rows, one consumer warpgroup on 64 rows once those CTAs fill half
-        the SMs or more without KV splits (16-bit q_seq_len 8 x group 8: batch 32 x 8k 0.2862 ms
-        against 0.3406 with two warpgroups on row tiles of 32; batch 16 x 8k 0.1412 against
-        0.1606); two keep smaller grids, split (batch 4 x 16k: 0.0768 against 0.0955).  Else the
-        four-stage tile for grids of FULL_GRID_CTAS_PER_SM CTAs per SM or more, and ``spec``
-        otherwise."""
+        """For more than 32 query rows, the register split of 64 rows per CTA (``wide_rows_variant``)
+        with fp8 KV always, and with 16-bit KV once its CTAs fill half the SMs or more without KV
+        splits; smaller 16-bit grids split the rows into row tiles of 32 instead (H200 sweep in
+        docs/benchmarks.md: q_seq_len 8 x group 8, fp8 batch 8 x 8k 66.0 us against 79.1, bf16 batch
+        8 x 8k 72.3 against 83.7 split, bf16 batch 16 x 8k 140.8 against 161.1).  Else the four-stage
+        tile for grids of FULL_GRID_CTAS_PER_SM CTAs per SM or more, and ``spec`` otherwise."""
         wide = self.wide_rows_variant(spec)
-        if wide is not None and 2 * shape.batch * shape.num_kv_heads * plan_of(wide).row_tiles >= shape.sm_count:
+        if wide is not None and (spec.kv_dtype == "e4m3"
+                                 or 2 * shape.batch * shape.num_kv_heads * plan_of(wide).row_tiles >= shape.sm_count):
             return wide
         full_grid = self._full_grid_variant(spec)
         ctas = shape.batch * shape.num_kv_heads * plan_of(spec).row_tiles

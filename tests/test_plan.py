@@ -107,13 +107,13 @@ def test_dispatch_sends_fp8_kv_on_sm90_to_the_hopper_path():
     for arch in ("sm_80", "sm_89", "sm_100", "sm_120"):  # Hopper cubins run on sm_90 only
         assert choose_path(FP8, arch, tma_ok, large) == FP8
     assert choose_path(FP8, "sm_90", lambda: "the KV pool's token stride is not a multiple of 16", large) == FP8
-    for q_seq_len, group, path in ((2, 8, "hopper"), (4, 8, "hopper"), (8, 4, "hopper"), (8, 8, "generic")):
-        specdec = dataclasses.replace(FP8, q_seq_len=q_seq_len, group=group)  # up to 32 rows at any shape
-        assert choose_path(specdec, "sm_90", tma_ok, large).path == path
-    # 64 rows: compute-bound on both paths, so the Hopper path only where its grid needs KV splits
-    many_rows = dataclasses.replace(FP8, q_seq_len=8)
-    assert choose_path(many_rows, "sm_90", tma_ok, shape(4, 16384)).path == "hopper"  # 64 CTAs of 32 rows
-    assert choose_path(many_rows, "sm_90", tma_ok, shape(8, 16384)).path == "hopper"  # 128
+    for q_seq_len, group in ((2, 8), (4, 8), (8, 4), (8, 8), (5, 8), (16, 8)):  # the register split holds 64 rows
+        specdec = dataclasses.replace(FP8, q_seq_len=q_seq_len, group=group)
+        for batch, kv_len in ((1, 32768), (4, 16384), (9, 16384), (64, 8192)):
+            assert choose_path(specdec, "sm_90", tma_ok, shape(batch, kv_len)).path == "hopper"
+    # d256: 32 rows per CTA; more tile over CTAs, each converting the KV, so only grids that need splits
+    many_rows = dataclasses.replace(FP8, q_seq_len=8, head_dim=256)
+    assert choose_path(many_rows, "sm_90", tma_ok, shape(8, 16384)).path == "hopper"  # 128 CTAs of 32 rows
     assert choose_path(many_rows, "sm_90", tma_ok, shape(9, 16384)).path == "generic"  # 144: more than 132 SMs
 
 
@@ -130,16 +130,18 @@ def test_dispatch_sends_small_16bit_decodes_to_the_hopper_path(batch, kv_len, pa
     bf16 = KernelSpec(q_dtype="bf16", kv_dtype="bf16", head_dim=128, group=8, page_size=64)
     assert choose_path(bf16, "sm_90", lambda: None, shape(batch, kv_len)).path == path
     assert choose_path(bf16, "sm_80", lambda: None, shape(batch, kv_len)) == bf16
-    specdec = dataclasses.replace(bf16, q_seq_len=4)  # 32 rows of 16-bit speculative decoding stay generic
-    assert choose_path(specdec, "sm_90", lambda: None, shape(batch, kv_len)) == specdec
-    many_rows = dataclasses.replace(bf16, q_seq_len=8)  # 64 rows: the Hopper path holds them in one CTA
-    assert choose_path(many_rows, "sm_90", lambda: None, shape(batch, kv_len)).path == "hopper"
-    for other in (dataclasses.replace(many_rows, head_dim=256),  # where it cannot, they stay generic
-                  dataclasses.replace(many_rows, q_seq_len=5),   # 40 rows: the generic path's cost falls with them
-                  dataclasses.replace(many_rows, q_seq_len=16)):  # 128: two 64-row tiles, each reading the KV
-        assert choose_path(other, "sm_90", lambda: None, shape(batch, kv_len)) == other
-    assert choose_path(dataclasses.replace(bf16, q_seq_len=7), "sm_90", lambda: None,
-                       shape(batch, kv_len)).path == "hopper"  # 56 rows
+    # 32 rows of speculative decoding: the Hopper path while its CTAs fit on the SMs, without a window
+    specdec = dataclasses.replace(bf16, q_seq_len=4)
+    assert choose_path(specdec, "sm_90", lambda: None, shape(batch, kv_len)).path == (
+        "hopper" if batch * 8 <= 132 else "generic")
+    windowed = dataclasses.replace(specdec, features=frozenset({"sliding_window"}))
+    assert choose_path(windowed, "sm_90", lambda: None, shape(batch, kv_len)) == windowed
+    # more than 32 rows: the register split holds 64 per CTA up to head_dim 128, at any shape
+    for q_seq_len in (5, 7, 8, 16):
+        many_rows = dataclasses.replace(bf16, q_seq_len=q_seq_len)
+        assert choose_path(many_rows, "sm_90", lambda: None, shape(batch, kv_len)).path == "hopper"
+    wide_head = dataclasses.replace(bf16, q_seq_len=8, head_dim=256)  # 32 rows per CTA: stays generic
+    assert choose_path(wide_head, "sm_90", lambda: None, shape(batch, kv_len)) == wide_head
 
 
 def test_dispatch_keeps_16bit_decode_grids_of_several_ctas_per_sm_generic():
@@ -179,12 +181,14 @@ def test_hopper_tile_by_grid(batch, kv_len, tile):
 
 
 @pytest.mark.parametrize("kv_dtype, batch, kv_len, tile, rows_cta", [
-    ("bf16", 32, 8192, "tma4x1", 64),   # 256 CTAs of 64 rows: one consumer warpgroup each
-    ("bf16", 16, 8192, "tma4x1", 64),   # 128
-    ("bf16", 9, 8192, "tma4x1", 64),    # 72: half the SMs at least
-    ("bf16", 8, 8192, "tma4x2", 32),    # 64 would need splits: two row tiles of 32, two warpgroups
+    ("bf16", 32, 8192, "tma4x2r", 64),  # 256 CTAs of 64 rows: the register split
+    ("bf16", 16, 8192, "tma4x2r", 64),  # 128
+    ("bf16", 9, 8192, "tma4x2r", 64),   # 72: half the SMs at least
+    ("bf16", 8, 8192, "tma4x2", 32),    # 64 would need splits: two row tiles of 32
     ("bf16", 4, 16384, "tma4x2", 32),
-    ("e4m3", 32, 8192, "tma6x1", 64),
+    ("e4m3", 32, 8192, "tma6x2r", 64),  # fp8 converts each KV tile once per CTA: 64 rows at every grid
+    ("e4m3", 8, 8192, "tma6x2r", 64),
+    ("e4m3", 4, 16384, "tma6x2r", 64),
 ])
 def test_hopper_tile_for_64_rows(kv_dtype, batch, kv_len, tile, rows_cta):
     from xqagen.emitters.hopper import plan_of
@@ -205,6 +209,11 @@ def test_hopper_tiles_and_rows():
     assert wide.tile.name == "tma2x2" and plan_of(wide).smem_bytes <= 227 * 1024
     with pytest.raises(SpecError, match="multiple of consumers"):
         HopperTile("odd", stages=3, consumers=2)  # a warpgroup could run two phases ahead of a stage
+    with pytest.raises(SpecError, match="register_split needs consumers = 2"):
+        HopperTile("alone", stages=4, consumers=1, register_split=True)
+    split = KernelSpec(q_dtype="bf16", kv_dtype="e4m3", head_dim=128, group=8, page_size=64, q_seq_len=8,
+                       path="hopper", tile="tma4x2r")
+    assert (plan_of(split).rows_cta, plan_of(split).threads) == (64, 384)  # a producer warpgroup
     # rows -> wgmma N: powers of two from 8 to 32 with two consumer warpgroups, to 64 with one (up to
     # head_dim 128), more rows over several CTAs
     for group, q_seq_len, tile, head_dim, rows_cta, row_tiles in (

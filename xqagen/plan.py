@@ -22,11 +22,6 @@ from .spec import KernelSpec, SpecError
 # docs/benchmarks.md: up to 0.5 MiB per SM the Hopper path is 1.1-1.3x faster; at 2 MiB the two are
 # within 1-2% either way; beyond, the generic path leads by 3-11%).
 HOPPER_16BIT_MAX_KV_BYTES_PER_SM = 1 << 20
-# 16-bit KV with more than this many rows, up to the 64 one Hopper CTA holds, runs on the Hopper
-# path.  Its 64-row tile costs the same for fewer rows, while the generic path's cost falls with
-# them (16-bit q_seq_len 8 x group 8 measured 1.03-1.75x faster on the Hopper path; fewer rows are
-# unmeasured and stay generic, as do row counts that need two 64-row tiles, each reading the KV).
-HOPPER_16BIT_MIN_ROWS = 48
 
 
 def choose_path(spec: KernelSpec, device_arch: str, kv_incompatibility: Callable[[], str | None],
@@ -35,24 +30,27 @@ def choose_path(spec: KernelSpec, device_arch: str, kv_incompatibility: Callable
     ``shape`` fastest on a GPU of ``device_arch``.  On sm_90, with KV pools that TMA can read
     (``kv_incompatibility()`` is None), the Hopper path takes
 
-    - fp8 KV whose query rows (q_seq_len x group) one CTA of its default tile holds (32 on two
-      consumer warpgroups), and with more where its CTAs do not fill the SMs without KV splits;
-    - 16-bit KV with more than HOPPER_16BIT_MIN_ROWS query rows where one Hopper CTA holds them
-      (at most 64; head_dim up to 128);
+    - fp8 KV whose query rows (q_seq_len x group) one CTA holds: 32 on two consumer warpgroups,
+      64 with the register split up to head_dim 128; more rows where that split tiles them, or
+      where its CTAs do not fill the SMs without KV splits;
+    - 16-bit KV with more than 32 query rows, up to head_dim 128 (the register split);
+    - 16-bit speculative decoding with at most 32 rows whose CTAs fit on the SMs at once, without
+      a sliding window;
     - 16-bit decode (one query token) whose CTAs fit on the SMs at once, of at most
       HOPPER_16BIT_MAX_KV_BYTES_PER_SM;
 
     and the generic path everything else.  The rule follows the H200 measurements in
     docs/benchmarks.md ("Path dispatch"): with fp8 KV the Hopper path's wgmma and register
     conversion keep up with HBM where the generic path's mma.sync does not (batch 64 x 8k: 0.257
-    against 0.286 ms; q_seq_len 4 x group 8: 0.334 against 0.376), but 64 rows are compute-bound on
-    both and the generic path is faster (q_seq_len 8 x group 8, batch 32 x 8k: 0.274 against 0.297)
-    unless the grid needs splits (batch 4 x 16k: 0.083 against 0.091); with 16-bit KV and 64 rows
-    the Hopper path is (0.286 against 0.331 ms; batch 4 x 16k 0.077 against 0.098); 16-bit decode
-    streams at 95-99% of read bandwidth on the generic path against 90-93% on the Hopper path,
-    whose shorter start wins small launches (batch 1 x 1k: 5.7 against 7.6 us; batch 16 x 1k: 18.9
-    against 24.4 us) but not grids of several CTAs per SM (a 128-token window at batch 64: 8.9
-    against 7.2 us).
+    against 0.286 ms; q_seq_len 4 x group 8: 0.334 against 0.376); with 64 rows the register split
+    leads both paths at every batch measured (q_seq_len 8 x group 8, batch 32 x 8k, fp8: 0.222
+    against 0.275; bf16: 0.274 against 0.334; 40 and 128 rows alike); 32-row 16-bit speculative
+    decoding (gpt-oss, d64 with sinks, q_seq_len 4) is faster on the Hopper path up to one wave of
+    CTAs (batch 16 x 8k: 68.7 against 73.9 us) and slower beyond (batch 64: 267.0 against 252.4)
+    or under a 128-token window (26.5 against 15.1); 16-bit decode streams at 95-99% of read
+    bandwidth on the generic path against 90-93% on the Hopper path, whose shorter start wins small
+    launches (batch 1 x 1k: 5.7 against 7.6 us; batch 16 x 1k: 18.9 against 24.4 us) but not grids
+    of several CTAs per SM (a 128-token window at batch 64: 8.9 against 7.2 us).
     """
     hopper = PATHS["hopper"]
     if hopper.target_arch(device_arch) is None:
@@ -63,14 +61,16 @@ def choose_path(spec: KernelSpec, device_arch: str, kv_incompatibility: Callable
         return spec
     row_tiles = hopper.row_tiles(candidate)
     one_wave = shape.batch * shape.num_kv_heads * row_tiles <= shape.sm_count
+    wide = hopper.wide_rows_variant(candidate)
     if spec.kv_dtype == "e4m3":
-        takes = row_tiles == 1 or one_wave
-    elif spec.rows > HOPPER_16BIT_MIN_ROWS:
-        wide = hopper.wide_rows_variant(candidate)
-        takes = wide is not None and hopper.row_tiles(wide) == 1
+        takes = row_tiles == 1 or wide is not None or one_wave
+    elif row_tiles > 1:
+        takes = wide is not None
+    elif spec.q_seq_len > 1:
+        takes = one_wave and "sliding_window" not in spec.features
     else:
         kv_bytes = 2 * shape.batch * shape.kv_len * shape.num_kv_heads * spec.head_dim * 2  # K and V, 2 bytes each
-        takes = spec.q_seq_len == 1 and one_wave and kv_bytes <= HOPPER_16BIT_MAX_KV_BYTES_PER_SM * shape.sm_count
+        takes = one_wave and kv_bytes <= HOPPER_16BIT_MAX_KV_BYTES_PER_SM * shape.sm_count
     return candidate if takes and kv_incompatibility() is None else spec
 
 

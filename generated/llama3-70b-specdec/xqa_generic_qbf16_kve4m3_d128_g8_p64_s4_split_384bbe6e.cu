@@ -338,20 +338,26 @@ struct SplitPartials {
     if (d0 == 0) *reinterpret_cast<float2*>(ml + (split * kSplitRows + r) * 2) = make_float2(m, l);
   }
 
-  // Every thread, once its partials are stored: whether this CTA is the last of its output tile to
-  // arrive, and so merges.  The last one resets the semaphore for the next launch (graph replays).
-  __device__ bool arrive_last(int& shared_flag) const {
+  // Every thread that stores partials, once its own are stored: whether this CTA is the last of its
+  // output tile to arrive, and so merges.  `sync()` is a barrier over those threads (thread 0 among
+  // them): the CTA's by default.  The last one resets the semaphore for the next launch (graph
+  // replays).
+  template <class Sync>
+  __device__ bool arrive_last(int& shared_flag, Sync sync) const {
     __threadfence();
-    __syncthreads();
+    sync();
     if (threadIdx.x == 0) {
       int const arrived = atomicAdd(semaphore, 1);
       shared_flag = arrived == num_splits - 1;
       if (shared_flag) *semaphore = 0;
     }
-    __syncthreads();
+    sync();
     if (!shared_flag) return false;
     __threadfence();
     return true;
+  }
+  __device__ bool arrive_last(int& shared_flag) const {
+    return arrive_last(shared_flag, [] { __syncthreads(); });
   }
 
   // Row r's merged (max, sum) and 4 output elements from d0, over every split.  One online pass
