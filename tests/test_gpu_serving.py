@@ -90,6 +90,41 @@ def test_op_matches_xqa_decode_eager_and_compiled(name):
     assert torch.equal(eager, expected.float() * 2)
 
 
+def _op_args(q, k, v, pt, lens, out, workspace, kwargs) -> tuple:
+    """torch.ops.xqagen.decode's positional arguments for xqa_decode's keyword arguments."""
+    scratch, semaphores = (None, None) if workspace is None else (workspace.scratch, workspace.buffer)
+    return (q, k, v, pt, lens, out, scratch, semaphores, kwargs.get("sinks"), kwargs.get("mask"), None, None,
+            kwargs.get("q_scale", 1.0), kwargs.get("kv_scale", 1.0), 1.0, kwargs.get("sliding_window", 0),
+            kwargs.get("kv_layout", "NHD"), 0, 0, False, None, 0)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_native_op_relaunches_every_layer_like_xqa_decode(name):
+    """The op's C++ kernel launches a geometry it has bound without Python: new queries, caches (a
+    Hopper launch's tensor maps retargeted), lengths and outputs on every call, with the default
+    workspace and with the caller's, whose fault word it points at."""
+    from xqagen.emitters.params import FAULT_PAGE
+
+    assert ops.NATIVE, "the op's C++ kernel was not built"
+    q, k, v, pt, lens, kwargs = _case(name, seed=8)
+    for workspace in (None, Workspace.allocate(q.device), Workspace.allocate(q.device)):
+        for i, (k_layer, v_layer) in enumerate(_layers(k, v)):
+            query = torch.randn_like(q, dtype=torch.float32).to(q.dtype)
+            other_lens = (lens - i * torch.arange(lens.numel(), device=lens.device, dtype=lens.dtype)).clamp(min=4)
+            out = torch.full_like(q, float("nan"))
+            torch.ops.xqagen.decode.default(*_op_args(query, k_layer, v_layer, pt, other_lens, out, workspace, kwargs))
+            assert torch.equal(out, xqa_decode(query, k_layer, v_layer, pt, other_lens, **kwargs))
+        if workspace is not None:  # a page outside the pool: zero-filled, and recorded in this workspace
+            bad_table = pt.clone()
+            bad_table[0, 1] = k.shape[0] + 5
+            workspace.clear_faults()
+            torch.ops.xqagen.decode.default(*_op_args(q, k, v, bad_table, lens, torch.empty_like(q), workspace, kwargs))
+            assert workspace.fault_bits() == FAULT_PAGE
+    misaligned = torch.empty(q.numel() + 4, dtype=q.dtype, device=q.device)[4:].view(q.shape)
+    with pytest.raises(ValueError, match="q"):  # the bound geometry, a pointer the checks see again
+        torch.ops.xqagen.decode.default(*_op_args(misaligned, k, v, pt, lens, torch.empty_like(q), None, kwargs))
+
+
 def test_compat_entry_points_compile_and_match_eager():
     q, k, v, pt, lens, kwargs = _case("bf16-sinks-window-splits", seed=2)
     num_kv_heads, page_size = k.shape[2], k.shape[1]

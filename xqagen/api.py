@@ -214,10 +214,12 @@ class _LaunchCache:
 _launches = _LaunchCache()
 _launches_lock = threading.Lock()  # a bound launch's pointers are written, then launched, by one thread at a time
 # The pointer fields launch_decode rewrites on every call: all of them (a test holds the two equal).
+# The op's C++ kernel rewrites the same, in this order (xqagen/csrc/decode_op.cpp, `Pointer`).
 REWRITTEN_POINTERS = ("q", "k", "v", "page_table", "seq_lens", "out", "sinks", "mask", "q_cu_seq_lens",
                       "q_scale_ptr", "kv_scale_ptr", "workspace", "semaphores", "faults")
+_REWRITTEN_WORDS = tuple(POINTER_WORDS[name] for name in REWRITTEN_POINTERS)
 (_Q, _K, _V, _PAGE_TABLE, _SEQ_LENS, _OUT, _SINKS, _MASK, _Q_CU_SEQ_LENS, _Q_SCALE, _KV_SCALE, _SCRATCH, _SEMAPHORES,
- _FAULTS) = (POINTER_WORDS[name] for name in REWRITTEN_POINTERS)
+ _FAULTS) = _REWRITTEN_WORDS
 
 
 def launch_decode(q, k_cache, v_cache, page_table, seq_lens, out, scratch, semaphores, sinks, mask,
@@ -306,6 +308,31 @@ def launch_decode(q, k_cache, v_cache, page_table, seq_lens, out, scratch, semap
     with _launches_lock:
         _launches.add(key, entry)
         bound()
+
+
+# Bound launches that the op's C++ kernel (xqagen/csrc/decode_op.cpp) holds, by the address of their
+# parameter struct, until it reports them dropped.
+_native_bound: dict[int, BoundLaunch] = {}
+
+
+def bind_for_native(q, k_cache, v_cache, page_table, seq_lens, out, scratch, semaphores, sinks, mask,
+                    q_scale_tensor, kv_scale_tensor, q_scale, kv_scale, rcp_out_scale, sliding_window, kv_layout,
+                    num_splits, sm_count, enable_pdl, q_cu_seq_lens, q_seq_len, release) -> list[int]:
+    """``xqagen::decode_bind``, the C++ kernel's call for a geometry it has not bound: check, plan,
+    bind and launch as :func:`launch_decode` does for a new geometry, and describe the bound launch
+    (:meth:`BoundLaunch.native_description`, the fault word's offset in ``semaphores`` or -1, then
+    each of REWRITTEN_POINTERS' word index), which stays alive until a later call lists its
+    parameter-struct address in ``release``."""
+    for address in release:
+        _native_bound.pop(address, None)
+    bound = _bind(q, k_cache, v_cache, page_table, seq_lens, out, scratch, semaphores, sinks, mask, q_scale_tensor,
+                  kv_scale_tensor, q_scale, kv_scale, rcp_out_scale, sliding_window, kv_layout, num_splits, sm_count,
+                  enable_pdl, q_cu_seq_lens, q_seq_len, None, None, None)
+    bound()
+    description = bound.native_description()
+    _native_bound[description[0]] = bound
+    faults_offset = None if semaphores is None else fault_word_offset(semaphores)
+    return [*description, -1 if faults_offset is None else faults_offset, *_REWRITTEN_WORDS]
 
 
 def _bind(q, k_cache, v_cache, page_table, seq_lens, out, scratch, semaphores, sinks, mask, q_scale_tensor,

@@ -13,36 +13,43 @@ A scale is a float, or a one-element float32 tensor that the kernel reads on the
 sync; the float is then ignored).  ``workspace``/``semaphores``: the caller's split-KV buffers
 (semaphores zero before first use; every launch leaves them zero; their last int32 is the fault
 word), or None for the device's default workspace.  ``q_cu_seq_lens``/``q_seq_len``: ragged
-speculative decoding (a packed q), or None/0.  ``num_splits`` and ``sm_count``: 0 for the defaults.  The op launches through
-:func:`xqagen.api.launch_decode`: every argument is checked the first time a geometry is seen, and
-never synchronises.  Its fake implementation returns nothing, so a compiled graph holds the op as
-one node that writes ``out``.
+speculative decoding (a packed q), or None/0.  ``num_splits`` and ``sm_count``: 0 for the defaults.
+Every argument is checked the first time a geometry is seen, and the op never synchronises.  Its
+CUDA kernel is C++ (:mod:`xqagen.native`: it launches geometries seen before without Python, and
+hands new ones to ``xqagen::decode_bind``), or :func:`xqagen.api.launch_decode` where that cannot
+be built.  Its fake implementation returns nothing, so a compiled graph holds the op as one node
+that writes ``out``.
 
 :func:`decode` is the Python entry with :func:`xqagen.api.xqa_decode`'s keyword arguments.  The
 FlashInfer-compatible entry points (:mod:`xqagen.flashinfer_compat`) lower to the same op, through
-:func:`launch`, which skips the dispatcher for eager calls.
+:func:`launch`.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .api import launch_decode
+from . import native
+from .api import bind_for_native, launch_decode
 from .runtime import Workspace
 
 __all__ = ["decode", "launch"]
 
-_LIB = torch.library.Library("xqagen", "DEF")
-_LIB.define(
-    "decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor page_table, Tensor seq_lens, Tensor(a!) out, "
+_SCHEMA_ARGS = (
+    "Tensor q, Tensor k_cache, Tensor v_cache, Tensor page_table, Tensor seq_lens, Tensor(a!) out, "
     "Tensor(b!)? workspace, Tensor(c!)? semaphores, Tensor? sinks, Tensor? mask, Tensor? q_scale_tensor, "
     "Tensor? kv_scale_tensor, float q_scale, float kv_scale, float rcp_out_scale, int sliding_window, "
-    "str kv_layout, int num_splits, int sm_count, bool enable_pdl, Tensor? q_cu_seq_lens=None, "
-    "int q_seq_len=0) -> ()")
-# Registered with Library.impl rather than torch.library.custom_op: the latter's Python wrapper
-# costs far more per eager call than the launch itself.  On CPU tensors the same function reports
-# what is wrong with the arguments (kernels run on GPUs only).
-for _key in ("CUDA", "CPU"):
+    "str kv_layout, int num_splits, int sm_count, bool enable_pdl, Tensor? q_cu_seq_lens=None, int q_seq_len=0")
+_LIB = torch.library.Library("xqagen", "DEF")
+_LIB.define(f"decode({_SCHEMA_ARGS}) -> ()")
+# The C++ kernel's call for a geometry it has not bound (xqagen.api.bind_for_native); internal.
+_LIB.define(f"decode_bind({_SCHEMA_ARGS.replace('=None', '').replace('=0', '')}, int[] release) -> int[]")
+_LIB.impl("decode_bind", bind_for_native, "CUDA")
+NATIVE = native.load()  # registers the C++ kernel for CUDA
+# Python kernels are registered with Library.impl rather than torch.library.custom_op: the latter's
+# wrapper costs far more per eager call than the launch itself.  On CPU tensors the same function
+# reports what is wrong with the arguments (kernels run on GPUs only).
+for _key in ("CPU",) if NATIVE else ("CUDA", "CPU"):
     _LIB.impl("decode", launch_decode, _key)
 
 
@@ -55,12 +62,13 @@ def _decode_fake(q, k_cache, v_cache, page_table, seq_lens, out, workspace, sema
 
 
 def launch(*args) -> None:
-    """Run the op on its schema's positional arguments.  An eager call on CUDA tensors goes straight
-    to the op's CUDA implementation (the dispatcher's boxing of twenty arguments costs more host time
-    than the launch); anything traced (torch.compile, export, fake or meta tensors, subclasses) goes
-    through ``torch.ops.xqagen.decode``, so graphs hold the op."""
+    """Run the op on its schema's positional arguments.  With the C++ kernel every call goes through
+    ``torch.ops.xqagen.decode``.  Without it an eager call on CUDA tensors goes straight to the
+    Python kernel (the dispatcher's boxing of twenty arguments costs more host time than the
+    launch), and anything traced (torch.compile, export, fake or meta tensors, subclasses) through
+    the op, so graphs hold the op."""
     q = args[0]
-    if not torch.compiler.is_compiling() and type(q) is torch.Tensor and q.is_cuda:
+    if not NATIVE and not torch.compiler.is_compiling() and type(q) is torch.Tensor and q.is_cuda:
         launch_decode(*args)
     else:
         torch.ops.xqagen.decode.default(*args)

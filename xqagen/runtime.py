@@ -277,6 +277,16 @@ class BoundLaunch:
         if self._refresh is not None:
             self._refresh(self.params)
 
+    def native_description(self) -> list[int]:
+        """Where this launch's state lives, for the C++ op (xqagen/csrc/decode_op.cpp, which holds
+        the order): the parameter struct, the launch configuration and its stream field's offset,
+        the function, the parameter pointer array, and a Hopper launch's two tensor maps with the
+        addresses they point at (zeros without).  Valid while this object lives."""
+        maps = [(ctypes.addressof(m), m.address) for m in self.params[1:3]] or [(0, 0), (0, 0)]
+        return [ctypes.addressof(self.params[0]), ctypes.addressof(self._config), _LaunchConfig.stream.offset,
+                self._function.value, ctypes.addressof(self._param_ptrs), maps[0][0], maps[1][0], maps[0][1],
+                maps[1][1]]
+
     def __call__(self, stream: torch.cuda.Stream | None = None) -> None:
         handle = self._raw_stream(self._index) if stream is None else stream.cuda_stream
         if handle != self._stream_handle:

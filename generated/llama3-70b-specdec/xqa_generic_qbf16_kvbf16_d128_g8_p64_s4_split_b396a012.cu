@@ -431,6 +431,12 @@ constexpr int kKvChunksPerRow = kHeadDim / kKvElemsPerChunk;
 // 50 registers and spilled.
 constexpr int kKvSlotsPerRow = [] { int n = 1; while (n < kKvChunksPerRow) n *= 2; return n; }();
 constexpr int kKvSlotsPerTile = kKvTile * kKvSlotsPerRow;
+// One pass of the gather (a chunk per thread) covers kRowsPerPass whole rows.  Where those lie in one
+// page of a tile of several pages, each thread reads and checks a page id once per page, not once
+// per chunk: the pass's first row, threadIdx.x / kKvSlotsPerRow, is below kRowsPerPass.
+constexpr int kRowsPerPass = kThreads / kKvSlotsPerRow;
+constexpr bool kPassWithinPage = kPageSize < kKvTile && kThreads % kKvSlotsPerRow == 0 &&
+                                 kKvSlotsPerTile % kThreads == 0 && kPageSize % kRowsPerPass == 0;
 using KvTileLayout = decltype(composition(Swizzle<3, 3, 4>{},
                                           make_layout(make_shape(Int<kKvTile>{}, Int<kHeadDim>{}), LayoutRight{})));
 using QTileLayout = decltype(composition(Swizzle<3, 3, 4>{},
@@ -498,17 +504,18 @@ struct KvGather {
   Params const& p;
   int seq_len;
 
-  __device__ void operator()(int stage, int tile, SharedStorage& smem) const {
+  // Whether it zero-filled a page outside the pool (the kernel records the fault once, after its loop).
+  [[nodiscard]] __device__ bool operator()(int stage, int tile, SharedStorage& smem) const {
     auto sK = make_tensor(make_smem_ptr(smem.pipe.k[stage]), KvTileLayout{});
     auto sV = make_tensor(make_smem_ptr(smem.pipe.v[stage]), KvTileLayout{});
     int const tok0 = tile * kKvTile;
-    int tile_page = 0;
-    bool tile_page_ok = true;
+    int page = 0;  // of the rows this pass covers
+    bool page_ok = true;
     if constexpr (kPageSize >= kKvTile) {
-      tile_page = pages[tok0 / kPageSize];  // tok0 < seq_len here
-      tile_page_ok = page_in_pool(p, tile_page);
+      page = pages[tok0 / kPageSize];  // tok0 < seq_len here
+      page_ok = page_in_pool(p, page);
     }
-    bool skipped_page = !tile_page_ok;  // a page outside the pool: never read, recorded once below
+    bool skipped_page = !page_ok;  // a page outside the pool: never read
     CUTE_UNROLL
     for (int i = 0; i < (kKvSlotsPerTile + kThreads - 1) / kThreads; ++i) {
       int const c = threadIdx.x + i * kThreads;
@@ -518,15 +525,19 @@ struct KvGather {
       int const col = (c % kKvSlotsPerRow) * kKvElemsPerChunk;
       int const tok = tok0 + row;
       bool valid = tok < seq_len;  // past the end: zero-fill, never read the page table
-      int page = tile_page;
-      if constexpr (kPageSize < kKvTile) {
+      if constexpr (kPassWithinPage) {
+        if (i * kRowsPerPass % kPageSize == 0) {  // this pass starts a page: one read and check of its id
+          int const first = tok0 + i * kRowsPerPass;
+          page = first < seq_len ? pages[first / kPageSize] : 0;
+          page_ok = page_in_pool(p, page);
+          skipped_page |= first < seq_len && !page_ok;
+        }
+      } else if constexpr (kPageSize < kKvTile) {
         page = valid ? pages[tok / kPageSize] : 0;
-        bool const in_pool = page_in_pool(p, page);
-        skipped_page |= valid && !in_pool;
-        valid = valid && in_pool;  // outside the pool: zero-fill, never read it
-      } else {
-        valid = valid && tile_page_ok;
+        page_ok = page_in_pool(p, page);
+        skipped_page |= valid && !page_ok;
       }
+      valid = valid && page_ok;  // outside the pool: zero-fill, never read it
       int64_t const slot = int64_t(page) * p.kv_stride_page + int64_t(tok % kPageSize) * p.kv_stride_token;
       SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<uint128_t>::copy(
           *reinterpret_cast<uint128_t const*>(valid ? k + slot + col : k),
@@ -535,7 +546,7 @@ struct KvGather {
           *reinterpret_cast<uint128_t const*>(valid ? v + slot + col : v),
           *reinterpret_cast<uint128_t*>(&sV(row, col)), valid);
     }
-    if (skipped_page) record_fault(p, kFaultPage);
+    return skipped_page;
   }
 };
 
@@ -628,9 +639,10 @@ xqa_generic_qbf16_kvbf16_d128_g8_p64_s4_split_b396a012(Params const p) {
   KvRange<kKvTile> const range(p, request, split);
   KvGather const gather{p.k + kv_head * p.kv_stride_head, p.v + kv_head * p.kv_stride_head,
                         p.page_table + batch * p.page_table_stride, p, range.seq_len};
+  bool skipped_page = false;  // a page outside the pool was zero-filled: recorded after the loop
   CUTE_UNROLL
   for (int s = 0; s < kStages - 1; ++s) {
-    if (range.tile_begin + s < range.tile_end) gather(s, range.tile_begin + s, smem);
+    if (range.tile_begin + s < range.tile_end) skipped_page |= gather(s, range.tile_begin + s, smem);
     cp_async_fence();
   }
   ScoreScale const scale(p);
@@ -710,7 +722,9 @@ xqa_generic_qbf16_kvbf16_d128_g8_p64_s4_split_b396a012(Params const p) {
     int const it = tile - range.tile_begin;
     cp_async_wait<kStages - 2>();
     __syncthreads();  // tile `it` landed for every thread; stage (it - 1) is free
-    if (tile + kStages - 1 < range.tile_end) gather((it + kStages - 1) % kStages, tile + kStages - 1, smem);
+    if (tile + kStages - 1 < range.tile_end) {
+      skipped_page |= gather((it + kStages - 1) % kStages, tile + kStages - 1, smem);
+    }
     cp_async_fence();
 
     KVElem const* stage_k = smem.pipe.k[it % kStages];
@@ -853,6 +867,7 @@ xqa_generic_qbf16_kvbf16_d128_g8_p64_s4_split_b396a012(Params const p) {
       }
     }
   }
+  if (skipped_page) record_fault(p, kFaultPage);
   cp_async_wait<0>();
   __syncthreads();  // the pipeline buffers become the merge area
   pdl_launch_dependents();  // the next kernel's CTAs may start while these merge and store
