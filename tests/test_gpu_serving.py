@@ -116,7 +116,7 @@ def test_native_op_relaunches_every_layer_like_xqa_decode(name):
             assert torch.equal(out, xqa_decode(query, k_layer, v_layer, pt, other_lens, **kwargs))
         if workspace is not None:  # a page outside the pool: zero-filled, and recorded in this workspace
             bad_table = pt.clone()
-            bad_table[0, 1] = k.shape[0] + 5
+            bad_table[0, (int(lens[0]) - 1) // k.shape[1]] = k.shape[0] + 5  # the last page, inside any window
             workspace.clear_faults()
             torch.ops.xqagen.decode.default(*_op_args(q, k, v, bad_table, lens, torch.empty_like(q), workspace, kwargs))
             assert workspace.fault_bits() == FAULT_PAGE
