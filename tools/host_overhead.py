@@ -12,7 +12,8 @@ Entries: ``launch_decode`` (:func:`xqagen.api.launch_decode`), ``op`` (``torch.o
 ``ops.launch``, ``xqa`` and ``batch`` (the FlashInfer-compatible entry points), ``decode``
 (``xqa_decode(validate=False)``), ``run`` (:meth:`DecodeWrapper.run`, GPU only); ``floor``: a no-op
 Python kernel with the op's schema through the dispatcher, the least any Python-implemented op of
-that schema costs; on a GPU without ``--stub`` also ``rewrite`` (a layer's four pointer words and
+that schema costs, and ``floor C++`` a no-op C++ kernel (where a compiler builds it), the least any
+op of that schema costs from Python; on a GPU without ``--stub`` also ``rewrite`` (a layer's four pointer words and
 the bound launch's ``refresh()``) and ``bound()``, the launch alone.  Each entry: the best and the
 median over rounds of the mean of 100 calls; entries take turns, so that a busy machine slows every
 entry alike.
@@ -104,6 +105,9 @@ def entries_of(kv_dtype: torch.dtype, device: torch.device, stub: bool) -> dict:
                                          validate=False),
         "floor": lambda: torch.ops.xqagen_host_overhead.floor.default(*op_args),
     }
+    if hasattr(torch.ops.xqagen_host_overhead, "floor_cpp") and torch._C._dispatch_has_kernel_for_dispatch_key(
+            "xqagen_host_overhead::floor_cpp", "CPU"):
+        entries["floor C++"] = lambda: torch.ops.xqagen_host_overhead.floor_cpp.default(*op_args)
     if device.type == "cuda":
         from xqagen.wrapper import DecodeWrapper
 
@@ -126,14 +130,39 @@ def entries_of(kv_dtype: torch.dtype, device: torch.device, stub: bool) -> dict:
     return entries
 
 
-def register_floor() -> None:
-    """``torch.ops.xqagen_host_overhead.floor``: the op's schema, a no-op Python kernel."""
+# A no-op C++ kernel of the op's schema (the types the op's C++ kernel takes).
+FLOOR_CPP = """
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>
+#include <optional>
+using T = at::Tensor const&;
+using O = std::optional<at::Tensor> const&;
+void floor_cpp(T, T, T, T, T, T, O, O, O, O, O, O, double, double, double, int64_t, c10::string_view, int64_t,
+               int64_t, bool, O, int64_t) {}
+TORCH_LIBRARY_IMPL(xqagen_host_overhead, CPU, m) { m.impl("floor_cpp", &floor_cpp); }
+TORCH_LIBRARY_IMPL(xqagen_host_overhead, CUDA, m) { m.impl("floor_cpp", &floor_cpp); }
+"""
+
+
+def register_floor() -> bool:
+    """``torch.ops.xqagen_host_overhead.floor``: the op's schema, a no-op Python kernel; and
+    ``floor_cpp``, the same with a no-op C++ kernel (built like the op's own; whether it was)."""
     schema = str(torch.ops.xqagen.decode.default._schema).replace("xqagen::decode", "floor")
     lib = torch.library.Library("xqagen_host_overhead", "DEF")
     lib.define(schema)
+    lib.define(schema.replace("floor(", "floor_cpp(", 1))
     for key in ("CPU", "CUDA"):
         lib.impl("floor", lambda *args: None, key)
     register_floor.lib = lib  # the registration lives as long as the library object
+    try:
+        from torch.utils import cpp_extension
+
+        cpp_extension.load_inline("xqagen_host_overhead_floor", cpp_sources=FLOOR_CPP, is_python_module=False,
+                                  extra_cflags=["-O2"])
+    except Exception as err:  # noqa: BLE001  (no compiler: the C++ floor is left out)
+        print(f"floor C++ left out: {err}")
+        return False
+    return True
 
 
 def main() -> None:
