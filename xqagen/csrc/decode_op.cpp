@@ -5,9 +5,9 @@
 // tensor's shape, strides, dtype and device; every option), and for a geometry seen before it
 // rewrites the bound launch's pointer fields, retargets a Hopper launch's tensor maps and calls
 // cuLaunchKernelEx on torch's current stream.  A new geometry (or a view that is not 16-byte
-// aligned) goes to the Python op xqagen::decode_bind, which checks the arguments, plans, binds,
-// launches and describes the bound launch (xqagen/ops.py).  Each entry points into a Python object
-// that decode_bind keeps until a later bind is told (`release`) that this file dropped the entry.
+// aligned) goes to the Python op xqagen::decode_bind (xqagen.api.bind_for_native), which checks the
+// arguments, plans, binds, launches and describes the bound launch.  Each entry points into a Python
+// object that decode_bind keeps until a later bind is told (`release`) that this file dropped it.
 // No CUDA header is needed: the two driver entry points are looked up in libcuda, and the stream
 // comes from c10's device-generic guard.
 
