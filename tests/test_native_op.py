@@ -61,3 +61,23 @@ def test_pointer_order_matches_the_python_side():
     snake = [re.sub(r"(?<!^)(?=[A-Z])", "_", name[1:]).lower() for name in names]
     assert snake == list(REWRITTEN_POINTERS)
 
+
+
+def test_a_failed_build_warns_and_keeps_the_python_kernel(monkeypatch):
+    """Without a compiler the op keeps its Python kernel, with a warning that says how to skip the
+    build; XQAGEN_NATIVE_OP=1 turns the failure into an error."""
+    from torch.utils import cpp_extension
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(cpp_extension, "load", no_compiler)
+    monkeypatch.setenv(native.ENV, "auto")
+    monkeypatch.setattr(native.torch.version, "cuda", "13.0")  # a CUDA build of torch builds by default
+    with pytest.warns(RuntimeWarning, match=r"could not be built \(no C\+\+ compiler found\).*XQAGEN_NATIVE_OP=0"):
+        assert native.load() is False
+    monkeypatch.setenv(native.ENV, "1")
+    with pytest.raises(RuntimeError, match="no C\\+\\+ compiler found"):
+        native.load()
+    monkeypatch.setenv(native.ENV, "0")
+    assert native.load() is False
