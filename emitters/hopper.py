@@ -204,8 +204,11 @@ class HopperPath(KernelPath):
         return TARGET if device_arch in ("sm_90", TARGET) else None
 
     def sass_features(self, spec: KernelSpec, arch: str) -> Mapping[str, str]:
-        return {"HGMMA": "no wgmma", "UTMALDG": "K/V are not loaded with TMA",
-                "SYNCS": "no mbarrier synchronisation (the TMA pipeline)"}
+        features = {"HGMMA": "no wgmma", "UTMALDG": "K/V are not loaded with TMA",
+                    "SYNCS": "no mbarrier synchronisation (the TMA pipeline)"}
+        if spec.tile.register_split:
+            features["USETMAXREG"] = "no register reallocation (setmaxnreg) in a register-split tile"
+        return features
 
     # ---- launch time ----
     def block_threads(self, spec: KernelSpec) -> int:
