@@ -61,11 +61,11 @@ def choose_path(spec: KernelSpec, device_arch: str, kv_incompatibility: Callable
         return spec
     row_tiles = hopper.row_tiles(candidate)
     one_wave = shape.batch * shape.num_kv_heads * row_tiles <= shape.sm_count
-    wide = hopper.wide_rows_variant(candidate)
+    split_rows = row_tiles > 1 and hopper.wide_rows_variant(candidate) is not None  # 64 rows per CTA
     if spec.kv_dtype == "e4m3":
-        takes = row_tiles == 1 or wide is not None or one_wave
+        takes = row_tiles == 1 or split_rows or one_wave
     elif row_tiles > 1:
-        takes = wide is not None
+        takes = split_rows
     elif spec.q_seq_len > 1:
         takes = one_wave and "sliding_window" not in spec.features
     else:
