@@ -10,7 +10,8 @@ which pose as CUDA tensors for ``xqagen.ops.launch``'s eager check.
 
 Entries: ``launch_decode`` (:func:`xqagen.api.launch_decode`), ``op`` (``torch.ops.xqagen.decode``),
 ``ops.launch``, ``xqa`` and ``batch`` (the FlashInfer-compatible entry points), ``decode``
-(``xqa_decode(validate=False)``), ``run`` (:meth:`DecodeWrapper.run`, GPU only); ``floor``: a no-op
+(``xqa_decode(validate=False)``), ``run`` (:meth:`DecodeWrapper.run`, GPU only), ``FI xqa`` (FlashInfer's
+``xqa`` on the same inputs, GPU only, where FlashInfer is installed); ``floor``: a no-op
 Python kernel with the op's schema through the dispatcher, the least any Python-implemented op of
 that schema costs, and ``floor C++`` a no-op C++ kernel (where a compiler builds it), the least any
 op of that schema costs from Python; on a GPU without ``--stub`` also ``rewrite`` (a layer's four pointer words and
@@ -109,6 +110,16 @@ def entries_of(kv_dtype: torch.dtype, device: torch.device, stub: bool) -> dict:
         entries["floor C++"] = lambda: torch.ops.xqagen_host_overhead.floor_cpp.default(*op_args)
     if device.type == "cuda":
         from xqagen.wrapper import DecodeWrapper
+
+        try:  # FlashInfer's own xqa call, timed the same way, where it is installed
+            from flashinfer.xqa import xqa as fi_xqa
+        except ImportError:
+            fi_xqa = None
+        if fi_xqa is not None:
+            fi_args = (q, k, v, pt, seq_lens.to(torch.uint32).unsqueeze(1), out,
+                       torch.zeros(256 << 20, dtype=torch.uint8, device=device),
+                       torch.zeros(8 << 20, dtype=torch.uint32, device=device), NUM_KV_HEADS, PAGE_SIZE)
+            entries["FI xqa"] = lambda: fi_xqa(*fi_args, kv_scale=kv_scale)
 
         wrapper = DecodeWrapper(workspace)
         wrapper.plan(pt, seq_lens, k, num_q_heads=NUM_Q_HEADS, q_dtype=q.dtype, kv_scale=kv_scale)

@@ -506,18 +506,21 @@ struct KvGather {
   Params const& p;
   int seq_len;
 
-  // Whether it zero-filled a page outside the pool (the kernel records the fault once, after its loop).
+  // A page outside the pool is zero-filled, never read, and recorded in the fault word: by the kernel
+  // once after its loop where a pass reads its page id once per page (this returns whether it
+  // zero-filled one), here otherwise.  Each form measured faster that way (H200, d128 page 16: bf16
+  // 0.4746 against 0.4869 ms, fp8 0.2813-0.2825 against 0.2869-0.2871).
   [[nodiscard]] __device__ bool operator()(int stage, int tile, SharedStorage& smem) const {
     auto sK = make_tensor(make_smem_ptr(smem.pipe.k[stage]), KvTileLayout{});
     auto sV = make_tensor(make_smem_ptr(smem.pipe.v[stage]), KvTileLayout{});
     int const tok0 = tile * kKvTile;
-    int page = 0;  // of the rows this pass covers
-    bool page_ok = true;
+    int pass_page = 0;  // the tile's page where a page holds the tile, else this pass's (kPassWithinPage)
+    bool pass_page_ok = true;
     if constexpr (kPageSize >= kKvTile) {
-      page = pages[tok0 / kPageSize];  // tok0 < seq_len here
-      page_ok = page_in_pool(p, page);
+      pass_page = pages[tok0 / kPageSize];  // tok0 < seq_len here
+      pass_page_ok = page_in_pool(p, pass_page);
     }
-    bool skipped_page = !page_ok;  // a page outside the pool: never read
+    bool skipped_page = !pass_page_ok;  // a page outside the pool: never read
     CUTE_UNROLL
     for (int i = 0; i < (kKvSlotsPerTile + kThreads - 1) / kThreads; ++i) {
       int const c = threadIdx.x + i * kThreads;
@@ -530,16 +533,20 @@ struct KvGather {
       if constexpr (kPassWithinPage) {
         if (i * kRowsPerPass % kPageSize == 0) {  // this pass starts a page: one read and check of its id
           int const first = tok0 + i * kRowsPerPass;
-          page = first < seq_len ? pages[first / kPageSize] : 0;
-          page_ok = page_in_pool(p, page);
-          skipped_page |= first < seq_len && !page_ok;
+          pass_page = first < seq_len ? pages[first / kPageSize] : 0;
+          pass_page_ok = page_in_pool(p, pass_page);
+          skipped_page |= first < seq_len && !pass_page_ok;
         }
-      } else if constexpr (kPageSize < kKvTile) {
-        page = valid ? pages[tok / kPageSize] : 0;
-        page_ok = page_in_pool(p, page);
-        skipped_page |= valid && !page_ok;
       }
-      valid = valid && page_ok;  // outside the pool: zero-fill, never read it
+      int page = pass_page;
+      if constexpr (kPageSize < kKvTile && !kPassWithinPage) {  // each chunk reads and checks its page id
+        page = valid ? pages[tok / kPageSize] : 0;
+        bool const in_pool = page_in_pool(p, page);
+        skipped_page |= valid && !in_pool;
+        valid = valid && in_pool;  // outside the pool: zero-fill, never read it
+      } else {
+        valid = valid && pass_page_ok;
+      }
       int64_t const slot = int64_t(page) * p.kv_stride_page + int64_t(tok % kPageSize) * p.kv_stride_token;
       SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<uint128_t>::copy(
           *reinterpret_cast<uint128_t const*>(valid ? k + slot + col : k),
@@ -547,6 +554,10 @@ struct KvGather {
       SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<uint128_t>::copy(
           *reinterpret_cast<uint128_t const*>(valid ? v + slot + col : v),
           *reinterpret_cast<uint128_t*>(&sV(row, col)), valid);
+    }
+    if constexpr (!kPassWithinPage) {
+      if (skipped_page) record_fault(p, kFaultPage);
+      return false;
     }
     return skipped_page;
   }
@@ -641,7 +652,7 @@ xqa_generic_qbf16_kvbf16_d64_g8_p64_s1_sinks_split_8c16429a(Params const p) {
   KvRange<kKvTile> const range(p, request, split);
   KvGather const gather{p.k + kv_head * p.kv_stride_head, p.v + kv_head * p.kv_stride_head,
                         p.page_table + batch * p.page_table_stride, p, range.seq_len};
-  bool skipped_page = false;  // a page outside the pool was zero-filled: recorded after the loop
+  bool skipped_page = false;  // a page outside the pool the gather left to record after the loop
   CUTE_UNROLL
   for (int s = 0; s < kStages - 1; ++s) {
     if (range.tile_begin + s < range.tile_end) skipped_page |= gather(s, range.tile_begin + s, smem);
