@@ -911,14 +911,22 @@ xqa_hopper_qbf16_kvbf16_d128_g4_p16_s1_tma4x2_1248e350(Params const p, __grid_co
     Visibility const vis{range.seq_len, request.rows, range.seq_len - request.tokens, kHasWindow ? p.window : 0,
                          p.mask + request.first_token * p.mask_words_per_row, p.mask_words_per_row};
     Visibility::Row row_vis[kCols];
-    float row_max[kCols], row_sum[kCols];  // sums: this thread's share, reduced over the warpgroup at the end
+    // A row's running max (log2 units, raise_row_max's rule) is kept as `base`, what its scores are
+    // measured from (0 while everything so far is masked, to keep exp2 finite), and `raise_above`,
+    // the raw score that would raise it by more than the headroom ((max + headroom) / score_scale;
+    // -inf while everything is masked).  A tile then tests each score with one compare, and a tile
+    // that raises no row changes no row state.  Sums: this thread's share, reduced over the
+    // warpgroup at the end.
+    float base[kCols], raise_above[kCols], row_sum[kCols];
+    float const rcp_score_scale = 1.f / scale.score_scale;
     CUTE_UNROLL
     for (int v = 0; v < kVals; v += 4) {
       CUTE_UNROLL
       for (int e = 0; e < 2; ++e) {
         int const c = col_of(v + e);
         row_vis[c] = vis.row(row_tile * kRowsCta + coords.n(v + e));
-        row_max[c] = kNegInf;
+        base[c] = 0.f;
+        raise_above[c] = kNegInf;
         row_sum[c] = 0.f;
       }
     }
@@ -959,14 +967,10 @@ xqa_hopper_qbf16_kvbf16_d128_g4_p16_s1_tma4x2_1248e350(Params const p, __grid_co
         for (int v = 0; v < kVals; ++v)
           if (!vis(tok0 + coords.m(v), row_vis[col_of(v)])) acc_s[v] = kNegInf;
       }
-      // A row's running max rises only where a score exceeds it by more than the headroom
-      // (raise_row_max).  A vote of the warpgroup skips the exchange of tile maxima when no score
-      // does, and the base stays the running max: what raise_row_max gives then.
+      // A vote of the warpgroup skips the exchange of tile maxima when no score raises its row.
       bool raises = false;
       CUTE_UNROLL
-      for (int v = 0; v < kVals; ++v) raises |= acc_s[v] * scale.score_scale > row_max[col_of(v)] + kMaxHeadroom;
-      float rescale[kCols], base[kCols];
-      bool any_rescale = false;
+      for (int v = 0; v < kVals; ++v) raises |= acc_s[v] > raise_above[col_of(v)];
       if (warpgroup_any(wg, kRowMaxReady, raises)) {
         // the tile maxima of every row: over the thread's tokens, its warp (lanes with the same
         // lane % 4) and the warpgroup (through shared memory)
@@ -988,6 +992,10 @@ xqa_hopper_qbf16_kvbf16_d128_g4_p16_s1_tma4x2_1248e350(Params const p, __grid_co
             for (int e = 0; e < 2; ++e) smem.warp_max[wg][wg_warp][coords.n(v + e)] = tile_max[col_of(v + e)];
         }
         warpgroup_sync(wg, kRowMaxReady);
+        // a raised row's sums so far are rescaled to its new max (0 where nothing was seen before);
+        // selects, not branches: a branch per row made ptxas recompute operand addresses every tile
+        float rescale[kCols];
+        bool any_rescale = false;
         CUTE_UNROLL
         for (int v = 0; v < kVals; v += 4)
           CUTE_UNROLL
@@ -995,21 +1003,25 @@ xqa_hopper_qbf16_kvbf16_d128_g4_p16_s1_tma4x2_1248e350(Params const p, __grid_co
             int const c = col_of(v + e), n = coords.n(v + e);
             float const m = fmaxf(fmaxf(smem.warp_max[wg][0][n], smem.warp_max[wg][1][n]),
                                   fmaxf(smem.warp_max[wg][2][n], smem.warp_max[wg][3][n]));
-            rescale[c] = raise_row_max(row_max[c], m, scale.score_scale, base[c]);
-            any_rescale |= rescale[c] != 1.f;
+            bool const raise = m > raise_above[c];
+            float const new_base = raise ? m * scale.score_scale : base[c];
+            rescale[c] = raise_above[c] == kNegInf ? 0.f : fast_exp2(base[c] - new_base);
+            base[c] = new_base;
+            raise_above[c] = raise ? (new_base + kMaxHeadroom) * rcp_score_scale : raise_above[c];
+            any_rescale |= raise;
           }
-      } else {
-        CUTE_UNROLL
-        for (int c = 0; c < kCols; ++c) {
-          rescale[c] = 1.f;
-          base[c] = row_max[c] == kNegInf ? 0.f : row_max[c];
+        if (__any_sync(0xffffffffu, any_rescale)) {
+          CUTE_UNROLL
+          for (int c = 0; c < kCols; ++c) row_sum[c] *= rescale[c];
+          CUTE_UNROLL
+          for (int mb = 0; mb < kMBlocks; ++mb)
+            CUTE_UNROLL
+            for (int v = 0; v < kVals; ++v) acc_o[mb][v] *= rescale[col_of(v)];
         }
       }
 
-      // P = exp2(S * scale - max) -> shared memory (the B operand of O^T); the sums from the same
+      // P = exp2(S * scale - base) -> shared memory (the B operand of O^T); the sums from the same
       // fp32 values
-      CUTE_UNROLL
-      for (int c = 0; c < kCols; ++c) row_sum[c] *= rescale[c];
       CUTE_UNROLL
       for (int v = 0; v < kVals; v += 2) {
         int const c = col_of(v);
@@ -1019,12 +1031,6 @@ xqa_hopper_qbf16_kvbf16_d128_g4_p16_s1_tma4x2_1248e350(Params const p, __grid_co
         row_sum[c + 1] += p1;
         // (token, row): rows n, n + 1 are adjacent in sP
         *reinterpret_cast<uint32_t*>(&sP(coords.n(v), coords.m(v))) = pack_mma_pair(p0, p1);
-      }
-      if (__any_sync(0xffffffffu, any_rescale)) {
-        CUTE_UNROLL
-        for (int mb = 0; mb < kMBlocks; ++mb)
-          CUTE_UNROLL
-          for (int v = 0; v < kVals; ++v) acc_o[mb][v] *= rescale[col_of(v)];
       }
       cutlass::arch::fence_view_async_shared();  // P (and zeroed V rows) are read by wgmma
       warpgroup_sync(wg, kPReady);
@@ -1049,9 +1055,9 @@ xqa_hopper_qbf16_kvbf16_d128_g4_p16_s1_tma4x2_1248e350(Params const p, __grid_co
       for (int v = 0; v < kVals; v += 4)
         CUTE_UNROLL
         for (int e = 0; e < 2; ++e) {
-          int const n = coords.n(v + e);
-          smem.warp_sum[wg][wg_warp][n] = row_sum[col_of(v + e)];
-          if (wg_warp == 0) smem.warp_max[wg][0][n] = row_max[col_of(v + e)];
+          int const c = col_of(v + e), n = coords.n(v + e);
+          smem.warp_sum[wg][wg_warp][n] = row_sum[c];
+          if (wg_warp == 0) smem.warp_max[wg][0][n] = raise_above[c] == kNegInf ? kNegInf : base[c];
         }
     }
     auto sO = make_tensor(make_smem_ptr(smem.o), OStageLayout{});
