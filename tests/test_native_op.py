@@ -62,7 +62,6 @@ def test_pointer_order_matches_the_python_side():
     assert snake == list(REWRITTEN_POINTERS)
 
 
-
 def test_a_failed_build_warns_and_keeps_the_python_kernel(monkeypatch):
     """Without a compiler the op keeps its Python kernel, with a warning that says how to skip the
     build; XQAGEN_NATIVE_OP=1 turns the failure into an error."""
