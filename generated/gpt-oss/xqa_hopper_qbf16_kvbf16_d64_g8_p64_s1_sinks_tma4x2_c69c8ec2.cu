@@ -514,6 +514,69 @@ struct AccCoords {
   __device__ int n(int v) const { return n0 + AccLayout{}(0, v) / 64; }
 };
 
+// P's element offset of a thread's value v at (row n, token m).  The swizzle is an XOR of shifted
+// offset bits, so it is linear over XOR; the offset before it is L_n(n) + L_m(m), linear over the
+// coordinates a thread's part (value 0) and a value's part add up to; and the two parts share no
+// bit, so they add as they XOR.  Then the swizzled offset is swizzle(thread part) ^
+// swizzle(value part): a thread computes the first once, and each store XORs a constant, or adds
+// it (an immediate of the store) where no thread's part shares a bit with any value's.  All checked
+// at compile time, over every thread and value.
+using PLayoutPI = decltype(as_position_independent_swizzle_layout(PLayout{}));  // a plain layout for 8 rows
+template <class L = PLayoutPI>
+constexpr int p_plain(int n, int m) {
+  if constexpr (is_composed_layout<L>::value) return int(L{}.layout_b()(n, m));
+  else return int(L{}(n, m));
+}
+template <class L = PLayoutPI>
+constexpr int p_swizzle(int offset) {
+  if constexpr (is_composed_layout<L>::value) return int(L{}.layout_a()(offset));
+  else return offset;
+}
+constexpr int acc_n(int tid, int v) { return int(AccLayout{}(tid, v)) / 64; }
+constexpr int acc_m(int tid, int v) { return int(AccLayout{}(tid, v)) % 64; }
+constexpr int p_value_part(int v) { return p_swizzle(p_plain(acc_n(0, v), acc_m(0, v))); }
+// 1: the offsets split by XOR; 2: also by addition; 0: they do not split
+constexpr int p_offsets_split() {
+  uint64_t thread_ns = 0, thread_ms = 0, value_ns = 0, value_ms = 0;  // the coordinates each part takes
+  int thread_bits = 0, thread_swizzled = 0, value_bits = 0, value_swizzled = 0;
+  for (int tid = 0; tid < 128; ++tid) {
+    int const t = p_plain(acc_n(tid, 0), acc_m(tid, 0));
+    thread_ns |= uint64_t(1) << acc_n(tid, 0);
+    thread_ms |= uint64_t(1) << acc_m(tid, 0);
+    thread_bits |= t;
+    thread_swizzled |= p_swizzle(t);
+  }
+  for (int v = 0; v < kAccRegs; ++v) {
+    int const c = p_plain(acc_n(0, v), acc_m(0, v));
+    if (acc_n(0, v) >= 64 || acc_m(0, v) >= 64) return 0;
+    value_ns |= uint64_t(1) << acc_n(0, v);
+    value_ms |= uint64_t(1) << acc_m(0, v);
+    value_bits |= c;
+    value_swizzled |= p_swizzle(c);
+  }
+  for (int a = 0; a < 64; ++a)
+    for (int b = 0; b < 64 && (thread_ns >> a & 1); ++b)
+      if ((value_ns >> b & 1) && p_plain(a + b, 0) != p_plain(a, 0) + p_plain(b, 0)) return 0;
+  for (int a = 0; a < 64; ++a)
+    for (int b = 0; b < 64 && (thread_ms >> a & 1); ++b)
+      if ((value_ms >> b & 1) && p_plain(0, a + b) != p_plain(0, a) + p_plain(0, b)) return 0;
+  if ((thread_bits & value_bits) != 0) return 0;
+  return (thread_swizzled & value_swizzled) == 0 ? 2 : 1;
+}
+static_assert(p_offsets_split() > 0, "P's swizzled offsets do not split into a thread's part and a value's part");
+constexpr bool kPOffsetsAdd = p_offsets_split() == 2;
+
+struct PStores {
+  int thread_part;  // swizzle(thread part), elements
+  __device__ explicit PStores(int tid) : thread_part(p_swizzle(p_plain(int(AccLayout{}(tid, 0)) / 64,
+                                                                    int(AccLayout{}(tid, 0)) % 64))) {}
+  // values v and v + 1 (rows n, n + 1: adjacent in P) as one 32-bit store
+  __device__ __forceinline__ void store_pair(MmaElem* p, int v, uint32_t pair) const {
+    int const offset = kPOffsetsAdd ? thread_part + p_value_part(v) : thread_part ^ p_value_part(v);
+    *reinterpret_cast<uint32_t*>(p + offset) = pair;
+  }
+};
+
 // One wgmma: the atom's fma takes A and B (registers or descriptors) and the accumulator as
 // separate registers.
 template <class Op, int... I, class... AB>
@@ -894,7 +957,7 @@ xqa_hopper_qbf16_kvbf16_d64_g8_p64_s1_sinks_tma4x2_c69c8ec2(Params const p, __gr
 
     // ---- consumer warpgroups: wg takes tiles tile_begin + wg, + kConsumers, ... ----
     int const wg = warp / 4, wg_warp = warp % 4, tid = threadIdx.x % 128;
-    auto const sP = swizzled_tile<PLayout>(smem.p[wg]);  // (row, token)
+    PStores const p_stores(tid);  // P (row, token), the B operand of O^T
     GMMA::DescriptorIterator const q_desc = q_descriptor(smem.q);  // B of S^T, per head-dim k-step
     GMMA::DescriptorIterator const p_desc = p_descriptor(smem.p[wg]);  // B of O^T, per token k-step
     Accum acc_s;              // S^T
@@ -1029,8 +1092,7 @@ xqa_hopper_qbf16_kvbf16_d64_g8_p64_s1_sinks_tma4x2_c69c8ec2(Params const p, __gr
         float const p1 = fast_exp2(fmaf(acc_s[v + 1], scale.score_scale, -base[c + 1]));
         row_sum[c] += p0;
         row_sum[c + 1] += p1;
-        // (token, row): rows n, n + 1 are adjacent in sP
-        *reinterpret_cast<uint32_t*>(&sP(coords.n(v), coords.m(v))) = pack_mma_pair(p0, p1);
+        p_stores.store_pair(smem.p[wg], v, pack_mma_pair(p0, p1));
       }
       cutlass::arch::fence_view_async_shared();  // P (and zeroed V rows) are read by wgmma
       warpgroup_sync(wg, kPReady);
