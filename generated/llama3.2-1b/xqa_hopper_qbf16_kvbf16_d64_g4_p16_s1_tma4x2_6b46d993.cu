@@ -973,7 +973,6 @@ xqa_hopper_qbf16_kvbf16_d64_g4_p16_s1_tma4x2_6b46d993(Params const p, __grid_con
 
     Visibility const vis{range.seq_len, request.rows, range.seq_len - request.tokens, kHasWindow ? p.window : 0,
                          p.mask + request.first_token * p.mask_words_per_row, p.mask_words_per_row};
-    Visibility::Row row_vis[kCols];
     // A row's running max (log2 units, raise_row_max's rule) is kept as `base`, what its scores are
     // measured from (0 while everything so far is masked, to keep exp2 finite), and `raise_above`,
     // the raw score that would raise it by more than the headroom ((max + headroom) / score_scale;
@@ -987,7 +986,6 @@ xqa_hopper_qbf16_kvbf16_d64_g4_p16_s1_tma4x2_6b46d993(Params const p, __grid_con
       CUTE_UNROLL
       for (int e = 0; e < 2; ++e) {
         int const c = col_of(v + e);
-        row_vis[c] = vis.row(row_tile * kRowsCta + coords.n(v + e));
         base[c] = 0.f;
         raise_above[c] = kNegInf;
         row_sum[c] = 0.f;
@@ -1026,6 +1024,13 @@ xqa_hopper_qbf16_kvbf16_d64_g4_p16_s1_tma4x2_6b46d993(Params const p, __grid_con
 
       // visibility (tiles that reach past the sequence, the window start or the mask)
       if (vis.tile_needs_mask(tok0, kKvTile)) {
+        // each row's mask word and window start, read here rather than kept in registers all loop:
+        // only a tile at the sequence's end or the window's start gets here
+        Visibility::Row row_vis[kCols];
+        CUTE_UNROLL
+        for (int v = 0; v < kVals; v += 4)
+          CUTE_UNROLL
+          for (int e = 0; e < 2; ++e) row_vis[col_of(v + e)] = vis.row(row_tile * kRowsCta + coords.n(v + e));
         CUTE_UNROLL
         for (int v = 0; v < kVals; ++v)
           if (!vis(tok0 + coords.m(v), row_vis[col_of(v)])) acc_s[v] = kNegInf;
