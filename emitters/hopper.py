@@ -139,10 +139,11 @@ class HopperPlan:
         stage_bytes = 2 * KV_TILE * head_dim_pad * kv_bytes
         pipe = spec.tile.stages * stage_bytes
         consumers = spec.tile.consumers
-        staging = consumers * rows_cta * (head_dim_pad + 4) * 4  # fp32 output rows per consumer, after the pipeline
+        # after the pipeline, in its memory: fp32 output rows (padded) and row sums per consumer warp
+        staging = consumers * rows_cta * (head_dim_pad + 4) * 4 + consumers * 4 * rows_cta * 4
         q_bytes = rows_cta * head_dim_pad * 2
         p_bytes = consumers * rows_cta * KV_TILE * 2
-        small = consumers * 2 * 4 * rows_cta * 4 + 2 * spec.tile.stages * 8 + 16  # row maxima and sums per warp, mbarriers, flag
+        small = consumers * 4 * rows_cta * 4 + 2 * spec.tile.stages * 8 + 16  # row maxima per warp, mbarriers, flag
         smem = _round_up(max(pipe, staging), 1024) + _round_up(q_bytes, 1024) + _round_up(p_bytes, 1024) + small
         smem = _round_up(smem, 1024)  # the storage's 1024-byte alignment (128-byte swizzle atoms) pads its size
         if smem > MAX_SMEM_PER_CTA:

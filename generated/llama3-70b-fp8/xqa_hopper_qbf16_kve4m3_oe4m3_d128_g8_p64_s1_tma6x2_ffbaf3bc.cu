@@ -457,12 +457,14 @@ struct SharedStorage {
       alignas(1024) KVElem k[kStages * kTileElems];
       alignas(1024) KVElem v[kStages * kTileElems];
     } pipe;
-    alignas(16) float o[cosize_v<OStageLayout>];  // the output rows, once the pipeline has drained
+    struct {  // once the pipeline has drained
+      alignas(16) float o[cosize_v<OStageLayout>];  // the output rows
+      float warp_sum[kConsumers][4][kRowsCta];  // each consumer warp's row sums
+    } staging;
   };
   alignas(1024) MmaElem q[cosize_v<QLayout>];
   alignas(1024) MmaElem p[kConsumers][cosize_v<PLayout>];
   float warp_max[kConsumers][4][kRowsCta];  // per consumer warp: each row's tile maximum, at the end its max
-  float warp_sum[kConsumers][4][kRowsCta];  // and its sum
   typename Pipeline::SharedStorage pipeline;
   int is_last_split;
 };
@@ -1123,11 +1125,11 @@ xqa_hopper_qbf16_kve4m3_oe4m3_d128_g8_p64_s1_tma6x2_ffbaf3bc(Params const p, __g
         CUTE_UNROLL
         for (int e = 0; e < 2; ++e) {
           int const c = col_of(v + e), n = coords.n(v + e);
-          smem.warp_sum[wg][wg_warp][n] = row_sum[c];
+          smem.staging.warp_sum[wg][wg_warp][n] = row_sum[c];
           if (wg_warp == 0) smem.warp_max[wg][0][n] = raise_above[c] == kNegInf ? kNegInf : base[c];
         }
     }
-    auto sO = make_tensor(make_smem_ptr(smem.o), OStageLayout{});
+    auto sO = make_tensor(make_smem_ptr(smem.staging.o), OStageLayout{});
     CUTE_UNROLL
     for (int mb = 0; mb < kMBlocks; ++mb)
       CUTE_UNROLL
@@ -1141,7 +1143,7 @@ xqa_hopper_qbf16_kve4m3_oe4m3_d128_g8_p64_s1_tma6x2_ffbaf3bc(Params const p, __g
 
   Epilogue const epilogue{p, request, kv_head, scale.kv_scale * (kOutFp8 ? p.rcp_out_scale : 1.f)};
   SplitPartials const partials(p, (batch * p.num_kv_heads + kv_head) * kRowTiles + row_tile);
-  auto sO = make_tensor(make_smem_ptr(smem.o), OStageLayout{});
+  auto sO = make_tensor(make_smem_ptr(smem.staging.o), OStageLayout{});
   for (int i = threadIdx.x; i < kRowsCta * kHeadDim / 4; i += kEpilogueThreads) {
     int const r = i / (kHeadDim / 4), d0 = (i % (kHeadDim / 4)) * 4;
     float m = kNegInf;  // the warpgroups' parts: max, then sum and rows rescaled to it
@@ -1151,7 +1153,7 @@ xqa_hopper_qbf16_kve4m3_oe4m3_d128_g8_p64_s1_tma6x2_ffbaf3bc(Params const p, __g
     CUTE_UNROLL
     for (int w = 0; w < kConsumers; ++w) {
       float const rescale_w = lse_rescale(smem.warp_max[w][0][r], m);
-      l += (smem.warp_sum[w][0][r] + smem.warp_sum[w][1][r] + smem.warp_sum[w][2][r] + smem.warp_sum[w][3][r]) * rescale_w;
+      l += (smem.staging.warp_sum[w][0][r] + smem.staging.warp_sum[w][1][r] + smem.staging.warp_sum[w][2][r] + smem.staging.warp_sum[w][3][r]) * rescale_w;
       CUTE_UNROLL
       for (int e = 0; e < 4; ++e) o[e] += sO(w, r, d0 + e) * rescale_w;
     }
