@@ -433,6 +433,7 @@ constexpr int kBoxesPerTile = kKvTile / kBoxTokens;
 constexpr uint32_t kStageBytes = 16384;  // K and V bytes of one stage, zero-filled boxes included
 static_assert(kSplitRows == kRowsCta, "split-KV partials hold one CTA's rows");
 static_assert(kHeadDimPad % kChunkElems == 0 && kKvTile % kBoxTokens == 0, "TMA boxes do not tile a stage");
+static_assert(32 % kBoxesPerTile == 0, "a tile's page slots must share the producer's window of 32");
 
 // ---- shared memory ----------------------------------------------------------------------------
 // A stage's K or V tile is [chunk][token][chunk element], each chunk 128- or 64-byte rows swizzled
@@ -817,32 +818,32 @@ struct KvProducer {
   int window_begin = -32;  // the entries the warp holds: window_begin + lane
   int lane_page = -1;
 
-  __device__ int page_of(int slot) {  // warp-uniform slot
-    if (slot >= window_begin + 32) {
-      window_begin = slot;
-      int const mine = slot + lane;
-      lane_page = mine * kPageSize < seq_len ? pages[mine] : -1;  // past the end: never read the page table
-      if (mine * kPageSize < seq_len && !page_in_pool(p, lane_page)) record_fault(p, kFaultPage);
-    }
-    return __shfl_sync(0xffffffffu, lane_page, slot - window_begin);
+  __device__ void refill(int slot) {  // warp-uniform slot
+    window_begin = slot;
+    int const mine = slot + lane;
+    lane_page = mine * kPageSize < seq_len ? pages[mine] : -1;  // past the end: never read the page table
+    if (mine * kPageSize < seq_len && !page_in_pool(p, lane_page)) record_fault(p, kFaultPage);
   }
 
+  // Lane b issues box b, so that one TMA instruction issues every box of a tile where pages are
+  // smaller than it.  A window starts at a tile's first slot and holds 32, a multiple of the
+  // boxes per tile, so a tile's slots always share one; slots past the sequence hold -1.
   __device__ void load(int tile, int stage, SharedStorage& smem, uint64_t* full_barrier) {
     auto const sK = swizzled_tile<KTileLayout>(smem.pipe.k, stage);
-    CUTE_UNROLL
-    for (int b = 0; b < kBoxesPerTile; ++b) {
+    int const first_slot = tile * kKvTile / kPageSize;
+    if (first_slot >= window_begin + 32) refill(first_slot);
+    int const b = lane < kBoxesPerTile ? lane : 0;
+    int const page = __shfl_sync(0xffffffffu, lane_page, first_slot + b - window_begin);
+    if (lane < kBoxesPerTile) {
       int const tok0 = tile * kKvTile + b * kBoxTokens;
-      int const page = tok0 < seq_len ? page_of(tok0 / kPageSize) : -1;
-      if (lane == 0) {
-        CUTE_UNROLL
-        for (int c = 0; c < kChunks; ++c) {
-          // the box's corner: a row multiple of 8 at a chunk start, where the swizzle is the identity
-          int const offset = &sK(b * kBoxTokens, c * kChunkElems) - smem.pipe.k;
-          SM90_TMA_LOAD_4D::copy(k_map, full_barrier, kEvictFirst, smem.pipe.k + offset, c * kChunkElems, kv_head,
-                                 tok0 % kPageSize, page);
-          SM90_TMA_LOAD_4D::copy(v_map, full_barrier, kEvictFirst, smem.pipe.v + offset, c * kChunkElems, kv_head,
-                                 tok0 % kPageSize, page);
-        }
+      CUTE_UNROLL
+      for (int c = 0; c < kChunks; ++c) {
+        // the box's corner: a row multiple of 8 at a chunk start, where the swizzle is the identity
+        int const offset = &sK(b * kBoxTokens, c * kChunkElems) - smem.pipe.k;
+        SM90_TMA_LOAD_4D::copy(k_map, full_barrier, kEvictFirst, smem.pipe.k + offset, c * kChunkElems, kv_head,
+                               tok0 % kPageSize, page);
+        SM90_TMA_LOAD_4D::copy(v_map, full_barrier, kEvictFirst, smem.pipe.v + offset, c * kChunkElems, kv_head,
+                               tok0 % kPageSize, page);
       }
     }
   }
