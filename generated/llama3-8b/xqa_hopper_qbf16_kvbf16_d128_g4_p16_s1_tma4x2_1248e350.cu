@@ -908,7 +908,7 @@ xqa_hopper_qbf16_kvbf16_d128_g4_p16_s1_tma4x2_1248e350(Params const p, __grid_co
 
   if (kRegisterSplit ? warp >= kProducerWarp : warp == kProducerWarp) {  // the producer warp(group)
 
-    // ---- producer: the warp reads page ids 32 at a time, lane 0 issues the TMAs ----
+    // ---- producer: the warp reads page ids 32 at a time, one lane per TMA box issues the loads ----
     KvProducer producer{&k_map, &v_map, p.page_table + batch * p.page_table_stride, p, range.seq_len, kv_head, lane};
     auto state = cutlass::make_producer_start_state<Pipeline>();
     for (int tile = range.tile_begin; tile < range.tile_end; ++tile) {

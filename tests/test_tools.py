@@ -1,0 +1,52 @@
+"""The measurement tools under tools/: each parses its options, and the L2 floor's page-table
+rewrite keeps every entry inside the pool it claims."""
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+TOOLS = Path(__file__).resolve().parent.parent / "tools"
+
+
+@pytest.mark.parametrize("tool", sorted(p.name for p in TOOLS.glob("*.py")))
+def test_tool_parses_its_options(tool):
+    result = subprocess.run([sys.executable, str(TOOLS / tool), "--help"], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "usage:" in result.stdout
+
+
+def _compute_floor():
+    spec = importlib.util.spec_from_file_location("compute_floor", TOOLS / "compute_floor.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("kv_dtype, page_size", [("e4m3", 64), ("bf16", 16), ("bf16", 128)])
+def test_l2_floor_points_every_page_into_a_small_pool(kv_dtype, page_size):
+    from xqagen.bench import BenchCase
+
+    floor = _compute_floor()
+    case = BenchCase("t", 4, 8192, kv_dtype=kv_dtype, page_size=page_size)
+    pages_per_request = 8192 // page_size
+    table = torch.randperm(4 * pages_per_request, dtype=torch.int32).reshape(4, pages_per_request)
+    table[3, -5:] = -1  # past a shorter request's end
+    cache = torch.empty(0)
+    resident = floor.l2_resident(SimpleNamespace(sets=[(cache, cache, table)], q=None), case)
+
+    (k, v, pt), = resident.sets
+    assert k is cache and v is cache
+    page_bytes = 2 * page_size * case.num_kv_heads * case.head_dim * (1 if kv_dtype == "e4m3" else 2)
+    pool = floor.POOL_BYTES // page_bytes
+    live = table >= 0
+    assert torch.equal(pt[~live], table[~live])
+    assert int(pt[live].min()) >= 0 and int(pt[live].max()) < pool
+    assert pool * page_bytes <= floor.POOL_BYTES
+    assert len(torch.unique(pt[live])) == min(pool, int(live.sum()))  # the whole pool is used
