@@ -571,8 +571,7 @@ constexpr bool kPOffsetsAdd = p_offsets_split() == 2;
 
 struct PStores {
   int thread_part;  // swizzle(thread part), elements
-  __device__ explicit PStores(int tid) : thread_part(p_swizzle(p_plain(int(AccLayout{}(tid, 0)) / 64,
-                                                                    int(AccLayout{}(tid, 0)) % 64))) {}
+  __device__ explicit PStores(int tid) : thread_part(p_swizzle(p_plain(acc_n(tid, 0), acc_m(tid, 0)))) {}
   // values v and v + 1 (rows n, n + 1: adjacent in P) as one 32-bit store
   __device__ __forceinline__ void store_pair(MmaElem* p, int v, uint32_t pair) const {
     int const offset = kPOffsetsAdd ? thread_part + p_value_part(v) : thread_part ^ p_value_part(v);
