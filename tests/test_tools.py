@@ -1,5 +1,6 @@
-"""The measurement tools under tools/: each parses its options, and the L2 floor's page-table
-rewrite keeps every entry inside the pool it claims."""
+"""The measurement tools under tools/: each parses its options, the L2 floor's page-table
+rewrite keeps every entry inside the pool it claims, and the tile sweep's case options build the
+cases they name."""
 
 import importlib.util
 import subprocess
@@ -22,11 +23,15 @@ def test_tool_parses_its_options(tool):
     assert "usage:" in result.stdout
 
 
-def _compute_floor():
-    spec = importlib.util.spec_from_file_location("compute_floor", TOOLS / "compute_floor.py")
+def _tool(name: str):
+    spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _compute_floor():
+    return _tool("compute_floor")
 
 
 @pytest.mark.parametrize("kv_dtype, page_size", [("e4m3", 64), ("bf16", 16), ("bf16", 128)])
@@ -50,3 +55,15 @@ def test_l2_floor_points_every_page_into_a_small_pool(kv_dtype, page_size):
     assert int(pt[live].min()) >= 0 and int(pt[live].max()) < pool
     assert pool * page_bytes <= floor.POOL_BYTES
     assert len(torch.unique(pt[live])) == min(pool, int(live.sum()))  # the whole pool is used
+
+
+def test_tile_sweep_runs_cases_at_other_batches_and_page_orders():
+    select_cases = _tool("tile_sweep").select_cases
+    cases = select_cases(["llama70b_fp8_b64_s8k", "sweep_e4m3_b256_s64k"], "33,264", "in-order")
+    assert [(c.name, c.batch) for c in cases] == [
+        ("llama70b_fp8_b64_s8k@b33", 33), ("llama70b_fp8_b64_s8k@b264", 264),
+        ("sweep_e4m3_b256_s64k@b33", 33), ("sweep_e4m3_b256_s64k@b264", 264)]
+    assert all(not c.shuffled_pages and c.seq_len in (8192, 65536) and c.kv_dtype == "e4m3" for c in cases)
+    design = select_cases(None, None, "shuffled")
+    assert design and all(c.shuffled_pages for c in design)
+    assert [c.name for c in design] == [c.name for c in _tool("tile_sweep").bench.DESIGN_CASES]

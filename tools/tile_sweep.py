@@ -4,11 +4,16 @@ default tiles and split rule from data.  The variants are compiled first in para
 
     python tools/tile_sweep.py --path hopper --tile tma3x1 --tile tma4x2 --splits 1,2,4 \
         --case llama70b_fp8_b64_s8k --json sweep.jsonl
+
+--batch reruns each case at other batch sizes (a full grid's CTAs against whole waves of the SMs),
+--pages in-order gives every request consecutive pages (the bench shuffles them), and --flashinfer
+times FlashInfer's paths of each case beside it.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -29,6 +34,16 @@ def case_spec(case: bench.BenchCase, path: str, tile: str | None) -> KernelSpec:
                       q_seq_len=case.q_seq_len, features=frozenset(features), path=path, tile=tile)
 
 
+def select_cases(names: list[str] | None, batches: str | None, pages: str) -> list[bench.BenchCase]:
+    """The named bench cases (design or sweep; default: the design cases), each at every batch of
+    the comma-separated ``batches`` (renamed name@bN) or its own, with ``pages`` "shuffled" or "in-order"."""
+    cases = ([c for c in (*bench.DESIGN_CASES, *bench.SWEEP_CASES) if c.name in names] if names
+             else list(bench.DESIGN_CASES))
+    if batches:
+        cases = [dataclasses.replace(c, name=f"{c.name}@b{b}", batch=int(b)) for c in cases for b in batches.split(",")]
+    return [dataclasses.replace(c, shuffled_pages=pages == "shuffled") for c in cases]
+
+
 def _compile(spec_dict: dict) -> None:
     spec = KernelSpec.from_dict(spec_dict)
     path = PATHS[spec.path]
@@ -42,10 +57,13 @@ def main() -> None:
     parser.add_argument("--tile", action="append", help="tile names (default: the path's default)")
     parser.add_argument("--splits", default="0", help="comma-separated split counts; 0: the path's choice")
     parser.add_argument("--case", action="append", help="bench case names, design or sweep (default: the design cases)")
+    parser.add_argument("--batch", help="comma-separated batch sizes, each case run at every one (name@bN)")
+    parser.add_argument("--pages", choices=("shuffled", "in-order"), default="shuffled",
+                        help="page tables: a random permutation of the pool (as the bench) or consecutive pages")
+    parser.add_argument("--flashinfer", action="store_true", help="also time the case's FlashInfer paths")
     parser.add_argument("--json", help="write one JSON object per measurement to this file")
     args = parser.parse_args()
-    cases = ([c for c in (*bench.DESIGN_CASES, *bench.SWEEP_CASES) if c.name in args.case] if args.case
-             else list(bench.DESIGN_CASES))
+    cases = select_cases(args.case, args.batch, args.pages)
     tiles = args.tile or [None]
     splits = [int(s) for s in args.splits.split(",")]
     runs = []  # (case, tile) pairs whose variant exists (a tile may not fit a head size in shared memory)
@@ -58,18 +76,23 @@ def main() -> None:
     specs = {spec for _, _, spec in runs}
     with ProcessPoolExecutor(max_workers=os.cpu_count(), mp_context=multiprocessing.get_context("spawn")) as pool:
         list(pool.map(_compile, [spec.to_dict() for spec in specs]))
+    if args.flashinfer:
+        bench.prebuild_flashinfer(cases)
     copy_tbps, read_tbps = bench.copy_bandwidth_tbps(), bench.read_bandwidth_tbps()
     l2_bytes = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 0)
     rows = []
     print(f"streaming read {read_tbps:.2f} TB/s")
     for case, tile, _ in runs:
         for num_splits in splits:
-            r = bench.run_case(case, copy_tbps, read_tbps, flashinfer=False, num_splits=num_splits or None,
+            r = bench.run_case(case, copy_tbps, read_tbps, flashinfer=args.flashinfer, num_splits=num_splits or None,
                                l2_bytes=l2_bytes, path=args.path, tile=tile)
-            rows.append(dict(case=case.name, path=args.path, tile=tile, splits=r.num_splits, ms=r.ms,
-                             read_fraction=r.read_fraction))
-            print(f"{case.name:28} {str(tile):10} {r.num_splits:>4} {r.ms:8.4f} ms {100 * r.read_fraction:5.1f}%",
-                  flush=True)
+            rows.append(dict(case=case.name, batch=case.batch, pages=args.pages, path=args.path, tile=tile,
+                             splits=r.num_splits, ms=r.ms, read_fraction=r.read_fraction,
+                             flashinfer_ms=r.flashinfer_ms))
+            theirs = "".join(f"  FI {name} {ms:.4f} ms ({case.kv_bytes / ms / 1e9 / read_tbps:.1%})"
+                             for name, ms in r.flashinfer_ms.items())
+            print(f"{case.name:32} {str(tile):10} {r.num_splits:>4} {r.ms:8.4f} ms {100 * r.read_fraction:5.1f}%"
+                  f"{theirs}", flush=True)
             torch.cuda.empty_cache()
     if args.json:
         with open(args.json, "w") as f:

@@ -77,6 +77,7 @@ class BenchCase:
     sinks: bool = False
     window: int = 0
     flashinfer_paths: tuple[str, ...] = ("generic",)  # FlashInfer paths to compare with
+    shuffled_pages: bool = True  # each request's pages a random permutation of the pool, else consecutive
 
     @property
     def visible_tokens(self) -> int:
@@ -266,7 +267,8 @@ class _Inputs:
         self.group = case.num_q_heads // case.num_kv_heads
         lens = [case.seq_len] * case.batch
         self.sets = [make_paged_kv(case.batch, lens, case.num_kv_heads, case.head_dim, case.page_size,
-                                   TORCH_DTYPES[case.kv_dtype], generator=gen, device=device)
+                                   TORCH_DTYPES[case.kv_dtype], shuffle=case.shuffled_pages, generator=gen,
+                                   device=device)
                      for _ in range(copies)]
         shape = (case.batch, 1, case.num_q_heads, case.head_dim) if case.q_seq_len == 1 else \
             (case.batch, 1, case.q_seq_len, case.num_q_heads, case.head_dim)
