@@ -30,15 +30,11 @@ def _tool(name: str):
     return module
 
 
-def _compute_floor():
-    return _tool("compute_floor")
-
-
 @pytest.mark.parametrize("kv_dtype, page_size", [("e4m3", 64), ("bf16", 16), ("bf16", 128)])
 def test_l2_floor_points_every_page_into_a_small_pool(kv_dtype, page_size):
     from xqagen.bench import BenchCase
 
-    floor = _compute_floor()
+    floor = _tool("compute_floor")
     case = BenchCase("t", 4, 8192, kv_dtype=kv_dtype, page_size=page_size)
     pages_per_request = 8192 // page_size
     table = torch.randperm(4 * pages_per_request, dtype=torch.int32).reshape(4, pages_per_request)
