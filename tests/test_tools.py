@@ -63,3 +63,10 @@ def test_tile_sweep_runs_cases_at_other_batches_and_page_orders():
     design = select_cases(None, None, "shuffled")
     assert design and all(c.shuffled_pages for c in design)
     assert [c.name for c in design] == [c.name for c in _tool("tile_sweep").bench.DESIGN_CASES]
+
+
+def test_tools_name_an_unknown_case_before_any_gpu_work():
+    result = subprocess.run([sys.executable, str(TOOLS / "tile_sweep.py"), "--case", "llama70b_fp8_b64_s8k",
+                             "--case", "no_such_case"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "unknown bench case(s) ['no_such_case']" in result.stderr

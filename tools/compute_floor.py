@@ -27,8 +27,7 @@ POOL_BYTES = 8 << 20  # K and V together; the H200's L2 holds 60 MiB
 
 def l2_resident(inputs: bench._Inputs, case: bench.BenchCase) -> bench._Inputs:
     """``inputs`` with every page-table entry in the first pages of its pool (order kept random)."""
-    page_bytes = 2 * case.page_size * case.num_kv_heads * case.head_dim * (1 if case.kv_dtype == "e4m3" else 2)
-    pool = max(1, POOL_BYTES // page_bytes)
+    pool = max(1, POOL_BYTES // case.page_bytes)
     resident = copy.copy(inputs)
     resident.sets = [(k, v, torch.where(pt >= 0, pt % pool, pt)) for k, v, pt in inputs.sets]
     return resident
@@ -52,7 +51,10 @@ def main() -> None:
     parser.add_argument("--no-flashinfer", action="store_true")
     parser.add_argument("--json", help="write one JSON object per case to this file")
     args = parser.parse_args()
-    cases = [c for c in (*bench.DESIGN_CASES, *bench.SWEEP_CASES) if c.name in args.case]
+    try:
+        cases = bench.named_cases(args.case)
+    except ValueError as err:
+        parser.error(str(err))
     flashinfer = not args.no_flashinfer and importlib.util.find_spec("flashinfer") is not None
     if flashinfer:
         bench.prebuild_flashinfer(cases)

@@ -37,8 +37,7 @@ def case_spec(case: bench.BenchCase, path: str, tile: str | None) -> KernelSpec:
 def select_cases(names: list[str] | None, batches: str | None, pages: str) -> list[bench.BenchCase]:
     """The named bench cases (design or sweep; default: the design cases), each at every batch of
     the comma-separated ``batches`` (renamed name@bN) or its own, with ``pages`` "shuffled" or "in-order"."""
-    cases = ([c for c in (*bench.DESIGN_CASES, *bench.SWEEP_CASES) if c.name in names] if names
-             else list(bench.DESIGN_CASES))
+    cases = bench.named_cases(names) if names else list(bench.DESIGN_CASES)
     if batches:
         cases = [dataclasses.replace(c, name=f"{c.name}@b{b}", batch=int(b)) for c in cases for b in batches.split(",")]
     return [dataclasses.replace(c, shuffled_pages=pages == "shuffled") for c in cases]
@@ -63,7 +62,10 @@ def main() -> None:
     parser.add_argument("--flashinfer", action="store_true", help="also time the case's FlashInfer paths")
     parser.add_argument("--json", help="write one JSON object per measurement to this file")
     args = parser.parse_args()
-    cases = select_cases(args.case, args.batch, args.pages)
+    try:
+        cases = select_cases(args.case, args.batch, args.pages)
+    except ValueError as err:
+        parser.error(str(err))
     tiles = args.tile or [None]
     splits = [int(s) for s in args.splits.split(",")]
     runs = []  # (case, tile) pairs whose variant exists (a tile may not fit a head size in shared memory)

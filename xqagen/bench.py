@@ -86,10 +86,19 @@ class BenchCase:
         return min(self.seq_len, self.window + self.q_seq_len - 1) if self.window else self.seq_len
 
     @property
+    def token_bytes(self) -> int:
+        """The K and V bytes of one token (every KV head)."""
+        return 2 * self.num_kv_heads * self.head_dim * TORCH_DTYPES[self.kv_dtype].itemsize
+
+    @property
+    def page_bytes(self) -> int:
+        """The K and V bytes of one page of the pool."""
+        return self.page_size * self.token_bytes
+
+    @property
     def kv_bytes(self) -> int:
         """The K and V bytes a launch must read: the visible tokens of every request."""
-        elem = 1 if self.kv_dtype == "e4m3" else 2
-        return 2 * self.batch * self.visible_tokens * self.num_kv_heads * self.head_dim * elem
+        return self.batch * self.visible_tokens * self.token_bytes
 
 
 # The rows of the design document's baseline table (H100, FlashInfer 0.6.0).
@@ -117,6 +126,15 @@ SWEEP_CASES: tuple[BenchCase, ...] = tuple(
     BenchCase(f"sweep_{kv}_b{batch}_s{seq // 1024}k", batch, seq, kv_dtype=kv,
               flashinfer_paths=("generic", "sm90") if kv == "e4m3" else ("generic",))
     for kv in ("bf16", "e4m3") for batch in (1, 4, 16, 64, 256) for seq in (1024, 4096, 16384, 65536))
+
+
+def named_cases(names: list[str]) -> list[BenchCase]:
+    """The design and sweep cases of these names, in catalogue order."""
+    cases = [c for c in (*DESIGN_CASES, *SWEEP_CASES) if c.name in names]
+    unknown = set(names) - {c.name for c in cases}
+    if unknown:
+        raise ValueError(f"unknown bench case(s) {sorted(unknown)}; see xqagen bench --list (and --sweep --list)")
+    return cases
 
 
 @dataclass
