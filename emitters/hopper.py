@@ -43,6 +43,11 @@ MAX_ROWS_CTA = 64
 MAX_ROWS_CTA_SHARED_REGISTERS = 32  # two consumer warpgroups without a register split, or head_dim above 128
 PRODUCER_REGISTERS = 24
 CONSUMER_REGISTERS = 240
+# TMA writes K and V to shared memory, past L1: all of the unified memory goes to shared memory, so
+# that as many CTAs are resident as their registers and shared memory allow.  Left to the driver,
+# the two-stage tile (36 KiB, four CTAs per SM) ran fp8 batch 256 x 2k in 0.2880 ms beside other
+# kernels in one process, against 0.2584-0.2598 alone (H200).
+SMEM_CARVEOUT = 100
 # TMA box and swizzle: a shared-memory row of K/V is cut into chunks of at most 128 bytes (the
 # widest swizzle), each chunk one box of a tile.
 MAX_CHUNK_BYTES = 128
@@ -60,6 +65,13 @@ MIN_TILES_PER_SPLIT = 2
 # 0.2634-0.2670, batch 256 x 2k 0.2737 against 0.2825; a CTA alone on its SM keeps six (batch 8 x
 # 32k 0.1320 against 0.1398).
 FULL_GRID_CTAS_PER_SM = 2
+# Full grids whose CTAs walk at most SHORT_KV_MAX_TOKENS run the six-stage default on two stages and
+# one consumer warpgroup instead: 160 threads of 95 registers and 36 KiB (fp8 d128), so four CTAs
+# per SM start and finish under each other's loads.  H200, fp8 d128 against four stages: batch 256
+# x 2k 0.2599-0.2602 ms against 0.2624-0.2641, batch 64 x 1k 0.0362 against 0.0382, batch 64 x 8k
+# 0.2562 both; from 16k tokens four stages lead (batch 256 x 16k 2.0939 against 2.1322, batch 64 x
+# 16k 0.5127 against 0.5376).
+SHORT_KV_MAX_TOKENS = 8192
 
 
 @dataclass(frozen=True)
@@ -194,7 +206,7 @@ class HopperPath(KernelPath):
                         producer_registers=PRODUCER_REGISTERS, consumer_registers=CONSUMER_REGISTERS,
                         **piece_context(spec, mma_dtype=plan.mma_dtype, workspace=plan.workspace))
         return EmittedKernel(spec=spec, source=source, kernel_name=spec.name, threads=plan.threads,
-                             smem_bytes=plan.smem_bytes, arches=self.arches)
+                             smem_bytes=plan.smem_bytes, arches=self.arches, smem_carveout=SMEM_CARVEOUT)
 
     def unsupported_target(self, arch: str) -> str | None:
         if arch != TARGET:
@@ -245,6 +257,13 @@ class HopperPath(KernelPath):
             return None
         return dataclasses.replace(spec, tile=TILES["tma4x2"])
 
+    def short_kv_variant(self, spec: KernelSpec) -> KernelSpec | None:
+        """``spec`` on the short-KV tile (two stages, one consumer warpgroup: four CTAs per SM)
+        where it is on the six-stage one, else None."""
+        if spec.tile != TILES["tma6x2"]:
+            return None
+        return dataclasses.replace(spec, tile=TILES["tma2x1"])
+
     def wide_rows_variant(self, spec: KernelSpec) -> KernelSpec | None:
         """``spec`` with a register split, so that each of its two consumer warpgroups holds 64
         query rows, where its default tile splits more than 32 rows into row tiles of 32 and its
@@ -256,22 +275,29 @@ class HopperPath(KernelPath):
         return wide if self.unsupported(wide) is None and plan_of(wide).rows_cta > MAX_ROWS_CTA_SHARED_REGISTERS else None
 
     def launch_specs(self, spec: KernelSpec) -> list[KernelSpec]:
-        return [spec] + [v for v in (self._full_grid_variant(spec), self.wide_rows_variant(spec)) if v is not None]
+        wide = self.wide_rows_variant(spec)
+        if wide is not None and spec.kv_dtype == "e4m3":  # choose_tile always takes it
+            return [spec, wide]
+        variants = (self._full_grid_variant(spec), self.short_kv_variant(spec), wide)
+        return [spec] + [v for v in variants if v is not None]
 
     def choose_tile(self, spec: KernelSpec, shape: LaunchShape) -> KernelSpec:
         """For more than 32 query rows, the register split of 64 rows per CTA (``wide_rows_variant``)
         with fp8 KV always, and with 16-bit KV once its CTAs fill half the SMs or more without KV
         splits; smaller 16-bit grids split the rows into row tiles of 32 instead (H200 sweep in
         docs/benchmarks.md: q_seq_len 8 x group 8, fp8 batch 8 x 8k 66.0 us against 79.1, bf16 batch
-        8 x 8k 72.3 against 83.7 split, bf16 batch 16 x 8k 140.8 against 161.1).  Else the four-stage
-        tile for grids of FULL_GRID_CTAS_PER_SM CTAs per SM or more, and ``spec`` otherwise."""
+        8 x 8k 72.3 against 83.7 split, bf16 batch 16 x 8k 140.8 against 161.1).  Else, for grids of
+        FULL_GRID_CTAS_PER_SM CTAs per SM or more, the short-KV tile up to SHORT_KV_MAX_TOKENS and the
+        four-stage tile beyond; ``spec`` otherwise."""
         wide = self.wide_rows_variant(spec)
         if wide is not None and (spec.kv_dtype == "e4m3"
                                  or 2 * shape.batch * shape.num_kv_heads * plan_of(wide).row_tiles >= shape.sm_count):
             return wide
-        full_grid = self._full_grid_variant(spec)
         ctas = shape.batch * shape.num_kv_heads * plan_of(spec).row_tiles
-        return full_grid if full_grid is not None and ctas >= FULL_GRID_CTAS_PER_SM * shape.sm_count else spec
+        if ctas < FULL_GRID_CTAS_PER_SM * shape.sm_count:
+            return spec
+        variant = self.short_kv_variant(spec) if shape.kv_len <= SHORT_KV_MAX_TOKENS else self._full_grid_variant(spec)
+        return variant or spec
 
     def auto_splits(self, spec: KernelSpec, shape: LaunchShape) -> int:
         """As many splits as give each SM one CTA; 1 when the batch already fills the SMs."""

@@ -44,6 +44,9 @@ class EmittedKernel:
     threads: int
     smem_bytes: int
     arches: tuple[str, ...]  # cubin targets built by default for this variant
+    # the share of each SM's unified L1/shared memory, in percent, the kernel asks to have as shared
+    # memory (None: the driver's choice, which may leave fewer CTAs resident than fit)
+    smem_carveout: int | None = None
 
 
 @dataclass(frozen=True)

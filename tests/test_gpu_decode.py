@@ -189,7 +189,12 @@ HOPPER_CASES = [replace(case, path="hopper") for case in SINGLE_AXIS if case.til
                          seq_lens=(20000, 5))),
         ("tma6x2r", dict(group=5, q_seq_len=8, mask="tree", head_dim=64, window=17, seq_lens=(8, 9, 65, 129))),
         ("tma4x2r", dict(head_dim=256, kv_dtype="e4m3", seq_lens=(3001, 1))),  # d256 beside the register split
-        ("tma6x2r", dict(kv_dtype="e4m3", seq_lens=(33000, 64), num_splits=None)))]
+        ("tma6x2r", dict(kv_dtype="e4m3", seq_lens=(33000, 64), num_splits=None)))] + [
+    # full grids of 8 KV heads, as dispatch tiles them on the H200: two stages and one consumer
+    # warpgroup for short KV ranges, four stages beyond 8k tokens
+    replace(BASE, path="hopper", kv_dtype=kv_dtype, num_kv_heads=8, q_seq_len=q_seq_len, mask="tree",
+            seq_lens=tuple(1 + (i * 7919) % longest for i in range(34)))
+    for kv_dtype, q_seq_len, longest in (("e4m3", 1, 8000), ("e4m3", 4, 3000), ("bf16", 1, 8000), ("e4m3", 1, 8300))]
 CASES = SINGLE_AXIS + _combinations(24) + _combinations(16, seed=2027, head_dims=NEW_HEAD_DIMS) + HOPPER_CASES
 
 # The accuracy matrix of the Hopper path: every pair of values of any two of these axes in some case
@@ -470,6 +475,33 @@ def test_zero_scores_average_exactly_the_visible_values(case: Case):
     torch.cuda.synchronize()
     assert torch.equal(out != 0, ref != 0), f"visible positions differ for {case.id}"
     assert torch.allclose(out.double(), ref, rtol=2 ** -8, atol=0), f"visible means differ for {case.id}"
+
+
+@pytest.mark.parametrize("kv_dtype, head_dim, tile, ctas_per_sm", [
+    ("e4m3", 128, "tma2x1", 4),  # the short-KV tile of full grids (HopperPath.choose_tile)
+    ("bf16", 64, "tma2x1", 4),
+    ("e4m3", 128, "tma4x2", 2),  # the four-stage tile beside it
+])
+def test_hopper_tiles_fit_the_ctas_per_sm_dispatch_counts_on(kv_dtype, head_dim, tile, ctas_per_sm):
+    """Dispatch picks tiles by how many of their CTAs share an SM: the runtime asks for all of the
+    unified memory as shared memory, and the kernel's registers and shared memory fit that many."""
+    from cuda.bindings import driver
+
+    from xqagen.runtime import get_kernel
+    from xqagen.spec import KernelSpec
+
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the Hopper path's tiles are sized for sm_90")
+    spec = KernelSpec(q_dtype="bf16", kv_dtype=kv_dtype, head_dim=head_dim, group=8, page_size=64, path="hopper",
+                      tile=tile)
+    kernel = get_kernel(spec)
+    function = kernel.load(torch.device("cuda")).function
+    err, carveout = driver.cuFuncGetAttribute(
+        driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT, function)
+    assert err == driver.CUresult.CUDA_SUCCESS and carveout == 100
+    err, resident = driver.cuOccupancyMaxActiveBlocksPerMultiprocessor(function, kernel.emitted.threads,
+                                                                       kernel.emitted.smem_bytes)
+    assert err == driver.CUresult.CUDA_SUCCESS and resident == ctas_per_sm
 
 
 @pytest.mark.parametrize("kv_dtype, q_scale, kv_scale", [

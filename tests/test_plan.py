@@ -147,10 +147,26 @@ def test_dispatch_sends_small_16bit_decodes_to_the_hopper_path(batch, kv_len, pa
 def test_dispatch_keeps_16bit_decode_grids_of_several_ctas_per_sm_generic():
     from xqagen.plan import choose_path
 
-    gpt_oss = KernelSpec(q_dtype="bf16", kv_dtype="bf16", head_dim=64, group=8, page_size=64,
-                         features=frozenset({"sinks", "sliding_window"}))
-    assert choose_path(gpt_oss, "sm_90", lambda: None, shape(64, 128)) == gpt_oss  # 512 CTAs, 16 MiB
+    gpt_oss = KernelSpec(q_dtype="bf16", kv_dtype="bf16", head_dim=64, group=8, page_size=64, features=frozenset({"sinks"}))
+    assert choose_path(gpt_oss, "sm_90", lambda: None, shape(64, 8192)) == gpt_oss  # 512 CTAs
     assert choose_path(gpt_oss, "sm_90", lambda: None, shape(16, 128)).path == "hopper"  # 128 CTAs
+
+
+@pytest.mark.parametrize("q_seq_len", [1, 4])
+def test_dispatch_sends_16bit_full_grids_under_short_windows_to_the_hopper_path(q_seq_len):
+    from xqagen.plan import choose_path
+
+    gpt_oss = KernelSpec(q_dtype="bf16", kv_dtype="bf16", head_dim=64, group=8, page_size=64, q_seq_len=q_seq_len,
+                         features=frozenset({"sinks", "sliding_window"}))
+    on_hopper = choose_path(gpt_oss, "sm_90", lambda: None, shape(64, 128))  # 512 CTAs under a 128-token window
+    assert on_hopper.path == "hopper"
+    assert plan_launch(on_hopper, shape(64, 128), workspace=LARGE).spec.tile.name == "tma2x1"
+    assert choose_path(gpt_oss, "sm_90", lambda: None, shape(64, 1024)).path == "hopper"
+    assert choose_path(gpt_oss, "sm_90", lambda: None, shape(64, 2048)) == gpt_oss  # the window is too long
+    assert choose_path(gpt_oss, "sm_90", lambda: None, shape(32, 128)) == gpt_oss  # 256 CTAs: one SM holds one
+    # 16-bit d128 has no short-KV tile (32 KiB stages): its windows stay generic on full grids
+    llama = dataclasses.replace(gpt_oss, head_dim=128)
+    assert choose_path(llama, "sm_90", lambda: None, shape(64, 128)) == llama
 
 
 @pytest.mark.parametrize("batch, kv_len, splits", [
@@ -165,9 +181,11 @@ def test_hopper_splits_give_each_sm_one_cta(batch, kv_len, splits):
 
 
 @pytest.mark.parametrize("batch, kv_len, tile", [
-    (64, 8192, "tma4x2"),   # 512 CTAs: two per SM at least, four stages
-    (256, 2048, "tma4x2"),
-    (33, 8192, "tma4x2"),   # 264 CTAs: exactly two per SM
+    (64, 8192, "tma2x1"),   # 512 CTAs: two per SM at least, on short KV ranges two stages, four CTAs per SM
+    (256, 2048, "tma2x1"),
+    (33, 8192, "tma2x1"),   # 264 CTAs: exactly two per SM
+    (64, 8193, "tma4x2"),   # longer ranges: four stages
+    (256, 65536, "tma4x2"),
     (32, 8192, "tma6x2"),   # 256 CTAs: some SMs hold one, which keeps six stages
     (8, 32768, "tma6x2"),   # split to one CTA per SM
     (1, 32768, "tma6x2"),

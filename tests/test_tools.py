@@ -53,13 +53,16 @@ def test_l2_floor_points_every_page_into_a_small_pool(kv_dtype, page_size):
     assert len(torch.unique(pt[live])) == min(pool, int(live.sum()))  # the whole pool is used
 
 
-def test_tile_sweep_runs_cases_at_other_batches_and_page_orders():
+def test_tile_sweep_runs_cases_at_other_batches_windows_and_page_orders():
     select_cases = _tool("tile_sweep").select_cases
     cases = select_cases(["llama70b_fp8_b64_s8k", "sweep_e4m3_b256_s64k"], "33,264", "in-order")
     assert [(c.name, c.batch) for c in cases] == [
         ("llama70b_fp8_b64_s8k@b33", 33), ("llama70b_fp8_b64_s8k@b264", 264),
         ("sweep_e4m3_b256_s64k@b33", 33), ("sweep_e4m3_b256_s64k@b264", 264)]
     assert all(not c.shuffled_pages and c.seq_len in (8192, 65536) and c.kv_dtype == "e4m3" for c in cases)
+    windowed = select_cases(["gptoss_window_bf16_b64_s8k"], "16", "shuffled", "128,1024")
+    assert [(c.name, c.batch, c.window) for c in windowed] == [
+        ("gptoss_window_bf16_b64_s8k@b16@w128", 16, 128), ("gptoss_window_bf16_b64_s8k@b16@w1024", 16, 1024)]
     design = select_cases(None, None, "shuffled")
     assert design and all(c.shuffled_pages for c in design)
     assert [c.name for c in design] == [c.name for c in _tool("tile_sweep").bench.DESIGN_CASES]

@@ -6,7 +6,7 @@ default tiles and split rule from data.  The variants are compiled first in para
         --case llama70b_fp8_b64_s8k --json sweep.jsonl
 
 --batch reruns each case at other batch sizes (a full grid's CTAs against whole waves of the SMs),
---pages in-order gives every request consecutive pages (the bench shuffles them), and --flashinfer
+--window under other sliding windows, --pages in-order gives every request consecutive pages (the bench shuffles them), and --flashinfer
 times FlashInfer's paths of each case beside it.
 """
 
@@ -34,12 +34,16 @@ def case_spec(case: bench.BenchCase, path: str, tile: str | None) -> KernelSpec:
                       q_seq_len=case.q_seq_len, features=frozenset(features), path=path, tile=tile)
 
 
-def select_cases(names: list[str] | None, batches: str | None, pages: str) -> list[bench.BenchCase]:
+def select_cases(names: list[str] | None, batches: str | None, pages: str,
+                 windows: str | None = None) -> list[bench.BenchCase]:
     """The named bench cases (design or sweep; default: the design cases), each at every batch of
-    the comma-separated ``batches`` (renamed name@bN) or its own, with ``pages`` "shuffled" or "in-order"."""
+    the comma-separated ``batches`` (renamed name@bN) or its own, under every sliding window of the
+    comma-separated ``windows`` (name@wN) or its own, with ``pages`` "shuffled" or "in-order"."""
     cases = bench.named_cases(names) if names else list(bench.DESIGN_CASES)
     if batches:
         cases = [dataclasses.replace(c, name=f"{c.name}@b{b}", batch=int(b)) for c in cases for b in batches.split(",")]
+    if windows:
+        cases = [dataclasses.replace(c, name=f"{c.name}@w{w}", window=int(w)) for c in cases for w in windows.split(",")]
     return [dataclasses.replace(c, shuffled_pages=pages == "shuffled") for c in cases]
 
 
@@ -57,13 +61,14 @@ def main() -> None:
     parser.add_argument("--splits", default="0", help="comma-separated split counts; 0: the path's choice")
     parser.add_argument("--case", action="append", help="bench case names, design or sweep (default: the design cases)")
     parser.add_argument("--batch", help="comma-separated batch sizes, each case run at every one (name@bN)")
+    parser.add_argument("--window", help="comma-separated sliding windows, each case run under every one (name@wN)")
     parser.add_argument("--pages", choices=("shuffled", "in-order"), default="shuffled",
                         help="page tables: a random permutation of the pool (as the bench) or consecutive pages")
     parser.add_argument("--flashinfer", action="store_true", help="also time the case's FlashInfer paths")
     parser.add_argument("--json", help="write one JSON object per measurement to this file")
     args = parser.parse_args()
     try:
-        cases = select_cases(args.case, args.batch, args.pages)
+        cases = select_cases(args.case, args.batch, args.pages, args.window)
     except ValueError as err:
         parser.error(str(err))
     tiles = args.tile or [None]

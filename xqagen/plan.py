@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .emitters import PATHS, KernelPath, LaunchShape, WorkspaceSize, path_of
+from .emitters.hopper import FULL_GRID_CTAS_PER_SM
 from .spec import KernelSpec, SpecError
 
 
@@ -22,6 +23,10 @@ from .spec import KernelSpec, SpecError
 # docs/benchmarks.md: up to 0.5 MiB per SM the Hopper path is 1.1-1.3x faster; at 2 MiB the two are
 # within 1-2% either way; beyond, the generic path leads by 3-11%).
 HOPPER_16BIT_MAX_KV_BYTES_PER_SM = 1 << 20
+# 16-bit KV under a sliding window of at most this many tokens runs on the Hopper path once its CTAs
+# fill the SMs twice: its two-stage tile keeps four short CTAs per SM (H200, gpt-oss d64 with sinks,
+# batch 64 and 256: windows of 128-1024 tokens 1-17% faster than the generic path, 2048 within 2%).
+HOPPER_16BIT_MAX_WINDOW = 1024
 
 
 def choose_path(spec: KernelSpec, device_arch: str, kv_incompatibility: Callable[[], str | None],
@@ -38,6 +43,8 @@ def choose_path(spec: KernelSpec, device_arch: str, kv_incompatibility: Callable
       a sliding window;
     - 16-bit decode (one query token) whose CTAs fit on the SMs at once, of at most
       HOPPER_16BIT_MAX_KV_BYTES_PER_SM;
+    - 16-bit KV, up to 32 rows, under a sliding window of at most HOPPER_16BIT_MAX_WINDOW tokens
+      whose CTAs fill the SMs FULL_GRID_CTAS_PER_SM times (the Hopper path's short-KV tile);
 
     and the generic path everything else.  The rule follows the H200 measurements in
     docs/benchmarks.md ("Path dispatch"): with fp8 KV the Hopper path's wgmma and register
@@ -46,11 +53,11 @@ def choose_path(spec: KernelSpec, device_arch: str, kv_incompatibility: Callable
     leads both paths at every batch measured (q_seq_len 8 x group 8, batch 32 x 8k, fp8: 0.222
     against 0.275; bf16: 0.274 against 0.334; 40 and 128 rows alike); 32-row 16-bit speculative
     decoding (gpt-oss, d64 with sinks, q_seq_len 4) is faster on the Hopper path up to one wave of
-    CTAs (batch 16 x 8k: 68.7 against 73.9 us) and slower beyond (batch 64: 267.0 against 252.4)
-    or under a 128-token window (26.5 against 15.1); 16-bit decode streams at 95-99% of read
-    bandwidth on the generic path against 90-93% on the Hopper path, whose shorter start wins small
-    launches (batch 1 x 1k: 5.7 against 7.6 us; batch 16 x 1k: 18.9 against 24.4 us) but not grids
-    of several CTAs per SM (a 128-token window at batch 64: 8.9 against 7.2 us).
+    CTAs (batch 16 x 8k: 68.7 against 73.9 us) and slower beyond (batch 64: 267.0 against 252.4);
+    16-bit decode streams at 95-99% of read bandwidth on the generic path against 90-93% on the
+    Hopper path, whose shorter start wins small launches (batch 1 x 1k: 5.7 against 7.6 us; batch
+    16 x 1k: 18.9 against 24.4 us) and, with four of its two-stage CTAs per SM, full grids under a
+    short window (128 tokens, batch 64: 7.9 against 8.9 us; q_seq_len 4: 14.2 against 15.1 us).
     """
     hopper = PATHS["hopper"]
     if hopper.target_arch(device_arch) is None:
@@ -60,12 +67,17 @@ def choose_path(spec: KernelSpec, device_arch: str, kv_incompatibility: Callable
     except SpecError:  # a variant the Hopper path does not take runs on the generic path
         return spec
     row_tiles = hopper.row_tiles(candidate)
-    one_wave = shape.batch * shape.num_kv_heads * row_tiles <= shape.sm_count
+    ctas = shape.batch * shape.num_kv_heads * row_tiles
+    one_wave = ctas <= shape.sm_count
+    short_window = ("sliding_window" in spec.features and shape.kv_len <= HOPPER_16BIT_MAX_WINDOW
+                    and ctas >= FULL_GRID_CTAS_PER_SM * shape.sm_count and hopper.short_kv_variant(candidate) is not None)
     split_rows = row_tiles > 1 and hopper.wide_rows_variant(candidate) is not None  # 64 rows per CTA
     if spec.kv_dtype == "e4m3":
         takes = row_tiles == 1 or split_rows or one_wave
     elif row_tiles > 1:
         takes = split_rows
+    elif short_window:
+        takes = True
     elif spec.q_seq_len > 1:
         takes = one_wave and "sliding_window" not in spec.features
     else:

@@ -44,17 +44,19 @@ def device_arch(device: torch.device) -> str:
     return f"sm_{major}{minor}"
 
 
-def load_function(cubin: bytes, kernel_name: str, device_index: int, *,
-                  dynamic_smem_bytes: int = 0) -> tuple[driver.CUlibrary, driver.CUfunction]:
+def load_function(cubin: bytes, kernel_name: str, device_index: int, *, dynamic_smem_bytes: int = 0,
+                  smem_carveout: int | None = None) -> tuple[driver.CUlibrary, driver.CUfunction]:
     """Load a CUBIN and return (library, function) of ``kernel_name`` in the primary context of
-    device ``device_index`` (the one torch uses), allowing that much dynamic shared memory."""
+    device ``device_index`` (the one torch uses), allowing that much dynamic shared memory and
+    preferring that percentage of the unified L1/shared memory as shared memory (None: no preference)."""
     _check(driver.cuInit(0))
     library = _check(driver.cuLibraryLoadData(cubin, None, None, 0, None, None, 0))
     kernel = _check(driver.cuLibraryGetKernel(library, kernel_name.encode()))
-    if dynamic_smem_bytes:
-        _check(driver.cuKernelSetAttribute(
-            driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            dynamic_smem_bytes, kernel, _check(driver.cuDeviceGet(device_index))))
+    attributes = driver.CUfunction_attribute
+    for attribute, value in ((attributes.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, dynamic_smem_bytes or None),
+                             (attributes.CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT, smem_carveout)):
+        if value is not None:
+            _check(driver.cuKernelSetAttribute(attribute, value, kernel, _check(driver.cuDeviceGet(device_index))))
     with torch.cuda.device(device_index):
         torch.cuda.current_stream()  # makes the device's primary context current on this thread
         function = _check(driver.cuKernelGetFunction(kernel))
@@ -169,7 +171,8 @@ class DecodeKernel:
                               f"({arch})")
         compiled = load_cubin(self.emitted, arch, cache_dir=self._cache_dir)
         library, function = load_function(compiled.cubin, self.emitted.kernel_name, index,
-                                          dynamic_smem_bytes=self.emitted.smem_bytes)
+                                          dynamic_smem_bytes=self.emitted.smem_bytes,
+                                          smem_carveout=self.emitted.smem_carveout)
         return _Loaded(library, function)
 
     def bind(self, params: tuple, *, batch: int, num_kv_heads: int, num_splits: int, device: torch.device,
