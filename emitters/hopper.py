@@ -45,8 +45,8 @@ PRODUCER_REGISTERS = 24
 CONSUMER_REGISTERS = 240
 # TMA writes K and V to shared memory, past L1: all of the unified memory goes to shared memory, so
 # that as many CTAs are resident as their registers and shared memory allow.  Left to the driver,
-# the two-stage tile (36 KiB, four CTAs per SM) ran fp8 batch 256 x 2k in 0.2880 ms beside other
-# kernels in one process, against 0.2584-0.2598 alone (H200).
+# the two-stage tile (36 KiB, four CTAs per SM) ran fp8 batch 256 x 2k in 0.2788-0.2880 ms after
+# other kernels in the bench, against 0.2584-0.2598 alone (H200; docs/benchmarks.md).
 SMEM_CARVEOUT = 100
 # TMA box and swizzle: a shared-memory row of K/V is cut into chunks of at most 128 bytes (the
 # widest swizzle), each chunk one box of a tile.

@@ -6,8 +6,8 @@ default tiles and split rule from data.  The variants are compiled first in para
         --case llama70b_fp8_b64_s8k --json sweep.jsonl
 
 --batch reruns each case at other batch sizes (a full grid's CTAs against whole waves of the SMs),
---window under other sliding windows, --pages in-order gives every request consecutive pages (the bench shuffles them), and --flashinfer
-times FlashInfer's paths of each case beside it.
+--window under other sliding windows, --pages in-order gives every request consecutive pages (the
+bench shuffles them), and --flashinfer times FlashInfer's paths of each case beside it.
 """
 
 from __future__ import annotations
