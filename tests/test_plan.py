@@ -242,6 +242,14 @@ def test_hopper_tiles_and_rows():
         assert (plan_of(spec).rows_cta, plan_of(spec).row_tiles) == (rows_cta, row_tiles)
 
 
+def test_hopper_kernels_ask_for_all_of_the_unified_memory_as_shared_memory():
+    # the CTAs per SM that choose_tile counts on (TMA loads do not use L1); the generic path's
+    # cp.async loads leave the split to the driver
+    assert path_of(HOPPER_FP8).emit(HOPPER_FP8).smem_carveout == 100
+    generic = KernelSpec(q_dtype="bf16", kv_dtype="e4m3", head_dim=128, group=8, page_size=64)
+    assert path_of(generic).emit(generic).smem_carveout is None
+
+
 def test_hopper_targets_sm90a_only():
     hopper = path_of(HOPPER_FP8)
     assert hopper.arches == ("sm_90a",)
