@@ -251,18 +251,19 @@ class HopperPath(KernelPath):
         k_map.retarget(struct.k)
         v_map.retarget(struct.v)
 
+    @staticmethod
+    def _instead_of_six_stages(spec: KernelSpec, tile: str) -> KernelSpec | None:
+        """``spec`` on ``tile`` where it is on the six-stage default, else None."""
+        return dataclasses.replace(spec, tile=TILES[tile]) if spec.tile == TILES["tma6x2"] else None
+
     def _full_grid_variant(self, spec: KernelSpec) -> KernelSpec | None:
         """``spec`` on the four-stage tile where it is on the six-stage one, else None."""
-        if spec.tile != TILES["tma6x2"]:
-            return None
-        return dataclasses.replace(spec, tile=TILES["tma4x2"])
+        return self._instead_of_six_stages(spec, "tma4x2")
 
     def short_kv_variant(self, spec: KernelSpec) -> KernelSpec | None:
         """``spec`` on the short-KV tile (two stages, one consumer warpgroup: four CTAs per SM)
         where it is on the six-stage one, else None."""
-        if spec.tile != TILES["tma6x2"]:
-            return None
-        return dataclasses.replace(spec, tile=TILES["tma2x1"])
+        return self._instead_of_six_stages(spec, "tma2x1")
 
     def wide_rows_variant(self, spec: KernelSpec) -> KernelSpec | None:
         """``spec`` with a register split, so that each of its two consumer warpgroups holds 64
