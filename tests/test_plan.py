@@ -121,7 +121,9 @@ def test_dispatch_sends_fp8_kv_on_sm90_to_the_hopper_path():
     (1, 1024, "hopper"),    # small launches: the Hopper path's pipeline starts sooner
     (16, 1024, "hopper"),
     (1, 32768, "hopper"),   # 64 MiB: 0.5 MiB per SM
-    (4, 16384, "generic"),  # 256 MiB: 2 MiB per SM, where the generic path streams faster
+    (4, 16384, "generic"),  # 256 MiB: 2 MiB per SM in four KV splits, where the generic path streams faster
+    (16, 4096, "hopper"),   # 2 MiB per SM as well, but 128 CTAs need no split
+    (16, 8192, "generic"),  # 4 MiB per SM
     (64, 8192, "generic"),
 ])
 def test_dispatch_sends_small_16bit_decodes_to_the_hopper_path(batch, kv_len, path):

@@ -21,8 +21,11 @@ from .spec import KernelSpec, SpecError
 # 16-bit KV decodes of at most this many KV bytes per SM run on the Hopper path: its pipeline starts
 # sooner than the generic path's, which streams faster once there is enough to read (H200 sweep in
 # docs/benchmarks.md: up to 0.5 MiB per SM the Hopper path is 1.1-1.3x faster; at 2 MiB the two are
-# within 1-2% either way; beyond, the generic path leads by 3-11%).
+# within 1-2% either way; beyond, the generic path leads by 3-11%).  Twice that where the batch's
+# CTAs fill the SMs without KV splits, whose merge the Hopper path then skips (batch 16 x 4k, 2 MiB
+# per SM: 0.0663 ms against 0.0694-0.0701 on the generic path's two splits).
 HOPPER_16BIT_MAX_KV_BYTES_PER_SM = 1 << 20
+HOPPER_16BIT_UNSPLIT_MAX_KV_BYTES_PER_SM = 2 << 20
 # 16-bit KV under a sliding window of at most this many tokens runs on the Hopper path once its CTAs
 # fill the SMs twice: its two-stage tile keeps four short CTAs per SM (H200, gpt-oss d64 with sinks,
 # batch 64 and 256: windows of 128-1024 tokens 1-17% faster than the generic path, 2048 within 2%).
@@ -42,7 +45,8 @@ def choose_path(spec: KernelSpec, device_arch: str, kv_incompatibility: Callable
     - 16-bit speculative decoding with at most 32 rows whose CTAs fit on the SMs at once, without
       a sliding window;
     - 16-bit decode (one query token) whose CTAs fit on the SMs at once, of at most
-      HOPPER_16BIT_MAX_KV_BYTES_PER_SM;
+      HOPPER_16BIT_MAX_KV_BYTES_PER_SM, or HOPPER_16BIT_UNSPLIT_MAX_KV_BYTES_PER_SM where the
+      Hopper path needs no KV split;
     - 16-bit KV, up to 32 rows, under a sliding window of at most HOPPER_16BIT_MAX_WINDOW tokens
       whose CTAs fill the SMs FULL_GRID_CTAS_PER_SM times (the Hopper path's short-KV tile);
 
@@ -81,8 +85,10 @@ def choose_path(spec: KernelSpec, device_arch: str, kv_incompatibility: Callable
     elif spec.q_seq_len > 1:
         takes = one_wave and "sliding_window" not in spec.features
     else:
-        kv_bytes = 2 * shape.batch * shape.kv_len * shape.num_kv_heads * spec.head_dim * 2  # K and V, 2 bytes each
-        takes = one_wave and kv_bytes <= HOPPER_16BIT_MAX_KV_BYTES_PER_SM * shape.sm_count
+        kv_bytes_per_sm = 2 * shape.batch * shape.kv_len * shape.num_kv_heads * spec.head_dim * 2 / shape.sm_count
+        unsplit = hopper.auto_splits(candidate, shape) == 1
+        takes = one_wave and kv_bytes_per_sm <= (HOPPER_16BIT_UNSPLIT_MAX_KV_BYTES_PER_SM if unsplit
+                                                 else HOPPER_16BIT_MAX_KV_BYTES_PER_SM)
     return candidate if takes and kv_incompatibility() is None else spec
 
 
