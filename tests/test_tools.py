@@ -73,3 +73,61 @@ def test_tools_name_an_unknown_case_before_any_gpu_work():
                              "--case", "no_such_case"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "unknown bench case(s) ['no_such_case']" in result.stderr
+
+
+@pytest.mark.parametrize("spec_fields", [
+    dict(kv_dtype="e4m3", tile="tma2x1"),                               # one consumer warpgroup
+    dict(kv_dtype="e4m3", tile="tma6x2"),                               # two, and the split merge
+    dict(kv_dtype="e4m3", q_seq_len=8, tile="tma4x2r"),                 # the register split's producer warpgroup
+    dict(kv_dtype="bf16", head_dim=64, features=frozenset({"sinks", "sliding_window"})),
+])
+def test_cta_timeline_marks_the_hopper_kernel_at_each_phase(spec_fields):
+    from xqagen.emitters import PATHS
+    from xqagen.spec import KernelSpec
+
+    timeline = _tool("cta_timeline")
+    spec = KernelSpec(**{**dict(q_dtype="bf16", head_dim=128, group=8, page_size=64, path="hopper"), **spec_fields})
+    source = PATHS["hopper"].emit(spec).source
+    marked = timeline.instrument(source)
+    for slot in range(len(timeline.MARKS)):
+        assert marked.count(f"xq_mark({slot});") == 1, slot
+    assert marked.rstrip().endswith("xq_mark(6);\n}")  # the merge's stores come before it
+    with pytest.raises(timeline.TemplateChanged, match="pipeline.consumer_wait"):
+        timeline.instrument(source.replace("      pipeline.consumer_wait(state);\n", ""))
+
+
+def test_cta_timeline_instrumented_kernel_compiles():
+    from xqagen.compiler import compile_kernel, supported_archs
+    from xqagen.emitters import PATHS
+    from xqagen.spec import KernelSpec
+
+    if "sm_90" not in supported_archs():
+        pytest.skip("NVRTC cannot build sm_90a")
+    emitted = PATHS["hopper"].emit(KernelSpec(q_dtype="bf16", kv_dtype="e4m3", head_dim=128, group=8, page_size=64,
+                                              path="hopper", tile="tma2x1"))
+    compiled = compile_kernel(_tool("cta_timeline").instrument(emitted.source), emitted.kernel_name, "sm_90a")
+    assert compiled.resources.spill_stores == 0
+
+
+def test_cta_timeline_summarises_phases_over_the_grid():
+    np = pytest.importorskip("numpy")
+    timeline = _tool("cta_timeline")
+    ctas = 4
+    marks = np.zeros((ctas, 16), dtype=np.uint64)
+    base = 10_000_000
+    for cta in range(ctas):  # ns: start, first TMA, first data, loop end, stored; CTA 3 merges
+        times = [base + 100 * cta, base + 100 * cta + 500, base + 100 * cta + 2000, base + 12_000 + 100 * cta,
+                 base + 13_000 + 100 * cta, 0, 0]
+        if cta == 3:
+            times[5:] = [base + 14_300, base + 15_300]
+        marks[cta, :7] = times
+        marks[cta, 8:15] = [t * 18 // 10 for t in times]  # 1.8 cycles per ns
+        marks[cta, timeline.SMID_SLOT] = cta
+    row = timeline.summarize(marks, ms=0.02)
+    assert row["ctas"] == ctas and row["sms"] == ctas
+    assert row["phases_us"]["to first TMA"] == [0.5] * 5
+    assert row["phases_us"]["main loop"] == [10.0] * 5
+    assert row["phases_us"]["split arrival"] == [1.0] * 5  # the merging CTA only
+    assert row["phases_us"]["split merge"] == [1.0] * 5
+    assert row["span_us"] == 15.3
+    assert row["sm_clock_mhz"] == 1800
