@@ -15,6 +15,7 @@ instrumented as emitted (``instrument``): the shipped kernels carry no marks.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import sys
@@ -157,17 +158,16 @@ def main() -> None:
 
     emit = HopperPath.emit  # every Hopper kernel this process loads carries the marks
     HopperPath.emit = lambda self, spec: dataclasses.replace(emit(self, spec), source=instrument(emit(self, spec).source))
-    rows = []
-    for case in cases:
-        row = run(case, args.tile, args.splits)
-        rows.append(row)
-        phases = "  ".join(f"{name} {p[2]:.2f}" for name, p in row["phases_us"].items() if p)
-        print(f"{row['case']:30} {row['tile']:8} {row['splits']:>3} splits {row['ms'] * 1e3:9.2f} us, span "
-              f"{row['span_us']:9.2f} us, SM {row['sm_clock_mhz']:.0f} MHz; medians (us): {phases}", flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
+    # a JSON row per case as it is measured: a run cut short keeps the rows before it
+    with open(args.json, "w") if args.json else contextlib.nullcontext() as record:
+        for case in cases:
+            row = run(case, args.tile, args.splits)
+            if record:
+                record.write(json.dumps(row) + "\n")
+                record.flush()
+            phases = "  ".join(f"{name} {p[2]:.2f}" for name, p in row["phases_us"].items() if p)
+            print(f"{row['case']:30} {row['tile']:8} {row['splits']:>3} splits {row['ms'] * 1e3:9.2f} us, span "
+                  f"{row['span_us']:9.2f} us, SM {row['sm_clock_mhz']:.0f} MHz; medians (us): {phases}", flush=True)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ bench shuffles them), and --flashinfer times FlashInfer's paths of each case bes
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import multiprocessing
@@ -87,25 +88,25 @@ def main() -> None:
         bench.prebuild_flashinfer(cases)
     copy_tbps, read_tbps = bench.copy_bandwidth_tbps(), bench.read_bandwidth_tbps()
     l2_bytes = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 0)
-    rows = []
     print(f"streaming read {read_tbps:.2f} TB/s")
-    for case, tile, _ in runs:
-        for num_splits in splits:
-            r = bench.run_case(case, copy_tbps, read_tbps, flashinfer=args.flashinfer, num_splits=num_splits or None,
-                               l2_bytes=l2_bytes, path=args.path, tile=tile)
-            rows.append(dict(case=case.name, batch=case.batch, pages=args.pages, path=args.path, tile=tile,
-                             splits=r.num_splits, ms=r.ms, read_fraction=r.read_fraction,
-                             flashinfer_ms=r.flashinfer_ms))
-            theirs = "".join(f"  FI {name} {ms:.4f} ms ({case.kv_bytes / ms / 1e9 / read_tbps:.1%})"
-                             for name, ms in r.flashinfer_ms.items())
-            print(f"{case.name:32} {str(tile):10} {r.num_splits:>4} {r.ms:8.4f} ms {100 * r.read_fraction:5.1f}%"
-                  f"{theirs}", flush=True)
-            torch.cuda.empty_cache()
-    if args.json:
-        with open(args.json, "w") as f:
-            f.write(json.dumps({"device": torch.cuda.get_device_name(0), "read_TBps": read_tbps}) + "\n")
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
+    # a JSON row per measurement as it is taken: a run cut short keeps the rows before it
+    with open(args.json, "w") if args.json else contextlib.nullcontext() as record:
+        if record:
+            record.write(json.dumps({"device": torch.cuda.get_device_name(0), "read_TBps": read_tbps}) + "\n")
+        for case, tile, _ in runs:
+            for num_splits in splits:
+                r = bench.run_case(case, copy_tbps, read_tbps, flashinfer=args.flashinfer,
+                                   num_splits=num_splits or None, l2_bytes=l2_bytes, path=args.path, tile=tile)
+                if record:
+                    record.write(json.dumps(dict(case=case.name, batch=case.batch, pages=args.pages, path=args.path,
+                                                 tile=tile, splits=r.num_splits, ms=r.ms,
+                                                 read_fraction=r.read_fraction, flashinfer_ms=r.flashinfer_ms)) + "\n")
+                    record.flush()
+                theirs = "".join(f"  FI {name} {ms:.4f} ms ({case.kv_bytes / ms / 1e9 / read_tbps:.1%})"
+                                 for name, ms in r.flashinfer_ms.items())
+                print(f"{case.name:32} {str(tile):10} {r.num_splits:>4} {r.ms:8.4f} ms {100 * r.read_fraction:5.1f}%"
+                      f"{theirs}", flush=True)
+                torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":
