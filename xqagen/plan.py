@@ -85,6 +85,7 @@ def choose_path(spec: KernelSpec, device_arch: str, kv_incompatibility: Callable
     elif spec.q_seq_len > 1:
         takes = one_wave and "sliding_window" not in spec.features
     else:
+        # K and V, 2 bytes each
         kv_bytes_per_sm = 2 * shape.batch * shape.kv_len * shape.num_kv_heads * spec.head_dim * 2 / shape.sm_count
         unsplit = hopper.auto_splits(candidate, shape) == 1
         takes = one_wave and kv_bytes_per_sm <= (HOPPER_16BIT_UNSPLIT_MAX_KV_BYTES_PER_SM if unsplit
