@@ -126,12 +126,11 @@ def run(case: bench.BenchCase, tile: str | None, num_splits: int | None) -> dict
 
     from xqagen.api import prepare_decode
 
-    l2_bytes = torch.cuda.get_device_properties(0).L2_cache_size
-    copies = max(1, min(4, -(-4 * l2_bytes // case.kv_bytes)))
+    copies = bench.input_copies(case, getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 0))
     inputs = bench._Inputs(case, copies)
-    path = "hopper"
     calls = [prepare_decode(inputs.q, k, v, pt, inputs.seq_lens, kv_scale=inputs.kv_scale, sinks=inputs.sinks,
-                            sliding_window=case.window, mask=inputs.mask, num_splits=num_splits, path=path, tile=tile)
+                            sliding_window=case.window, mask=inputs.mask, num_splits=num_splits, path="hopper",
+                            tile=tile)
              for k, v, pt in inputs.sets]
     ms = bench.time_cuda_graph(bench._rotating(lambda i: calls[i].launch(), copies))
     grid = calls[0].bound._config.grid

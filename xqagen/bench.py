@@ -369,10 +369,16 @@ def prebuild_flashinfer(cases: list[BenchCase]) -> None:
         list(pool.map(build, cases))
 
 
+def input_copies(case: BenchCase, l2_bytes: int) -> int:
+    """How many copies of a case's inputs a timing rotates over, so that together they outgrow the
+    L2 (``l2_bytes``; 0: unknown, one copy) and every launch reads its KV from HBM."""
+    return max(1, min(4, math.ceil(4 * l2_bytes / case.kv_bytes))) if l2_bytes else 1
+
+
 def run_case(case: BenchCase, copy_tbps: float, read_tbps: float, *, flashinfer: bool,
              num_splits: int | None = None, l2_bytes: int = 0, pdl: bool = False,
              path: str | None = None, tile=None, reader: StreamingRead | None = None) -> BenchResult:
-    copies = max(1, min(4, math.ceil(4 * l2_bytes / case.kv_bytes))) if l2_bytes else 1
+    copies = input_copies(case, l2_bytes)
     inputs = _Inputs(case, copies)
     launch, out, splits = _run_xqagen(case, inputs, num_splits, pdl, path, tile)
     ms = time_cuda_graph(_rotating(launch, copies))
