@@ -569,9 +569,18 @@ constexpr int p_offsets_split() {
 static_assert(p_offsets_split() > 0, "P's swizzled offsets do not split into a thread's part and a value's part");
 constexpr bool kPOffsetsAdd = p_offsets_split() == 2;
 
+// A per-thread value computed once before the main loop, through an empty asm that ptxas cannot
+// see into: it otherwise recomputed such values from the thread index on every tile (swizzled
+// shared-memory offsets: about six integer instructions each).
+template <class T>
+__device__ __forceinline__ T opaque(T x) {
+  asm volatile("" : "+r"(x));
+  return x;
+}
+
 struct PStores {
   int thread_part;  // swizzle(thread part), elements
-  __device__ explicit PStores(int tid) : thread_part(p_swizzle(p_plain(acc_n(tid, 0), acc_m(tid, 0)))) {}
+  __device__ explicit PStores(int tid) : thread_part(opaque(p_swizzle(p_plain(acc_n(tid, 0), acc_m(tid, 0))))) {}
   // values v and v + 1 (rows n, n + 1: adjacent in P) as one 32-bit store
   __device__ __forceinline__ void store_pair(MmaElem* p, int v, uint32_t pair) const {
     int const offset = kPOffsetsAdd ? thread_part + p_value_part(v) : thread_part ^ p_value_part(v);
@@ -655,16 +664,32 @@ __device__ __forceinline__ int out_dim(int m) {
 // r2 (row g, k 2t+8..2t+9), r3 (row g+8, k + 8), with g = lane / 4, t = lane % 4; r0..r3 are the
 // atom's fma arguments a0..a3.
 
+// Where a thread's ldmatrix reads start in a stage's K or V tile (element offsets, the same in
+// every stage), computed once before the loop (see opaque).
+struct Fp8Fragments {
+  using TilePI = decltype(as_position_independent_swizzle_layout(KTileLayout{}));  // (token, dim) -> offset
+  int k[kKvFp8 ? kHeadDimPad / 32 : 1];          // load_k_fp8's reads, by kstep2
+  int vt[kKvFp8 ? kMBlocks : 1][kKvTile / 32];  // load_vt_fp8's reads, by M block and kstep2
+  __device__ Fp8Fragments(int warp, int lane) {
+    if constexpr (kKvFp8) {
+      int const mat = lane / 8;
+      CUTE_UNROLL
+      for (int i = 0; i < kHeadDimPad / 32; ++i)
+        k[i] = opaque(int(TilePI{}(16 * warp + (mat / 2) * 8 + lane % 8, i * 32 + (mat % 2) * 16)));
+      CUTE_UNROLL
+      for (int mb = 0; mb < kMBlocks; ++mb)
+        CUTE_UNROLL
+        for (int i = 0; i < kKvTile / 32; ++i) vt[mb][i] = opaque(int(TilePI{}(i * 32 + lane, 64 * mb + 16 * warp)));
+    }
+  }
+};
+
 // K rows 16w.. of a stage's tile, head-dim k-steps 2 * kstep2 and 2 * kstep2 + 1: one 4-byte read per
 // row feeds k-slots 2t, 2t+1, 2t+8, 2t+9 (Q's head dim is permuted to match when it is staged).
-template <class KTile>
-__device__ __forceinline__ void load_k_fp8(KTile const& sK, int warp, int lane, int kstep2,
+__device__ __forceinline__ void load_k_fp8(KVElem const* k_tile, Fp8Fragments const& at, int kstep2,
                                            uint32_t (&a)[2][4]) {
-  int const mat = lane / 8;
   uint32_t r[4];
-  SM75_U32x4_LDSM_N::copy(
-      *reinterpret_cast<uint128_t const*>(&sK(16 * warp + (mat / 2) * 8 + lane % 8, kstep2 * 32 + (mat % 2) * 16)),
-      r[0], r[1], r[2], r[3]);
+  SM75_U32x4_LDSM_N::copy(*reinterpret_cast<uint128_t const*>(k_tile + at.k[kstep2]), r[0], r[1], r[2], r[3]);
   CUTE_UNROLL
   for (int ks = 0; ks < 2; ++ks) {  // r[ks]: row g, r[ks + 2]: row g + 8
     fp8x4_to_mma_pairs(r[ks], a[ks][0], a[ks][2]);
@@ -675,13 +700,10 @@ __device__ __forceinline__ void load_k_fp8(KTile const& sK, int warp, int lane, 
 // V^T rows (head dim) 16w.. of M block `mb`, tokens of k-steps 2 * kstep2 and 2 * kstep2 + 1 (32
 // tokens): a transposed ldmatrix of byte pairs gives each thread (tokens 2t, 2t+1) x (dims 2g,
 // 2g+1); a byte permute splits them into the even-dim and odd-dim token pairs (see out_dim).
-template <class VTile>
-__device__ __forceinline__ void load_vt_fp8(VTile const& sV, int warp, int lane, int mb, int kstep2,
+__device__ __forceinline__ void load_vt_fp8(KVElem const* v_tile, Fp8Fragments const& at, int mb, int kstep2,
                                             uint32_t (&a)[2][4]) {
   uint32_t r[4];  // matrix i: tokens 8i..8i+7 of the 32
-  SM75_U16x8_LDSM_T::copy(
-      *reinterpret_cast<uint128_t const*>(&sV(kstep2 * 32 + lane, 64 * mb + 16 * warp)),
-      r[0], r[1], r[2], r[3]);
+  SM75_U16x8_LDSM_T::copy(*reinterpret_cast<uint128_t const*>(v_tile + at.vt[mb][kstep2]), r[0], r[1], r[2], r[3]);
   CUTE_UNROLL
   for (int i = 0; i < 4; ++i) {
     uint32_t even_dim, odd_dim;
@@ -709,9 +731,9 @@ __device__ __forceinline__ void fence_accumulator(Accum& acc) {
 // fragments or 16-bit shared-memory descriptors).
 
 // S^T = K Q^T on a stage's K tile; q is Q's descriptor (its first k-step).
-template <bool Fp8, class KTile>
-__device__ __forceinline__ void mma_scores(KTile const& sK, GMMA::DescriptorIterator q, Accum& acc,
-                                           int warp, int lane) {
+template <bool Fp8>
+__device__ __forceinline__ void mma_scores(KVElem const* k_tile, Fp8Fragments const& at, GMMA::DescriptorIterator q,
+                                           Accum& acc) {
   fence_accumulator(acc);
   if constexpr (Fp8) {
     uint32_t frag[2][kSBatch][4];
@@ -721,7 +743,7 @@ __device__ __forceinline__ void mma_scores(KTile const& sK, GMMA::DescriptorIter
       CUTE_UNROLL
       for (int ks2 = 0; ks2 < kSBatch / 2; ++ks2) {
         uint32_t a[2][4];
-        load_k_fp8(sK, warp, lane, b * kSBatch / 2 + ks2, a);
+        load_k_fp8(k_tile, at, b * kSBatch / 2 + ks2, a);
         CUTE_UNROLL
         for (int ks = 0; ks < 2; ++ks)
           CUTE_UNROLL
@@ -740,7 +762,7 @@ __device__ __forceinline__ void mma_scores(KTile const& sK, GMMA::DescriptorIter
     }
   } else {
     // A = the stage's K tile, K-major: 64 tokens = 8 row groups
-    auto const k = gmma_desc<gmma_swizzle<KTileLayout>(), 16, smem_bytes_at<KVElem, KTileLayout>(8, 0)>(&sK(0, 0));
+    auto const k = gmma_desc<gmma_swizzle<KTileLayout>(), 16, smem_bytes_at<KVElem, KTileLayout>(8, 0)>(k_tile);
     warpgroup_arrive();
     CUTE_UNROLL
     for (int ks = 0; ks < kHeadDimPad / 16; ++ks)
@@ -752,11 +774,11 @@ __device__ __forceinline__ void mma_scores(KTile const& sK, GMMA::DescriptorIter
   fence_accumulator(acc);
 }
 
-// O^T += V^T P^T, one 64-row block of head dim at a time, on a stage's V tile, read as (token,
-// dim) by sV and as (dim, token) by sVt; p is P's descriptor (its first k-step).
-template <bool Fp8, class VTile, class VtTile>
-__device__ __forceinline__ void mma_output(VTile const& sV, VtTile const& sVt, GMMA::DescriptorIterator p,
-                                           Accum (&acc)[kMBlocks], int warp, int lane) {
+// O^T += V^T P^T, one 64-row block of head dim at a time, on a stage's V tile, read as (dim,
+// token) by sVt; p is P's descriptor (its first k-step).
+template <bool Fp8, class VtTile>
+__device__ __forceinline__ void mma_output(KVElem const* v_tile, Fp8Fragments const& at, VtTile const& sVt,
+                                           GMMA::DescriptorIterator p, Accum (&acc)[kMBlocks]) {
   CUTE_UNROLL
   for (int mb = 0; mb < kMBlocks; ++mb) fence_accumulator(acc[mb]);
   if constexpr (Fp8) {
@@ -767,7 +789,7 @@ __device__ __forceinline__ void mma_output(VTile const& sV, VtTile const& sVt, G
       CUTE_UNROLL
       for (int kt2 = 0; kt2 < kKvTile / 32; ++kt2) {
         uint32_t a[2][4];
-        load_vt_fp8(sV, warp, lane, mb, kt2, a);
+        load_vt_fp8(v_tile, at, mb, kt2, a);
         CUTE_UNROLL
         for (int kt = 0; kt < 2; ++kt)
           CUTE_UNROLL
@@ -958,8 +980,11 @@ xqa_hopper_qbf16_kvbf16_d64_g4_p64_s1_tma2x1_9e22adef(Params const p, __grid_con
     consumers_sync();  // Q staged
 
     // ---- consumer warpgroups: wg takes tiles tile_begin + wg, + kConsumers, ... ----
-    int const wg = warp / 4, wg_warp = warp % 4, tid = threadIdx.x % 128;
+    // wg through a shuffle, so that ptxas sees it is warp-uniform (CUTLASS's canonical_warp_group_idx):
+    // P's descriptor then lives in uniform registers
+    int const wg = __shfl_sync(0xffffffffu, warp / 4, 0), wg_warp = warp % 4, tid = threadIdx.x % 128;
     PStores const p_stores(tid);  // P (row, token), the B operand of O^T
+    Fp8Fragments const fp8_at(wg_warp, lane);  // fp8: the thread's ldmatrix reads in a stage
     GMMA::DescriptorIterator const q_desc = q_descriptor(smem.q);  // B of S^T, per head-dim k-step
     GMMA::DescriptorIterator const p_desc = p_descriptor(smem.p[wg]);  // B of O^T, per token k-step
     Accum acc_s;              // S^T
@@ -1022,7 +1047,7 @@ xqa_hopper_qbf16_kvbf16_d64_g4_p64_s1_tma2x1_9e22adef(Params const p, __grid_con
       }
 
       // S^T = K Q^T
-      mma_scores<kKvFp8>(sK, q_desc, acc_s, wg_warp, lane);
+      mma_scores<kKvFp8>(&sK(0, 0), fp8_at, q_desc, acc_s);
 
       // visibility (tiles that reach past the sequence, the window start or the mask)
       if (vis.tile_needs_mask(tok0, kKvTile)) {
@@ -1105,7 +1130,7 @@ xqa_hopper_qbf16_kvbf16_d64_g4_p64_s1_tma2x1_9e22adef(Params const p, __grid_con
       warpgroup_sync(wg, kPReady);
 
       // O^T += V^T P^T, one 64-row M block of head dim at a time
-      mma_output<kKvFp8>(sV, sVt, p_desc, acc_o, wg_warp, lane);
+      mma_output<kKvFp8>(&sV(0, 0), fp8_at, sVt, p_desc, acc_o);
       pipeline.consumer_release(state);
       CUTE_UNROLL
       for (int i = 0; i < kConsumers; ++i) ++state;
