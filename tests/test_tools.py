@@ -131,3 +131,50 @@ def test_cta_timeline_summarises_phases_over_the_grid():
     assert row["phases_us"]["split merge"] == [1.0] * 5
     assert row["span_us"] == 15.3
     assert row["sm_clock_mhz"] == 1800
+
+
+@pytest.mark.parametrize("spec_fields", [
+    dict(kv_dtype="e4m3", tile="tma2x1"),                               # one consumer warpgroup
+    dict(kv_dtype="e4m3", q_seq_len=8, tile="tma6x2r"),                 # two, with the register split
+    dict(kv_dtype="bf16", head_dim=64, features=frozenset({"sinks", "sliding_window"})),
+])
+def test_loop_phases_marks_each_phase_of_the_consumer_loop(spec_fields):
+    from xqagen.emitters import PATHS
+    from xqagen.spec import KernelSpec
+
+    phases = _tool("loop_phases")
+    spec = KernelSpec(**{**dict(q_dtype="bf16", head_dim=128, group=8, page_size=64, path="hopper"), **spec_fields})
+    source = PATHS["hopper"].emit(spec).source
+    marked = phases.instrument(source)
+    for i in range(len(phases.PHASES)):
+        assert marked.count(f"XQ_PHASE({i});") == 1, i
+    # in a tile's order, inside the loop, and the sums added after it
+    order = [marked.index(f"XQ_PHASE({i});") for i in range(len(phases.PHASES))]
+    assert order == sorted(order)
+    assert marked.index("xq_cycles[6] = {}") < order[0] < order[-1] < marked.index("atomicAdd(&xq_loop_phases[6]")
+    with pytest.raises(phases.TemplateChanged, match="mma_scores"):
+        phases.instrument(source.replace("      mma_scores<kKvFp8>(&sK(0, 0), fp8_at, q_desc, acc_s);\n", ""))
+
+
+def test_loop_phases_instrumented_kernel_compiles():
+    from xqagen.compiler import compile_kernel, supported_archs
+    from xqagen.emitters import PATHS
+    from xqagen.spec import KernelSpec
+
+    if "sm_90" not in supported_archs():
+        pytest.skip("NVRTC cannot build sm_90a")
+    emitted = PATHS["hopper"].emit(KernelSpec(q_dtype="bf16", kv_dtype="e4m3", head_dim=128, group=8, page_size=64,
+                                              q_seq_len=8, path="hopper", tile="tma6x2r"))
+    compiled = compile_kernel(_tool("loop_phases").instrument(emitted.source), emitted.kernel_name, "sm_90a")
+    assert compiled.resources.spill_stores == 0
+
+
+def test_loop_phases_gives_cycles_per_tile():
+    phases = _tool("loop_phases")
+    counters = [1000, 2000, 500, 700, 100, 2200, 4, 0]  # the phases' sums over the warps, then 4 tiles
+    row = phases.per_tile(counters)
+    assert row["cycles_per_tile"] == {"wait": 250.0, "S^T": 500.0, "vote": 125.0, "exp": 175.0, "barrier": 25.0,
+                                      "P V": 550.0}
+    assert row["total"] == 1625.0 and row["warp_tiles"] == 4
+    with pytest.raises(ValueError, match="no consumer warp"):
+        phases.per_tile([0] * 8)
