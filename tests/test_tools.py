@@ -75,19 +75,19 @@ def test_tools_name_an_unknown_case_before_any_gpu_work():
     assert "unknown bench case(s) ['no_such_case']" in result.stderr
 
 
-@pytest.mark.parametrize("spec_fields", [
+# Hopper kernels of every kind the instrumenting tools meet
+HOPPER_KINDS = [
     dict(kv_dtype="e4m3", tile="tma2x1"),                               # one consumer warpgroup
     dict(kv_dtype="e4m3", tile="tma6x2"),                               # two, and the split merge
     dict(kv_dtype="e4m3", q_seq_len=8, tile="tma4x2r"),                 # the register split's producer warpgroup
     dict(kv_dtype="bf16", head_dim=64, features=frozenset({"sinks", "sliding_window"})),
-])
-def test_cta_timeline_marks_the_hopper_kernel_at_each_phase(spec_fields):
-    from xqagen.emitters import PATHS
-    from xqagen.spec import KernelSpec
+]
 
+
+@pytest.mark.parametrize("spec_fields", HOPPER_KINDS)
+def test_cta_timeline_marks_the_hopper_kernel_at_each_phase(spec_fields):
     timeline = _tool("cta_timeline")
-    spec = KernelSpec(**{**dict(q_dtype="bf16", head_dim=128, group=8, page_size=64, path="hopper"), **spec_fields})
-    source = PATHS["hopper"].emit(spec).source
+    source = _hopper_kernel(**spec_fields).source
     marked = timeline.instrument(source)
     for slot in range(len(timeline.MARKS)):
         assert marked.count(f"xq_mark({slot});") == 1, slot
@@ -96,16 +96,26 @@ def test_cta_timeline_marks_the_hopper_kernel_at_each_phase(spec_fields):
         timeline.instrument(source.replace("      pipeline.consumer_wait(state);\n", ""))
 
 
-def test_cta_timeline_instrumented_kernel_compiles():
-    from xqagen.compiler import compile_kernel, supported_archs
+def _hopper_kernel(**spec_fields):
+    """An emitted Hopper kernel: bf16 Q, head_dim 128, group 8, page 64 unless the fields say otherwise."""
     from xqagen.emitters import PATHS
     from xqagen.spec import KernelSpec
 
+    return PATHS["hopper"].emit(KernelSpec(**{**dict(q_dtype="bf16", head_dim=128, group=8, page_size=64,
+                                                     path="hopper"), **spec_fields}))
+
+
+@pytest.mark.parametrize("tool, spec_fields", [
+    ("cta_timeline", dict(kv_dtype="e4m3", tile="tma2x1")),
+    ("loop_phases", dict(kv_dtype="e4m3", q_seq_len=8, tile="tma6x2r")),
+])
+def test_instrumented_kernel_compiles(tool, spec_fields):
+    from xqagen.compiler import compile_kernel, supported_archs
+
     if "sm_90" not in supported_archs():
         pytest.skip("NVRTC cannot build sm_90a")
-    emitted = PATHS["hopper"].emit(KernelSpec(q_dtype="bf16", kv_dtype="e4m3", head_dim=128, group=8, page_size=64,
-                                              path="hopper", tile="tma2x1"))
-    compiled = compile_kernel(_tool("cta_timeline").instrument(emitted.source), emitted.kernel_name, "sm_90a")
+    emitted = _hopper_kernel(**spec_fields)
+    compiled = compile_kernel(_tool(tool).instrument(emitted.source), emitted.kernel_name, "sm_90a")
     assert compiled.resources.spill_stores == 0
 
 
@@ -133,18 +143,10 @@ def test_cta_timeline_summarises_phases_over_the_grid():
     assert row["sm_clock_mhz"] == 1800
 
 
-@pytest.mark.parametrize("spec_fields", [
-    dict(kv_dtype="e4m3", tile="tma2x1"),                               # one consumer warpgroup
-    dict(kv_dtype="e4m3", q_seq_len=8, tile="tma6x2r"),                 # two, with the register split
-    dict(kv_dtype="bf16", head_dim=64, features=frozenset({"sinks", "sliding_window"})),
-])
+@pytest.mark.parametrize("spec_fields", HOPPER_KINDS)
 def test_loop_phases_marks_each_phase_of_the_consumer_loop(spec_fields):
-    from xqagen.emitters import PATHS
-    from xqagen.spec import KernelSpec
-
     phases = _tool("loop_phases")
-    spec = KernelSpec(**{**dict(q_dtype="bf16", head_dim=128, group=8, page_size=64, path="hopper"), **spec_fields})
-    source = PATHS["hopper"].emit(spec).source
+    source = _hopper_kernel(**spec_fields).source
     marked = phases.instrument(source)
     for i in range(len(phases.PHASES)):
         assert marked.count(f"XQ_PHASE({i});") == 1, i
@@ -154,19 +156,6 @@ def test_loop_phases_marks_each_phase_of_the_consumer_loop(spec_fields):
     assert marked.index("xq_cycles[6] = {}") < order[0] < order[-1] < marked.index("atomicAdd(&xq_loop_phases[6]")
     with pytest.raises(phases.TemplateChanged, match="mma_scores"):
         phases.instrument(source.replace("      mma_scores<kKvFp8>(&sK(0, 0), fp8_at, q_desc, acc_s);\n", ""))
-
-
-def test_loop_phases_instrumented_kernel_compiles():
-    from xqagen.compiler import compile_kernel, supported_archs
-    from xqagen.emitters import PATHS
-    from xqagen.spec import KernelSpec
-
-    if "sm_90" not in supported_archs():
-        pytest.skip("NVRTC cannot build sm_90a")
-    emitted = PATHS["hopper"].emit(KernelSpec(q_dtype="bf16", kv_dtype="e4m3", head_dim=128, group=8, page_size=64,
-                                              q_seq_len=8, path="hopper", tile="tma6x2r"))
-    compiled = compile_kernel(_tool("loop_phases").instrument(emitted.source), emitted.kernel_name, "sm_90a")
-    assert compiled.resources.spill_stores == 0
 
 
 def test_loop_phases_gives_cycles_per_tile():
