@@ -47,6 +47,7 @@ _ANCHORS = (
     ("      // P = exp2(S * scale - base)", "-", "      XQ_PHASE(2);\n"),
     ("      cutlass::arch::fence_view_async_shared();  // P (and zeroed V rows) are read by wgmma\n", "-",
      "      XQ_PHASE(3);\n"),
+    ("      warpgroup_sync(wg, kPReady);\n", "+", "      XQ_PHASE(4);\n"),
     ("      pipeline.consumer_release(state);\n", "+", "      XQ_PHASE(5);\n"),
     ("    // ---- rows' sums over the warpgroup", "-",
      "    if (lane == 0) {\n"
@@ -54,8 +55,6 @@ _ANCHORS = (
      "      atomicAdd(&xq_loop_phases[%d], (unsigned long long)xq_tiles);\n"
      "    }\n" % (len(PHASES), TILES_SLOT)),
 )
-# The barrier's end: the P barrier's line, the next after the fence's.
-_P_BARRIER = "      warpgroup_sync(wg, kPReady);\n"
 
 
 class TemplateChanged(ValueError):
@@ -68,7 +67,7 @@ def instrument(source: str) -> str:
     if "namespace {" not in source:
         raise TemplateChanged("no anonymous namespace to put the counters before")
     source = source.replace("namespace {", _PRELUDE + "namespace {", 1)
-    for anchor, where, mark in (*_ANCHORS, (_P_BARRIER, "+", "      XQ_PHASE(4);\n")):
+    for anchor, where, mark in _ANCHORS:
         if source.count(anchor) != 1:
             raise TemplateChanged(f"expected the line {anchor.strip()!r} once in the kernel, found it "
                                   f"{source.count(anchor)} times")

@@ -572,8 +572,7 @@ constexpr bool kPOffsetsAdd = p_offsets_split() == 2;
 // A per-thread value computed once before the main loop, through an empty asm that ptxas cannot
 // see into: it otherwise recomputed such values from the thread index on every tile (swizzled
 // shared-memory offsets: about six integer instructions each).
-template <class T>
-__device__ __forceinline__ T opaque(T x) {
+__device__ __forceinline__ int opaque(int x) {
   asm volatile("" : "+r"(x));
   return x;
 }
@@ -675,11 +674,11 @@ struct Fp8Fragments {
       int const mat = lane / 8;
       CUTE_UNROLL
       for (int i = 0; i < kHeadDimPad / 32; ++i)
-        k[i] = opaque(int(TilePI{}(16 * warp + (mat / 2) * 8 + lane % 8, i * 32 + (mat % 2) * 16)));
+        k[i] = opaque(TilePI{}(16 * warp + (mat / 2) * 8 + lane % 8, i * 32 + (mat % 2) * 16));
       CUTE_UNROLL
       for (int mb = 0; mb < kMBlocks; ++mb)
         CUTE_UNROLL
-        for (int i = 0; i < kKvTile / 32; ++i) vt[mb][i] = opaque(int(TilePI{}(i * 32 + lane, 64 * mb + 16 * warp)));
+        for (int i = 0; i < kKvTile / 32; ++i) vt[mb][i] = opaque(TilePI{}(i * 32 + lane, 64 * mb + 16 * warp));
     }
   }
 };
