@@ -203,6 +203,7 @@ class HopperPath(KernelPath):
     def emit(self, spec: KernelSpec) -> EmittedKernel:
         plan = plan_of(spec)
         source = render("hopper_decode.cu.j2", tile=spec.tile, plan=plan, kernel_name=spec.name, kv_tile=KV_TILE,
+                        mainloop="swap_ab",
                         producer_registers=PRODUCER_REGISTERS, consumer_registers=CONSUMER_REGISTERS,
                         **piece_context(spec, mma_dtype=plan.mma_dtype, workspace=plan.workspace))
         return EmittedKernel(spec=spec, source=source, kernel_name=spec.name, threads=plan.threads,

@@ -407,12 +407,11 @@ __device__ __forceinline__ void pdl_launch_dependents() {
 }
 
 constexpr uint64_t kEvictFirst = uint64_t(TMA::CacheHintSm90::EVICT_FIRST);  // K/V are read once
-// ---- Hopper main loop, tile "tma6x2": 6 TMA stages of 64 tokens, swap-AB wgmma ---------
-// S^T = K Q^T and O^T = V^T P^T: KV tokens (and then head-dim rows) are the wgmma's M = 64, the
-// query rows its N = kRowsCta, so a CTA pays tensor work for its own rows only.
+// ---- Hopper path: what both main loops share -----------------------------------------------
+// Tile "tma6x2": 6 stages of 64 KV tokens, 2 consumer warpgroup(s).
 constexpr int kKvTile = 64;
 constexpr int kStages = 6;
-constexpr int kRowsCta = 8;           // wgmma N: query rows per CTA (a multiple of 8)
+constexpr int kRowsCta = 8;           // query rows per CTA (a multiple of 8)
 constexpr int kRowTiles = 1;           // CTAs over the rows of one (request, KV head)
 constexpr int kHeadDimPad = 64;      // head_dim in whole 64-row M blocks; TMA zero-fills the rest
 constexpr int kConsumers = 2;            // consumer warpgroups: wgmma and softmax, alternate tiles
@@ -436,20 +435,144 @@ static_assert(kHeadDimPad % kChunkElems == 0 && kKvTile % kBoxTokens == 0, "TMA 
 static_assert(32 % kBoxesPerTile == 0, "a tile's page slots must share the producer's window of 32");
 
 // ---- shared memory ----------------------------------------------------------------------------
-// A stage's K or V tile is [chunk][token][chunk element], each chunk 128- or 64-byte rows swizzled
-// as TMA writes them.  Read as K (M = tokens, K = head dim, K-major) or as V^T (M = head dim, K =
-// tokens, MN-major) it is the same bytes.  These layouts (CuTe's GMMA atoms, whose swizzle acts on
-// addresses) give the wgmma descriptors; threads address the tiles through StageTile below.
+// A stage's K or V tile, as TMA writes it, is [chunk][token][chunk element], each chunk 128- or
+// 64-byte rows swizzled.  These layouts (CuTe's GMMA atoms, whose swizzle acts on addresses) give
+// the wgmma descriptors; threads address the tiles through swizzled_tile below.
 using KvAtom = GMMA::Layout_K_SW128_Atom<KVElem>;
 using KTileLayout = decltype(tile_to_shape(KvAtom{}, Shape<Int<kKvTile>, Int<kHeadDimPad>>{}, Step<_1, _2>{}));
-using VtTileLayout = decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<KVElem>{},
-                                            Shape<Int<kHeadDimPad>, Int<kKvTile>>{}, Step<_2, _1>{}));
 constexpr int kTileElems = cosize_v<KTileLayout>;  // one stage's K (or V) tile; a multiple of 1024 bytes
 using QLayout = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<MmaElem>{}, Shape<Int<kRowsCta>, Int<kHeadDimPad>>{}));
-using PLayout = decltype(tile_to_shape(GMMA::Layout_MN_INTER_Atom<MmaElem>{}, Shape<Int<kRowsCta>, Int<kKvTile>>{}, Step<_2, _1>{}));
 // (warpgroup, row, head dim): each consumer warpgroup's output rows, padded against bank conflicts
 using OStageLayout = Layout<Shape<Int<kConsumers>, Int<kRowsCta>, Int<kHeadDimPad>>,
                             Stride<Int<kRowsCta * (kHeadDimPad + 4)>, Int<kHeadDimPad + 4>, _1>>;
+
+// Tile `stage` of an array of swizzled tiles (K or V stages; Q and P have one), as threads address
+// it: the swizzle acts on element offsets rather than on the 64-bit address (CuTe's
+// position-independent form; every tile is 1024-byte aligned), so addresses stay 32-bit
+// shared-memory arithmetic, a thread's part of them is computed once outside the tile loop, and a
+// stage adds one step.
+template <class Layout, class Elem>
+__device__ __forceinline__ auto swizzled_tile(Elem* tiles, int stage = 0) {
+  return make_tensor(make_smem_ptr(tiles + stage * cosize_v<Layout>), as_position_independent_swizzle_layout(Layout{}));
+}
+
+// A per-thread value computed once before the main loop, through an empty asm that ptxas cannot
+// see into: it otherwise recomputed such values from the thread index on every tile (swizzled
+// shared-memory offsets: about six integer instructions each).
+__device__ __forceinline__ int opaque(int x) {
+  asm volatile("" : "+r"(x));
+  return x;
+}
+
+// One wgmma: the atom's fma takes A and B (registers or descriptors) and the accumulator as
+// separate registers.
+template <class Op, int N, int... I, class... AB>
+__device__ __forceinline__ void gmma_fma(int_sequence<I...>, float (&acc)[N], GMMA::ScaleOut scale, AB const&... ab) {
+  Op::fma(ab..., acc[I]..., scale);
+}
+template <class Op, int N, class... AB>
+__device__ __forceinline__ void gmma(float (&acc)[N], GMMA::ScaleOut scale, AB const&... ab) {
+  gmma_fma<Op>(make_int_sequence<N>{}, acc, scale, ab...);
+}
+// The wgmmas write accumulators asynchronously: fence them before and after.
+template <int N>
+__device__ __forceinline__ void fence_accumulator(float (&acc)[N]) {
+  CUTE_UNROLL
+  for (int v = 0; v < N; ++v) warpgroup_fence_operand(acc[v]);
+}
+
+
+// ---- shared-memory descriptors ----------------------------------------------------------------
+// A wgmma reads a shared-memory operand block (64 x 16 for A, N x 16 for B) as 8-row x 16-byte
+// core matrices in the swizzle of its layout.  Its descriptor (cute::GmmaDescriptor) holds the
+// block's start and the byte steps between core-matrix groups, in 16-byte units, read off the CuTe
+// layout of the operand (the one TMA or the threads write), as make_gmma_desc reads them:
+// - K-major: SBO = the step to the next 8 rows (one 8 x 128-byte swizzle atom); LBO is unused (1)
+//   since a 16-element k-step lies inside one swizzled row;
+// - MN-major: the step to the next 8 k is SBO with a swizzle, LBO without one (interleaved); with
+//   a swizzle, LBO is the step to the next swizzle atom along M or N, unused (0) where one atom
+//   spans the block.
+// A step across a single group is 0, as make_gmma_desc sets it.  Descriptors address an operand
+// as its layout without the swizzle (the wgmma applies the swizzle to the shared-memory addresses
+// it forms, hence the 1024-byte alignment of the tiles), so the k-steps and M blocks of an operand
+// are one descriptor with the start moved by their unswizzled offset (GMMA::DescriptorIterator).
+template <class Layout>
+constexpr GMMA::LayoutType gmma_swizzle() {  // the layout's Swizzle<B, M, S>: B -> the descriptor's mode
+  constexpr int b = decltype(Layout{}.layout_a())::num_bits;
+  return b == 0 ? GMMA::LayoutType::INTERLEAVE : b == 1 ? GMMA::LayoutType::B32
+       : b == 2 ? GMMA::LayoutType::B64 : GMMA::LayoutType::B128;
+}
+template <GMMA::LayoutType Swizzle, int LboBytes, int SboBytes>
+__device__ __forceinline__ GMMA::DescriptorIterator gmma_desc(void const* start) {
+  GmmaDescriptor desc;
+  desc.bitfield.start_address_ = uint16_t(cast_smem_ptr_to_uint(start) >> 4);
+  desc.bitfield.leading_byte_offset_ = uint16_t(LboBytes >> 4);
+  desc.bitfield.stride_byte_offset_ = uint16_t(SboBytes >> 4);
+  desc.bitfield.layout_type_ = uint8_t(Swizzle);
+  return {desc};
+}
+template <class Elem, class Layout, class... Coord>  // the byte offset of an element, before the swizzle
+constexpr int smem_bytes_at(Coord... coord) { return int(Layout{}.layout_b()(coord...)) * int(sizeof(Elem)); }
+
+// 16-byte units from an operand's first block to the block at the given coordinate
+template <class Elem, class Layout, class... Coord>
+__device__ __forceinline__ int desc_step(Coord... coord) { return smem_bytes_at<Elem, Layout>(coord...) / 16; }
+
+// ---- the producer: TMA loads of paged K and V -------------------------------------------------
+// One box = kBoxTokens tokens x one chunk of head dim, at coordinates (chunk, KV head, token in
+// page, page).  Boxes past the sequence use page -1 and a page outside the pool is used as it is:
+// TMA zero-fills coordinates outside the tensor map, and still counts the box's bytes.  The warp
+// holds 32 consecutive page-table entries, one per lane, so that a tile's TMAs do not wait for a
+// global load of their page ids.
+struct KvProducer {
+  TmaDescriptor const* k_map;
+  TmaDescriptor const* v_map;
+  int const* pages;  // this request's page-table row
+  Params const& p;
+  int seq_len;
+  int kv_head;
+  int lane;
+  int window_begin = -32;  // the entries the warp holds: window_begin + lane
+  int lane_page = -1;
+
+  __device__ void refill(int slot) {  // warp-uniform slot
+    window_begin = slot;
+    int const mine = slot + lane;
+    lane_page = mine * kPageSize < seq_len ? pages[mine] : -1;  // past the end: never read the page table
+    if (mine * kPageSize < seq_len && !page_in_pool(p, lane_page)) record_fault(p, kFaultPage);
+  }
+
+  // Lane b issues box b, so that one TMA instruction issues every box of a tile where pages are
+  // smaller than it.  A window starts at a tile's first slot and holds 32, a multiple of the
+  // boxes per tile, so a tile's slots always share one; slots past the sequence hold -1.
+  __device__ void load(int tile, int stage, KVElem* k_stages, KVElem* v_stages, uint64_t* full_barrier) {
+    auto const sK = swizzled_tile<KTileLayout>(k_stages, stage);
+    int const first_slot = tile * kKvTile / kPageSize;
+    if (first_slot >= window_begin + 32) refill(first_slot);
+    int const b = lane < kBoxesPerTile ? lane : 0;
+    int const page = __shfl_sync(0xffffffffu, lane_page, first_slot + b - window_begin);
+    if (lane < kBoxesPerTile) {
+      int const tok0 = tile * kKvTile + b * kBoxTokens;
+      CUTE_UNROLL
+      for (int c = 0; c < kChunks; ++c) {
+        // the box's corner: a row multiple of 8 at a chunk start, where the swizzle is the identity
+        int const offset = &sK(b * kBoxTokens, c * kChunkElems) - k_stages;
+        SM90_TMA_LOAD_4D::copy(k_map, full_barrier, kEvictFirst, k_stages + offset, c * kChunkElems, kv_head,
+                               tok0 % kPageSize, page);
+        SM90_TMA_LOAD_4D::copy(v_map, full_barrier, kEvictFirst, v_stages + offset, c * kChunkElems, kv_head,
+                               tok0 % kPageSize, page);
+      }
+    }
+  }
+};
+
+// ---- Hopper main loop "swap AB": S^T = K Q^T and O^T = V^T P^T ----------------------------------
+// KV tokens (and then head-dim rows) are the wgmma's M = 64, the query rows its N = kRowsCta, so a
+// CTA pays tensor work for its own rows only.  A stage's tile read as K (M = tokens, K = head dim,
+// K-major) or as V^T (M = head dim, K = tokens, MN-major) is the same bytes.
+using VtTileLayout = decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<KVElem>{},
+                                            Shape<Int<kHeadDimPad>, Int<kKvTile>>{}, Step<_2, _1>{}));
+using PLayout = decltype(tile_to_shape(GMMA::Layout_MN_INTER_Atom<MmaElem>{}, Shape<Int<kRowsCta>, Int<kKvTile>>{}, Step<_2, _1>{}));
 using Pipeline = cutlass::PipelineTmaAsync<kStages>;
 
 struct SharedStorage {
@@ -472,16 +595,6 @@ struct SharedStorage {
 static_assert(cosize_v<VtTileLayout> == kTileElems && kTileElems * sizeof(KVElem) % 1024 == 0,
               "K and V^T views of a tile differ in size, or a stage breaks the swizzle's alignment");
 static_assert(sizeof(SharedStorage) == 102400, "shared-memory size disagrees with the emitter's plan");
-
-// Tile `stage` of an array of swizzled tiles (K or V stages; Q and P have one), as threads address
-// it: the swizzle acts on element offsets rather than on the 64-bit address (CuTe's
-// position-independent form; every tile is 1024-byte aligned), so addresses stay 32-bit
-// shared-memory arithmetic, a thread's part of them is computed once outside the tile loop, and a
-// stage adds one step.
-template <class Layout, class Elem>
-__device__ __forceinline__ auto swizzled_tile(Elem* tiles, int stage = 0) {
-  return make_tensor(make_smem_ptr(tiles + stage * cosize_v<Layout>), as_position_independent_swizzle_layout(Layout{}));
-}
 
 // ---- the two wgmmas: CuTe's SM90 GMMA atoms, called directly ----------------------------------
 // One wgmma is M = 64 x N = kRowsCta x K = 16 for the whole warpgroup.  Its operands are built here
@@ -569,13 +682,6 @@ constexpr int p_offsets_split() {
 static_assert(p_offsets_split() > 0, "P's swizzled offsets do not split into a thread's part and a value's part");
 constexpr bool kPOffsetsAdd = p_offsets_split() == 2;
 
-// A per-thread value computed once before the main loop, through an empty asm that ptxas cannot
-// see into: it otherwise recomputed such values from the thread index on every tile (swizzled
-// shared-memory offsets: about six integer instructions each).
-__device__ __forceinline__ int opaque(int x) {
-  asm volatile("" : "+r"(x));
-  return x;
-}
 
 struct PStores {
   int thread_part;  // swizzle(thread part), elements
@@ -587,48 +693,6 @@ struct PStores {
   }
 };
 
-// One wgmma: the atom's fma takes A and B (registers or descriptors) and the accumulator as
-// separate registers.
-template <class Op, int... I, class... AB>
-__device__ __forceinline__ void gmma_fma(int_sequence<I...>, Accum& acc, GMMA::ScaleOut scale, AB const&... ab) {
-  Op::fma(ab..., acc[I]..., scale);
-}
-template <class Op, class... AB>
-__device__ __forceinline__ void gmma(Accum& acc, GMMA::ScaleOut scale, AB const&... ab) {
-  gmma_fma<Op>(make_int_sequence<kAccRegs>{}, acc, scale, ab...);
-}
-
-// ---- shared-memory descriptors ----------------------------------------------------------------
-// A wgmma reads a shared-memory operand block (64 x 16 for A, kRowsCta x 16 for B) as 8-row x
-// 16-byte core matrices in the swizzle of its layout.  Its descriptor (cute::GmmaDescriptor) holds
-// the block's start and the byte steps between core-matrix groups, in 16-byte units, read off the
-// CuTe layout of the operand (the one TMA or the consumers write):
-// - K-major (K, Q): SBO = the step to the next 8 rows (one 8 x 128-byte swizzle atom); LBO is
-//   unused (1) since a 16-element k-step lies inside one swizzled row;
-// - MN-major (V^T, P): the step to the next 8 k (tokens) is SBO with a swizzle, LBO without one
-//   (P of 8 rows); the step along M or N is unused, as one swizzle atom spans the block's 64
-//   head-dim rows or kRowsCta rows.
-// A step across a single group is 0, as make_gmma_desc sets it.  Descriptors address an operand
-// as its layout without the swizzle (the wgmma applies the swizzle to the shared-memory addresses
-// it forms, hence the 1024-byte alignment of the tiles), so the k-steps and M blocks of an operand
-// are one descriptor with the start moved by their unswizzled offset (GMMA::DescriptorIterator).
-template <class Layout>
-constexpr GMMA::LayoutType gmma_swizzle() {  // the layout's Swizzle<B, M, S>: B -> the descriptor's mode
-  constexpr int b = decltype(Layout{}.layout_a())::num_bits;
-  return b == 0 ? GMMA::LayoutType::INTERLEAVE : b == 1 ? GMMA::LayoutType::B32
-       : b == 2 ? GMMA::LayoutType::B64 : GMMA::LayoutType::B128;
-}
-template <GMMA::LayoutType Swizzle, int LboBytes, int SboBytes>
-__device__ __forceinline__ GMMA::DescriptorIterator gmma_desc(void const* start) {
-  GmmaDescriptor desc;
-  desc.bitfield.start_address_ = uint16_t(cast_smem_ptr_to_uint(start) >> 4);
-  desc.bitfield.leading_byte_offset_ = uint16_t(LboBytes >> 4);
-  desc.bitfield.stride_byte_offset_ = uint16_t(SboBytes >> 4);
-  desc.bitfield.layout_type_ = uint8_t(Swizzle);
-  return {desc};
-}
-template <class Elem, class Layout, class... Coord>  // the byte offset of an element, before the swizzle
-constexpr int smem_bytes_at(Coord... coord) { return int(Layout{}.layout_b()(coord...)) * int(sizeof(Elem)); }
 
 // Q: B of S^T, K-major; a single row group at 8 rows
 __device__ __forceinline__ GMMA::DescriptorIterator q_descriptor(MmaElem const* q) {
@@ -641,9 +705,6 @@ __device__ __forceinline__ GMMA::DescriptorIterator p_descriptor(MmaElem const* 
   return gmma_desc<kSwizzle, kSwizzle == GMMA::LayoutType::INTERLEAVE ? kStep8 : 0,
                    kSwizzle == GMMA::LayoutType::INTERLEAVE ? 0 : kStep8>(p);
 }
-// 16-byte units from an operand's first block to the block at the given coordinate
-template <class Elem, class Layout, class... Coord>
-__device__ __forceinline__ int desc_step(Coord... coord) { return smem_bytes_at<Elem, Layout>(coord...) / 16; }
 
 // fp8: register fragments of the A operands, loaded and converted in batches (K: kSBatch k-steps
 // of head dim; V^T: one M block, the tile's 4 k-steps of tokens), two batches in flight.
@@ -719,10 +780,6 @@ __device__ __forceinline__ void fence_fragment(uint32_t (&frag)[N][4]) {
   for (int k = 0; k < N; ++k)
     CUTE_UNROLL
     for (int r = 0; r < 4; ++r) warpgroup_fence_operand(frag[k][r]);
-}
-__device__ __forceinline__ void fence_accumulator(Accum& acc) {
-  CUTE_UNROLL
-  for (int v = 0; v < kAccRegs; ++v) warpgroup_fence_operand(acc[v]);
 }
 
 // ---- the two wgmma steps of a stage ---------------------------------------------------------
@@ -821,53 +878,17 @@ __device__ __forceinline__ void mma_output(KVElem const* v_tile, Fp8Fragments co
   for (int mb = 0; mb < kMBlocks; ++mb) fence_accumulator(acc[mb]);
 }
 
-// ---- the producer: TMA loads of paged K and V -------------------------------------------------
-// One box = kBoxTokens tokens x one chunk of head dim, at coordinates (chunk, KV head, token in
-// page, page).  Boxes past the sequence use page -1 and a page outside the pool is used as it is:
-// TMA zero-fills coordinates outside the tensor map, and still counts the box's bytes.  The warp
-// holds 32 consecutive page-table entries, one per lane, so that a tile's TMAs do not wait for a
-// global load of their page ids.
-struct KvProducer {
-  TmaDescriptor const* k_map;
-  TmaDescriptor const* v_map;
-  int const* pages;  // this request's page-table row
-  Params const& p;
-  int seq_len;
-  int kv_head;
-  int lane;
-  int window_begin = -32;  // the entries the warp holds: window_begin + lane
-  int lane_page = -1;
 
-  __device__ void refill(int slot) {  // warp-uniform slot
-    window_begin = slot;
-    int const mine = slot + lane;
-    lane_page = mine * kPageSize < seq_len ? pages[mine] : -1;  // past the end: never read the page table
-    if (mine * kPageSize < seq_len && !page_in_pool(p, lane_page)) record_fault(p, kFaultPage);
-  }
-
-  // Lane b issues box b, so that one TMA instruction issues every box of a tile where pages are
-  // smaller than it.  A window starts at a tile's first slot and holds 32, a multiple of the
-  // boxes per tile, so a tile's slots always share one; slots past the sequence hold -1.
-  __device__ void load(int tile, int stage, SharedStorage& smem, uint64_t* full_barrier) {
-    auto const sK = swizzled_tile<KTileLayout>(smem.pipe.k, stage);
-    int const first_slot = tile * kKvTile / kPageSize;
-    if (first_slot >= window_begin + 32) refill(first_slot);
-    int const b = lane < kBoxesPerTile ? lane : 0;
-    int const page = __shfl_sync(0xffffffffu, lane_page, first_slot + b - window_begin);
-    if (lane < kBoxesPerTile) {
-      int const tok0 = tile * kKvTile + b * kBoxTokens;
-      CUTE_UNROLL
-      for (int c = 0; c < kChunks; ++c) {
-        // the box's corner: a row multiple of 8 at a chunk start, where the swizzle is the identity
-        int const offset = &sK(b * kBoxTokens, c * kChunkElems) - smem.pipe.k;
-        SM90_TMA_LOAD_4D::copy(k_map, full_barrier, kEvictFirst, smem.pipe.k + offset, c * kChunkElems, kv_head,
-                               tok0 % kPageSize, page);
-        SM90_TMA_LOAD_4D::copy(v_map, full_barrier, kEvictFirst, smem.pipe.v + offset, c * kChunkElems, kv_head,
-                               tok0 % kPageSize, page);
-      }
-    }
-  }
-};
+// What the epilogue merges: a consumer warpgroup's row max and row sum, as its warps staged them.
+__device__ __forceinline__ float staged_row_max(SharedStorage const& smem, int wg, int row) {
+  return smem.warp_max[wg][0][row];
+}
+__device__ __forceinline__ float staged_row_sum(SharedStorage const& smem, int wg, int row) {
+  return smem.staging.warp_sum[wg][0][row] + smem.staging.warp_sum[wg][1][row] + smem.staging.warp_sum[wg][2][row] +
+         smem.staging.warp_sum[wg][3][row];
+}
+// fp8 K fragments take Q's head dim permuted (load_k_fp8): Q is staged so.
+constexpr bool kQPermuted = kKvFp8;
 
 
 // Named barriers (id 0 is __syncthreads): two per consumer warpgroup, one for all consumers.
@@ -933,7 +954,7 @@ xqa_hopper_qbf16_kvbf16_d64_g8_p64_s1_sinks_tma6x2_29d4a4dc(Params const p, __gr
     auto state = cutlass::make_producer_start_state<Pipeline>();
     for (int tile = range.tile_begin; tile < range.tile_end; ++tile) {
       pipeline.producer_acquire(state);  // every lane waits for the free stage; lane 0 arms its barrier
-      producer.load(tile, state.index(), smem, pipeline.producer_get_barrier(state));
+      producer.load(tile, state.index(), smem.pipe.k, smem.pipe.v, pipeline.producer_get_barrier(state));
       ++state;
     }
 
@@ -962,7 +983,7 @@ xqa_hopper_qbf16_kvbf16_d64_g8_p64_s1_sinks_tma6x2_29d4a4dc(Params const p, __gr
           CUTE_UNROLL
           for (int e = 0; e < kQVec; ++e) mv[e] = -mv[e];
         }
-        if constexpr (kKvFp8) {
+        if constexpr (kQPermuted) {
           CUTE_UNROLL
           for (int e = 0; e < kQVec; ++e) {
             // K's fp8 fragments (load_k_fp8) take 4 bytes of a 16-wide head-dim block per thread;
@@ -1161,6 +1182,7 @@ xqa_hopper_qbf16_kvbf16_d64_g8_p64_s1_sinks_tma6x2_29d4a4dc(Params const p, __gr
         // (O^T row in the block, row in CTA): S^T's layout
         sO(wg, coords.n(v), out_dim(64 * mb + coords.m(v))) = acc_o[mb][v];
       }
+
   }
   epilogue_sync();  // the staged rows are complete; every epilogue thread merges and stores them
   pdl_launch_dependents();  // the next kernel's CTAs may start while these merge and store
@@ -1172,12 +1194,12 @@ xqa_hopper_qbf16_kvbf16_d64_g8_p64_s1_sinks_tma6x2_29d4a4dc(Params const p, __gr
     int const r = i / (kHeadDim / 4), d0 = (i % (kHeadDim / 4)) * 4;
     float m = kNegInf;  // the warpgroups' parts: max, then sum and rows rescaled to it
     CUTE_UNROLL
-    for (int w = 0; w < kConsumers; ++w) m = fmaxf(m, smem.warp_max[w][0][r]);
+    for (int w = 0; w < kConsumers; ++w) m = fmaxf(m, staged_row_max(smem, w, r));
     float l = 0.f, o[4] = {0.f, 0.f, 0.f, 0.f};
     CUTE_UNROLL
     for (int w = 0; w < kConsumers; ++w) {
-      float const rescale_w = lse_rescale(smem.warp_max[w][0][r], m);
-      l += (smem.staging.warp_sum[w][0][r] + smem.staging.warp_sum[w][1][r] + smem.staging.warp_sum[w][2][r] + smem.staging.warp_sum[w][3][r]) * rescale_w;
+      float const rescale_w = lse_rescale(staged_row_max(smem, w, r), m);
+      l += staged_row_sum(smem, w, r) * rescale_w;
       CUTE_UNROLL
       for (int e = 0; e < 4; ++e) o[e] += sO(w, r, d0 + e) * rescale_w;
     }
