@@ -43,10 +43,6 @@ MAX_ROWS_CTA = 64
 MAX_ROWS_CTA_SHARED_REGISTERS = 32  # two consumer warpgroups without a register split, or head_dim above 128
 PRODUCER_REGISTERS = 24
 CONSUMER_REGISTERS = 240
-# Rows on M with an fp8 cache: the producer warpgroup also converts each stage to fp16, with a
-# stage's e4m3 loads in registers (32); the consumers need 168.  128 x 88 + 2 x 128 x 208 = 384 x 168.
-DEQUANT_PRODUCER_REGISTERS = 88
-DEQUANT_CONSUMER_REGISTERS = 208
 # TMA writes K and V to shared memory, past L1: all of the unified memory goes to shared memory, so
 # that as many CTAs are resident as their registers and shared memory allow.  Left to the driver,
 # the two-stage tile (36 KiB, four CTAs per SM) ran fp8 batch 256 x 2k in 0.2788-0.2880 ms after
@@ -87,16 +83,12 @@ class HopperTile:
       merged at the end, so that one CTA has that many tiles in the tensor cores at once.
     register_split: the producer is a warpgroup that gives most of its registers to two consumer
       warpgroups (setmaxnreg), so that each holds 64 query rows; without it, one warp.
-    rows_on_m: the main loop puts each consumer warpgroup's 64 query rows on the wgmma's M
-      (S = Q K^T, O = P V, P in registers) rather than the KV tokens (swap-AB); with an fp8 cache
-      the producer warpgroup converts each stage to fp16 for it.  Needs the register split.
     """
 
     name: str
     stages: int = 4
     consumers: int = 1
     register_split: bool = False
-    rows_on_m: bool = False
 
     def __post_init__(self) -> None:
         owner = f"HopperTile({self.name!r})"
@@ -106,10 +98,6 @@ class HopperTile:
         check_int_range(owner, "consumers", self.consumers, 1, 2)
         if not isinstance(self.register_split, bool):
             raise SpecError(f"{owner}.register_split = {self.register_split!r} is invalid; expected true or false")
-        if not isinstance(self.rows_on_m, bool):
-            raise SpecError(f"{owner}.rows_on_m = {self.rows_on_m!r} is invalid; expected true or false")
-        if self.rows_on_m and not self.register_split:
-            raise SpecError(f"{owner}.rows_on_m needs register_split (two consumer warpgroups of 64 rows)")
         if self.register_split and self.consumers != 2:
             raise SpecError(f"{owner}.register_split needs consumers = 2 (one consumer warpgroup has 255 registers "
                             f"without it), got {self.consumers}")
@@ -119,20 +107,15 @@ class HopperTile:
             raise SpecError(f"{owner}.stages = {self.stages} must be a multiple of consumers = {self.consumers}")
 
     def to_dict(self) -> dict:
-        fields = dataclasses.asdict(self)
-        if not self.rows_on_m:  # the swap-AB tiles keep the names and hashes they had before rows on M
-            del fields["rows_on_m"]
-        return fields
+        return dataclasses.asdict(self)
 
 
-# The shipped catalogue: stages x consumer warpgroups, "r" for a register split, "m" for rows on M
-# (HopperPath.default_tile chooses).
+# The shipped catalogue: stages x consumer warpgroups, "r" for a register split (HopperPath.default_tile
+# chooses).
 TILES: Mapping[str, HopperTile] = {tile.name: tile for tile in (
     *(HopperTile(f"tma{stages}x{consumers}", stages=stages, consumers=consumers)
       for stages, consumers in ((2, 1), (3, 1), (4, 1), (6, 1), (2, 2), (4, 2), (6, 2))),
-    *(HopperTile(f"tma{stages}x2r", stages=stages, consumers=2, register_split=True) for stages in (2, 4, 6)),
-    *(HopperTile(f"tma{stages}x2m", stages=stages, consumers=2, register_split=True, rows_on_m=True)
-      for stages in (2, 4, 6, 8)))}
+    *(HopperTile(f"tma{stages}x2r", stages=stages, consumers=2, register_split=True) for stages in (2, 4, 6)))}
 
 
 def _round_up(x: int, m: int) -> int:
@@ -151,62 +134,38 @@ class HopperPlan:
     threads: int
     smem_bytes: int
     stage_bytes: int  # K + V bytes one stage receives (the pipeline's transaction count)
-    mma_stages: int  # stages of the 16-bit tiles the wgmmas read (rows on M with fp8 KV: fp16 stages apart from TMA's)
     workspace: SplitWorkspace
 
     @classmethod
     def of(cls, spec: KernelSpec) -> "HopperPlan":
-        tile = spec.tile
         kv_bytes = ELEM_BYTES[spec.kv_dtype]
         mma_dtype = "fp16" if spec.kv_dtype == "e4m3" else spec.q_dtype
         head_dim_pad = _round_up(spec.head_dim, 64)
-        consumers = tile.consumers
-        if tile.rows_on_m:
-            if head_dim_pad > 128:
-                raise SpecError(f"tile {tile.name!r} (rows on M) holds head_dim up to 128 (O's accumulator beside S's "
-                                f"in a consumer's registers), got {spec.head_dim}")
-            rows_cta = MAX_ROWS_CTA  # the wgmma's M
-        else:
-            own_registers = consumers == 1 or tile.register_split
-            max_rows = MAX_ROWS_CTA if own_registers and head_dim_pad <= 128 else MAX_ROWS_CTA_SHARED_REGISTERS
-            rows_cta = min(max_rows, max(8, 1 << (spec.rows - 1).bit_length()))
+        own_registers = spec.tile.consumers == 1 or spec.tile.register_split
+        max_rows = MAX_ROWS_CTA if own_registers and head_dim_pad <= 128 else MAX_ROWS_CTA_SHARED_REGISTERS
+        rows_cta = min(max_rows, max(8, 1 << (spec.rows - 1).bit_length()))
         row_bytes = head_dim_pad * kv_bytes
         chunk_bytes = MAX_CHUNK_BYTES if row_bytes % MAX_CHUNK_BYTES == 0 else 64
         p_atom = {64: "Layout_MN_SW128_Atom", 32: "Layout_MN_SW64_Atom", 16: "Layout_MN_SW32_Atom",
                   8: "Layout_MN_INTER_Atom"}[rows_cta]  # P's rows of 16-bit values, as wide as the swizzle allows
         stage_bytes = 2 * KV_TILE * head_dim_pad * kv_bytes
-        pipe = tile.stages * stage_bytes
-        barriers = 2 * tile.stages * 8
-        mma_stages = tile.stages
-        if tile.rows_on_m:
-            if spec.kv_dtype == "e4m3":
-                # the fp16 stages the producer warpgroup converts TMA's into: four where they fit beside
-                # them, else one per consumer warpgroup
-                fp16_stage = 2 * KV_TILE * head_dim_pad * 2
-                q_bytes = MAX_ROWS_CTA * head_dim_pad * 2
-                mma_stages = 4 if pipe + 4 * fp16_stage + q_bytes + 1024 <= MAX_SMEM_PER_CTA else consumers
-                pipe += mma_stages * fp16_stage
-                barriers = 2 * (tile.stages + mma_stages) * 8
-            # fp32 output rows (padded) and row sums per consumer; then row maxima
-            staging = consumers * rows_cta * (head_dim_pad + 4) * 4 + consumers * rows_cta * 4
-            p_bytes = 0  # P stays in registers
-            small = consumers * rows_cta * 4 + barriers + 16
-        else:
-            # after the pipeline, in its memory: fp32 output rows (padded) and row sums per consumer warp
-            staging = consumers * rows_cta * (head_dim_pad + 4) * 4 + consumers * 4 * rows_cta * 4
-            p_bytes = consumers * rows_cta * KV_TILE * 2
-            small = consumers * 4 * rows_cta * 4 + barriers + 16  # row maxima per warp, mbarriers, flag
+        pipe = spec.tile.stages * stage_bytes
+        consumers = spec.tile.consumers
+        # after the pipeline, in its memory: fp32 output rows (padded) and row sums per consumer warp
+        staging = consumers * rows_cta * (head_dim_pad + 4) * 4 + consumers * 4 * rows_cta * 4
         q_bytes = rows_cta * head_dim_pad * 2
+        p_bytes = consumers * rows_cta * KV_TILE * 2
+        small = consumers * 4 * rows_cta * 4 + 2 * spec.tile.stages * 8 + 16  # row maxima per warp, mbarriers, flag
         smem = _round_up(max(pipe, staging), 1024) + _round_up(q_bytes, 1024) + _round_up(p_bytes, 1024) + small
         smem = _round_up(smem, 1024)  # the storage's 1024-byte alignment (128-byte swizzle atoms) pads its size
         if smem > MAX_SMEM_PER_CTA:
-            raise SpecError(f"tile {tile.name!r} needs {smem} bytes of shared memory for head_dim {spec.head_dim} "
+            raise SpecError(f"tile {spec.tile.name!r} needs {smem} bytes of shared memory for head_dim {spec.head_dim} "
                             f"({spec.kv_dtype} KV); the limit is {MAX_SMEM_PER_CTA}: use fewer stages")
-        threads = consumers * WARPGROUP_THREADS + (WARPGROUP_THREADS if tile.register_split else PRODUCER_THREADS)
+        threads = consumers * WARPGROUP_THREADS + (WARPGROUP_THREADS if spec.tile.register_split else PRODUCER_THREADS)
         return cls(mma_dtype=mma_dtype, rows_cta=rows_cta, row_tiles=-(-spec.rows // rows_cta),
                    head_dim_pad=head_dim_pad, chunk_bytes=chunk_bytes,
                    box_tokens=min(spec.page_size, KV_TILE), p_atom=p_atom,
-                   threads=threads, smem_bytes=smem, stage_bytes=stage_bytes, mma_stages=mma_stages,
+                   threads=threads, smem_bytes=smem, stage_bytes=stage_bytes,
                    workspace=SplitWorkspace(rows=rows_cta, head_dim=spec.head_dim))
 
 
@@ -243,11 +202,9 @@ class HopperPath(KernelPath):
 
     def emit(self, spec: KernelSpec) -> EmittedKernel:
         plan = plan_of(spec)
-        dequant = spec.tile.rows_on_m and spec.kv_dtype == "e4m3"
         source = render("hopper_decode.cu.j2", tile=spec.tile, plan=plan, kernel_name=spec.name, kv_tile=KV_TILE,
-                        mainloop="rows_m" if spec.tile.rows_on_m else "swap_ab", dequant=dequant,
-                        producer_registers=DEQUANT_PRODUCER_REGISTERS if dequant else PRODUCER_REGISTERS,
-                        consumer_registers=DEQUANT_CONSUMER_REGISTERS if dequant else CONSUMER_REGISTERS,
+                        mainloop="swap_ab",
+                        producer_registers=PRODUCER_REGISTERS, consumer_registers=CONSUMER_REGISTERS,
                         **piece_context(spec, mma_dtype=plan.mma_dtype, workspace=plan.workspace))
         return EmittedKernel(spec=spec, source=source, kernel_name=spec.name, threads=plan.threads,
                              smem_bytes=plan.smem_bytes, arches=self.arches, smem_carveout=SMEM_CARVEOUT)

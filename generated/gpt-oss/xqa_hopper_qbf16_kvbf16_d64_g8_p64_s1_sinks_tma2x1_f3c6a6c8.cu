@@ -7,7 +7,7 @@
 // M, query rows on N) with the online softmax in fp32 registers between them; their partial
 // results merge in shared memory, then across KV splits.
 // Shared pieces (xqagen.emitters, templates/pieces/): types, variant, faults, softmax, request,
-// kv_range, visibility, epilogue, split_kv, pdl; this path's own: templates/hopper/ (common, swap_ab).
+// kv_range, visibility, epilogue, split_kv, pdl; this path's own: templates/hopper/mainloop.
 #include <cute/tensor_impl.hpp>  // tensors and layouts only: no TiledMMA/TiledCopy algorithms (compile time)
 #include <cute/arch/copy_sm75.hpp>
 #include <cute/arch/copy_sm90_tma.hpp>
@@ -474,20 +474,13 @@ template <class Op, int N, class... AB>
 __device__ __forceinline__ void gmma(float (&acc)[N], GMMA::ScaleOut scale, AB const&... ab) {
   gmma_fma<Op>(make_int_sequence<N>{}, acc, scale, ab...);
 }
-// The wgmmas use registers asynchronously: fence accumulators before and after, and register
-// fragments of A before.
+// The wgmmas write accumulators asynchronously: fence them before and after.
 template <int N>
 __device__ __forceinline__ void fence_accumulator(float (&acc)[N]) {
   CUTE_UNROLL
   for (int v = 0; v < N; ++v) warpgroup_fence_operand(acc[v]);
 }
-template <int N>
-__device__ __forceinline__ void fence_fragment(uint32_t (&frag)[N][4]) {
-  CUTE_UNROLL
-  for (int k = 0; k < N; ++k)
-    CUTE_UNROLL
-    for (int r = 0; r < 4; ++r) warpgroup_fence_operand(frag[k][r]);
-}
+
 
 // ---- shared-memory descriptors ----------------------------------------------------------------
 // A wgmma reads a shared-memory operand block (64 x 16 for A, N x 16 for B) as 8-row x 16-byte
@@ -780,6 +773,14 @@ __device__ __forceinline__ void load_vt_fp8(KVElem const* v_tile, Fp8Fragments c
   }
 }
 
+// The wgmmas read register fragments asynchronously: fence them like the accumulators.
+template <int N>
+__device__ __forceinline__ void fence_fragment(uint32_t (&frag)[N][4]) {
+  CUTE_UNROLL
+  for (int k = 0; k < N; ++k)
+    CUTE_UNROLL
+    for (int r = 0; r < 4; ++r) warpgroup_fence_operand(frag[k][r]);
+}
 
 // ---- the two wgmma steps of a stage ---------------------------------------------------------
 // Templates on the operand form, so that a variant instantiates only its own (fp8 register
@@ -926,7 +927,6 @@ xqa_hopper_qbf16_kvbf16_d64_g8_p64_s1_sinks_tma2x1_f3c6a6c8(Params const p, __gr
   int const kv_head = blockIdx.y / kRowTiles, row_tile = blockIdx.y % kRowTiles;
   int const batch = blockIdx.z;
 
-
   typename Pipeline::Params pipe_params;
   pipe_params.transaction_bytes = kStageBytes;
   pipe_params.role = warp == kProducerWarp ? Pipeline::ThreadCategory::Producer : Pipeline::ThreadCategory::Consumer;
@@ -934,7 +934,6 @@ xqa_hopper_qbf16_kvbf16_d64_g8_p64_s1_sinks_tma2x1_f3c6a6c8(Params const p, __gr
   pipe_params.num_consumers = 128;  // each stage is read by one consumer warpgroup
   pipe_params.initializing_warp = kProducerWarp;
   Pipeline pipeline(smem.pipeline, pipe_params, Shape<_1, _1, _1>{});
-
   if (warp == kProducerWarp && lane == 0) {
     cute::prefetch_tma_descriptor(&k_map);
     cute::prefetch_tma_descriptor(&v_map);
@@ -950,8 +949,6 @@ xqa_hopper_qbf16_kvbf16_d64_g8_p64_s1_sinks_tma2x1_f3c6a6c8(Params const p, __gr
 
   if (kRegisterSplit ? warp >= kProducerWarp : warp == kProducerWarp) {  // the producer warp(group)
 
-
-
     // ---- producer: the warp reads page ids 32 at a time, one lane per TMA box issues the loads ----
     KvProducer producer{&k_map, &v_map, p.page_table + batch * p.page_table_stride, p, range.seq_len, kv_head, lane};
     auto state = cutlass::make_producer_start_state<Pipeline>();
@@ -965,7 +962,6 @@ xqa_hopper_qbf16_kvbf16_d64_g8_p64_s1_sinks_tma2x1_f3c6a6c8(Params const p, __gr
     // for every load it issued).
 
   } else {
-
 
     // ---- Q rows of this CTA -> shared memory as the B operand of S^T (zeros past the request's
     // rows and past head_dim), while the first tiles load ----
