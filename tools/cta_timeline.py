@@ -63,21 +63,53 @@ _ANCHORS = (
 )
 
 
+# ---- marks in emitted kernels, shared with loop_phases.py ----
 class TemplateChanged(ValueError):
     """The Hopper template no longer has a line a mark goes beside."""
+
+
+def insert_marks(source: str, prelude: str, anchors) -> str:
+    """``source`` with ``prelude`` before its anonymous namespace and each ``(anchor line, "-" or "+",
+    code)`` of ``anchors`` inserted before (-) or after (+) its line, which must occur once."""
+    if "namespace {" not in source:
+        raise TemplateChanged("no anonymous namespace to put the marks' storage before")
+    source = source.replace("namespace {", prelude + "namespace {", 1)
+    for anchor, where, mark in anchors:
+        if source.count(anchor) != 1:
+            raise TemplateChanged(f"expected the line {anchor.strip()!r} once in the kernel, found it "
+                                  f"{source.count(anchor)} times")
+        source = source.replace(anchor, anchor + mark if where == "+" else mark + anchor)
+    return source
+
+
+def instrument_hopper_kernels(instrument) -> None:
+    """Every Hopper kernel this process emits (and so loads) from now on passes through ``instrument``."""
+    from xqagen.emitters.hopper import HopperPath
+
+    emit = HopperPath.emit
+
+    def instrumented(self, spec):
+        emitted = emit(self, spec)
+        return dataclasses.replace(emitted, source=instrument(emitted.source))
+
+    HopperPath.emit = instrumented
+
+
+def device_global(kernel, device, name: str) -> tuple[int, int]:
+    """(address, bytes) of the device global ``name`` in ``kernel``'s module, once the GPU is idle."""
+    import torch
+    from cuda.bindings import driver
+
+    from xqagen.runtime import _check
+
+    torch.cuda.synchronize()
+    return _check(driver.cuLibraryGetGlobal(kernel.load(device).library, name.encode()))
 
 
 def instrument(source: str) -> str:
     """``source`` (an emitted Hopper kernel) with the timeline marks; thread 0 (a consumer) and the
     producer's lane 0 record them.  Raises TemplateChanged where an anchor line is missing."""
-    if "namespace {" not in source:
-        raise TemplateChanged("no anonymous namespace to put the marks' buffer before")
-    source = source.replace("namespace {", _PRELUDE + "namespace {", 1)
-    for anchor, where, mark in _ANCHORS:
-        if source.count(anchor) != 1:
-            raise TemplateChanged(f"expected the line {anchor.strip()!r} once in the kernel, found it "
-                                  f"{source.count(anchor)} times")
-        source = source.replace(anchor, anchor + mark if where == "+" else mark + anchor)
+    source = insert_marks(source, _PRELUDE, _ANCHORS)
     end = source.rstrip().rfind("}")  # the kernel's closing brace: the merge has stored
     return source[:end] + "  if (threadIdx.x == 0) xq_mark(6);\n" + source[end:]
 
@@ -109,13 +141,11 @@ def summarize(marks, *, ms: float) -> dict:
 
 def _read_marks(kernel, device, ctas: int):
     import numpy as np
-    import torch
     from cuda.bindings import driver
 
     from xqagen.runtime import _check
 
-    torch.cuda.synchronize()
-    address, size = _check(driver.cuLibraryGetGlobal(kernel.load(device).library, b"xq_timeline"))
+    address, size = device_global(kernel, device, "xq_timeline")
     host = np.zeros(MAX_CTAS * 16, dtype=np.uint64)
     _check(driver.cuMemcpyDtoH(host.ctypes.data, address, size))
     return host.reshape(MAX_CTAS, 16)[:min(ctas, MAX_CTAS)]
@@ -153,10 +183,7 @@ def main() -> None:
     except ValueError as err:
         parser.error(str(err))
 
-    from xqagen.emitters.hopper import HopperPath
-
-    emit = HopperPath.emit  # every Hopper kernel this process loads carries the marks
-    HopperPath.emit = lambda self, spec: dataclasses.replace(emit(self, spec), source=instrument(emit(self, spec).source))
+    instrument_hopper_kernels(instrument)
     # a JSON row per case as it is measured: a run cut short keeps the rows before it
     with open(args.json, "w") if args.json else contextlib.nullcontext() as record:
         for case in cases:

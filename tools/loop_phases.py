@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -25,6 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script: its neighbours
 
 from compute_floor import l2_resident  # noqa: E402
+from cta_timeline import TemplateChanged, device_global, insert_marks, instrument_hopper_kernels  # noqa: E402,F401
 from tile_sweep import select_cases  # noqa: E402
 
 from xqagen import bench  # noqa: E402
@@ -57,22 +57,10 @@ _ANCHORS = (
 )
 
 
-class TemplateChanged(ValueError):
-    """The Hopper template no longer has a line a mark goes beside."""
-
-
 def instrument(source: str) -> str:
     """``source`` (an emitted Hopper kernel) with the loop's phase marks; lane 0 of each consumer warp
     adds its sums to ``xq_loop_phases``.  Raises TemplateChanged where an anchor line is missing."""
-    if "namespace {" not in source:
-        raise TemplateChanged("no anonymous namespace to put the counters before")
-    source = source.replace("namespace {", _PRELUDE + "namespace {", 1)
-    for anchor, where, mark in _ANCHORS:
-        if source.count(anchor) != 1:
-            raise TemplateChanged(f"expected the line {anchor.strip()!r} once in the kernel, found it "
-                                  f"{source.count(anchor)} times")
-        source = source.replace(anchor, anchor + mark if where == "+" else mark + anchor)
-    return source
+    return insert_marks(source, _PRELUDE, _ANCHORS)
 
 
 def per_tile(counters) -> dict:
@@ -87,13 +75,11 @@ def per_tile(counters) -> dict:
 
 def _counters(kernel, device, *, reset: bool):
     import numpy as np
-    import torch
     from cuda.bindings import driver
 
     from xqagen.runtime import _check
 
-    torch.cuda.synchronize()
-    address, size = _check(driver.cuLibraryGetGlobal(kernel.load(device).library, b"xq_loop_phases"))
+    address, size = device_global(kernel, device, "xq_loop_phases")
     if reset:
         _check(driver.cuMemsetD8(address, 0, size))
         return None
@@ -132,10 +118,7 @@ def main() -> None:
     except ValueError as err:
         parser.error(str(err))
 
-    from xqagen.emitters.hopper import HopperPath
-
-    emit = HopperPath.emit  # every Hopper kernel this process loads carries the marks
-    HopperPath.emit = lambda self, spec: dataclasses.replace(emit(self, spec), source=instrument(emit(self, spec).source))
+    instrument_hopper_kernels(instrument)
     print(f"{'case':30} {'KV':3} {'tile':8} {'ms':>8}  " + "  ".join(f"{name:>7}" for name in PHASES) + "    total")
     with open(args.json, "w") if args.json else contextlib.nullcontext() as record:
         for case in cases:
