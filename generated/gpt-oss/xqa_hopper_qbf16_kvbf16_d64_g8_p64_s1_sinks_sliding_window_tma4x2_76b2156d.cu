@@ -7,7 +7,7 @@
 // M, query rows on N) with the online softmax in fp32 registers between them; their partial
 // results merge in shared memory, then across KV splits.
 // Shared pieces (xqagen.emitters, templates/pieces/): types, variant, faults, softmax, request,
-// kv_range, visibility, epilogue, split_kv, pdl; this path's own: templates/hopper/mainloop.
+// kv_range, visibility, epilogue, split_kv, pdl; this path's own: templates/hopper/ (common, swap_ab).
 #include <cute/tensor_impl.hpp>  // tensors and layouts only: no TiledMMA/TiledCopy algorithms (compile time)
 #include <cute/arch/copy_sm75.hpp>
 #include <cute/arch/copy_sm90_tma.hpp>
