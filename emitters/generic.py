@@ -160,6 +160,8 @@ class GenericPlan:
     @classmethod
     def of(cls, spec: KernelSpec) -> "GenericPlan":
         tile = spec.tile
+        if "fp8_mma" in spec.features:
+            raise SpecError("the generic path has no fp8_mma mode (8-bit wgmmas are Hopper's); use path='hopper'")
         mma_dtype = "fp16" if spec.kv_dtype == "e4m3" else spec.q_dtype
         # Rows per CTA, in 16-row MMA blocks: each warp takes up to tile.warp_rows of them (fewer
         # where their accumulators would not fit in registers); the warps that remain split each

@@ -130,7 +130,8 @@ class HopperPlan:
     head_dim_pad: int  # head_dim rounded up to the 64-row M blocks of O^T (TMA zero-fills the rest)
     chunk_bytes: int  # bytes of one swizzled K/V row chunk (one TMA box wide): 64 or 128
     box_tokens: int  # tokens per TMA box: a page, or a whole tile of a larger page
-    p_atom: str  # GMMA shared-memory atom of P (MN-major)
+    p_atom: str  # GMMA shared-memory atom of P (MN-major; K-major for 8-bit wgmmas)
+    q_atom: str  # GMMA shared-memory atom of Q (K-major)
     threads: int
     smem_bytes: int
     stage_bytes: int  # K + V bytes one stage receives (the pipeline's transaction count)
@@ -139,24 +140,32 @@ class HopperPlan:
     @classmethod
     def of(cls, spec: KernelSpec) -> "HopperPlan":
         kv_bytes = ELEM_BYTES[spec.kv_dtype]
-        mma_dtype = "fp16" if spec.kv_dtype == "e4m3" else spec.q_dtype
+        fp8_mma = "fp8_mma" in spec.features
+        if fp8_mma and spec.kv_dtype != "e4m3":
+            raise SpecError(f"the fp8_mma feature needs kv_dtype = 'e4m3', got {spec.kv_dtype!r}")
+        mma_dtype = "e4m3" if fp8_mma else "fp16" if spec.kv_dtype == "e4m3" else spec.q_dtype
+        mma_bytes = ELEM_BYTES[mma_dtype]
         head_dim_pad = _round_up(spec.head_dim, 64)
         own_registers = spec.tile.consumers == 1 or spec.tile.register_split
         max_rows = MAX_ROWS_CTA if own_registers and head_dim_pad <= 128 else MAX_ROWS_CTA_SHARED_REGISTERS
         rows_cta = min(max_rows, max(8, 1 << (spec.rows - 1).bit_length()))
         row_bytes = head_dim_pad * kv_bytes
         chunk_bytes = MAX_CHUNK_BYTES if row_bytes % MAX_CHUNK_BYTES == 0 else 64
-        p_atom = {64: "Layout_MN_SW128_Atom", 32: "Layout_MN_SW64_Atom", 16: "Layout_MN_SW32_Atom",
-                  8: "Layout_MN_INTER_Atom"}[rows_cta]  # P's rows of 16-bit values, as wide as the swizzle allows
+        if fp8_mma:  # P K-major: a row's 64 tokens in 64 bytes
+            p_atom = "Layout_K_SW64_Atom"
+        else:  # P's rows of 16-bit values, as wide as the swizzle allows
+            p_atom = {64: "Layout_MN_SW128_Atom", 32: "Layout_MN_SW64_Atom", 16: "Layout_MN_SW32_Atom",
+                      8: "Layout_MN_INTER_Atom"}[rows_cta]
+        q_atom = "Layout_K_SW128_Atom" if head_dim_pad * mma_bytes % 128 == 0 else "Layout_K_SW64_Atom"
         stage_bytes = 2 * KV_TILE * head_dim_pad * kv_bytes
         pipe = spec.tile.stages * stage_bytes
         consumers = spec.tile.consumers
         # after the pipeline, in its memory: fp32 output rows (padded) and row sums per consumer warp
         staging = consumers * rows_cta * (head_dim_pad + 4) * 4 + consumers * 4 * rows_cta * 4
-        q_bytes = rows_cta * head_dim_pad * 2
-        p_bytes = consumers * rows_cta * KV_TILE * 2
+        q_bytes = rows_cta * head_dim_pad * mma_bytes
+        p_bytes = consumers * rows_cta * KV_TILE * mma_bytes
         small = consumers * 4 * rows_cta * 4 + 2 * spec.tile.stages * 8 + 16  # row maxima per warp, mbarriers, flag
-        smem = _round_up(max(pipe, staging), 1024) + _round_up(q_bytes, 1024) + _round_up(p_bytes, 1024) + small
+        smem = _round_up(max(pipe, staging), 1024) + _round_up(q_bytes, 1024) + p_bytes + small
         smem = _round_up(smem, 1024)  # the storage's 1024-byte alignment (128-byte swizzle atoms) pads its size
         if smem > MAX_SMEM_PER_CTA:
             raise SpecError(f"tile {spec.tile.name!r} needs {smem} bytes of shared memory for head_dim {spec.head_dim} "
@@ -164,7 +173,7 @@ class HopperPlan:
         threads = consumers * WARPGROUP_THREADS + (WARPGROUP_THREADS if spec.tile.register_split else PRODUCER_THREADS)
         return cls(mma_dtype=mma_dtype, rows_cta=rows_cta, row_tiles=-(-spec.rows // rows_cta),
                    head_dim_pad=head_dim_pad, chunk_bytes=chunk_bytes,
-                   box_tokens=min(spec.page_size, KV_TILE), p_atom=p_atom,
+                   box_tokens=min(spec.page_size, KV_TILE), p_atom=p_atom, q_atom=q_atom,
                    threads=threads, smem_bytes=smem, stage_bytes=stage_bytes,
                    workspace=SplitWorkspace(rows=rows_cta, head_dim=spec.head_dim))
 
@@ -218,7 +227,8 @@ class HopperPath(KernelPath):
         return TARGET if device_arch in ("sm_90", TARGET) else None
 
     def sass_features(self, spec: KernelSpec, arch: str) -> Mapping[str, str]:
-        features = {"HGMMA": "no wgmma", "UTMALDG": "K/V are not loaded with TMA",
+        wgmma = ("QGMMA", "no 8-bit wgmma in the fp8 MMA mode") if "fp8_mma" in spec.features else ("HGMMA", "no wgmma")
+        features = {wgmma[0]: wgmma[1], "UTMALDG": "K/V are not loaded with TMA",
                     "SYNCS": "no mbarrier synchronisation (the TMA pipeline)"}
         if spec.tile.register_split:
             features["USETMAXREG"] = "no register reallocation (setmaxnreg) in a register-split tile"

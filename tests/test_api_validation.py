@@ -85,6 +85,8 @@ CASES = {
     "num_splits": (_set("num_splits", 0), "num_splits: expected None or an integer >= 1"),
     "sm_count": (_set("sm_count", 0), "sm_count: expected None or an integer >= 1"),
     "enable_pdl": (_set("enable_pdl", None), "enable_pdl: expected a bool"),
+    "fp8_mma": (_set("fp8_mma", 1), "fp8_mma: expected a bool"),
+    "fp8_mma with 16-bit kv": (_set("fp8_mma", True), "fp8_mma: expected False with a 16-bit KV cache"),
 }
 
 

@@ -43,6 +43,9 @@ def test_invalid_ranges(field, value):
     (dict(tile=3), "expected a GenericTile"),
     # the path's plan refuses it: three stages of 128 tokens of 512-byte rows exceed shared memory
     (dict(head_dim=256, tile="split"), "generic path cannot implement this variant: tile 'split' needs"),
+    # the fp8 MMA mode: 8-bit wgmmas (the Hopper path), on an e4m3 cache
+    (dict(kv_dtype="e4m3", features=frozenset({"fp8_mma"})), "the generic path has no fp8_mma mode"),
+    (dict(path="hopper", features=frozenset({"fp8_mma"})), "the fp8_mma feature needs kv_dtype = 'e4m3'"),
 ])
 def test_inconsistent_combinations(changes, message):
     with pytest.raises(SpecError, match=message):

@@ -53,6 +53,7 @@ def xqa_decode(
     tile=None,
     path: str | None = None,
     enable_pdl: bool = False,
+    fp8_mma: bool = False,
     validate: bool = True,
     cache_dir: Path | None = None,
 ) -> torch.Tensor:
@@ -76,6 +77,10 @@ def xqa_decode(
     enable_pdl: programmatic dependent launch (sm_90+): the kernel may start while the previous
     kernel on the stream finishes, and waits for its writes before reading anything.  Off by
     default: back-to-back decodes measured slower with it on an H100 (docs/benchmarks.md).
+    fp8_mma: the fp8 MMA mode (opt-in; an e4m3 cache on the Hopper path): Q and P are quantised to
+    e4m3 and multiplied with 8-bit wgmmas, at about 2-3e-2 relative error against 1-2e-3 for the
+    default, which multiplies the exact fp16 values of the cache with 16-bit Q and P
+    (docs/benchmarks.md).
     validate: also check sequence lengths and page indices against the page table and the pool
     (one host sync per call).  ``False`` checks the arguments once per geometry and then only
     launches (no sync, no allocation when ``out`` is given).
@@ -92,14 +97,15 @@ def xqa_decode(
         launch_decode(q, k_cache, v_cache, page_table, seq_lens, out, scratch, semaphores, sinks, mask,
                       q_scale_tensor, kv_scale_tensor, 1.0 if q_scale_tensor is not None else q_scale,
                       1.0 if kv_scale_tensor is not None else kv_scale, rcp_out_scale, sliding_window, kv_layout,
-                      num_splits or 0, 0, enable_pdl, tile=tile, path=path, cache_dir=cache_dir)
+                      num_splits or 0, 0, enable_pdl, q_cu_seq_lens, q_seq_len or 0, fp8_mma, tile=tile, path=path,
+                      cache_dir=cache_dir)
         return out
     return prepare_decode(q, k_cache, v_cache, page_table, seq_lens, out=out, out_dtype=out_dtype,
                           kv_layout=kv_layout, q_scale=q_scale, kv_scale=kv_scale, rcp_out_scale=rcp_out_scale,
                           sinks=sinks, sliding_window=sliding_window, mask=mask, q_cu_seq_lens=q_cu_seq_lens,
                           q_seq_len=q_seq_len, num_splits=num_splits,
-                          workspace=workspace, tile=tile, path=path, enable_pdl=enable_pdl, validate=validate,
-                          cache_dir=cache_dir).launch()
+                          workspace=workspace, tile=tile, path=path, enable_pdl=enable_pdl, fp8_mma=fp8_mma,
+                          validate=validate, cache_dir=cache_dir).launch()
 
 
 @dataclass
@@ -131,7 +137,7 @@ class DecodeCall:
 def prepare_decode(q, k_cache, v_cache, page_table, seq_lens, *, out=None, out_dtype=None, kv_layout="NHD",
                    q_scale=1.0, kv_scale=1.0, rcp_out_scale=1.0, sinks=None, sliding_window=0, mask=None,
                    q_cu_seq_lens=None, q_seq_len=None, num_splits=None, workspace=None, tile=None, path=None,
-                   enable_pdl=False, validate=True, cache_dir=None, sm_count=None) -> DecodeCall:
+                   enable_pdl=False, fp8_mma=False, validate=True, cache_dir=None, sm_count=None) -> DecodeCall:
     """Validate the arguments of :func:`xqa_decode`, plan its launch and bind it, without launching."""
     if not isinstance(enable_pdl, bool):
         fail("enable_pdl", "a bool", repr(enable_pdl))
@@ -142,7 +148,7 @@ def prepare_decode(q, k_cache, v_cache, page_table, seq_lens, *, out=None, out_d
     problem = describe(q, k_cache, v_cache, page_table, seq_lens, out=out, out_dtype=out_dtype, kv_layout=kv_layout,
                        q_scale=q_scale, kv_scale=kv_scale, rcp_out_scale=rcp_out_scale, sinks=sinks,
                        sliding_window=sliding_window, mask=mask, q_cu_seq_lens=q_cu_seq_lens, q_seq_len=q_seq_len,
-                       validate=validate)
+                       fp8_mma=fp8_mma, validate=validate)
     if path is not None and path not in PATHS:
         fail("path", f"None or one of {', '.join(map(repr, PATHS))}", repr(path))
     # Every argument is checked first, so that a CPU tensor reports its real mistakes too.
@@ -178,6 +184,13 @@ def variant_for(problem, shape: LaunchShape, *, path: str | None, tile, device: 
 
     if path is not None and path not in PATHS:
         fail("path", f"None or one of {', '.join(map(repr, PATHS))}", repr(path))
+    if problem.fp8_mma:  # 8-bit wgmmas: the Hopper path only
+        if path not in (None, "hopper"):
+            fail("fp8_mma", "False on the generic path (the fp8 MMA mode is the Hopper path's)", True)
+        if PATHS["hopper"].target_arch(device_arch(device)) is None:
+            fail("fp8_mma", "False on a GPU other than sm_90 (the fp8 MMA mode uses Hopper's 8-bit wgmma)",
+                 f"True on {torch.cuda.get_device_name(device)}")
+        path = "hopper"
     spec = problem.spec(path=path or "generic", tile=tile)
 
     def kv_incompatibility() -> str | None:
@@ -224,14 +237,14 @@ _REWRITTEN_WORDS = tuple(POINTER_WORDS[name] for name in REWRITTEN_POINTERS)
 
 def launch_decode(q, k_cache, v_cache, page_table, seq_lens, out, scratch, semaphores, sinks, mask,
                   q_scale_tensor, kv_scale_tensor, q_scale, kv_scale, rcp_out_scale, sliding_window, kv_layout,
-                  num_splits, sm_count, enable_pdl, q_cu_seq_lens=None, q_seq_len=0, *, tile=None,
+                  num_splits, sm_count, enable_pdl, q_cu_seq_lens=None, q_seq_len=0, fp8_mma=False, *, tile=None,
                   path=None, cache_dir=None) -> None:
     """Launch a decode into ``out`` without value checks, planning once per geometry.
 
     The arguments of :func:`xqa_decode` flattened as the op (:mod:`xqagen.ops`) takes them:
     ``scratch``/``semaphores`` the split-KV workspace's buffers (None: the device's default
     workspace; the semaphore buffer's last int32 is the fault word); ``q_cu_seq_lens``/``q_seq_len``
-    ragged q (None/0 otherwise); a scale is a float, or a one-element float32 tensor read by the kernel (then its
+    ragged q (None/0 otherwise); ``fp8_mma`` the fp8 MMA mode; a scale is a float, or a one-element float32 tensor read by the kernel (then its
     float is ignored); ``num_splits``/``sm_count`` 0 for the default.  The first call of a geometry
     checks every argument (:func:`prepare_decode`, ``validate=False``); a repeat, same shapes,
     strides, dtypes and options, checks only the 16-byte alignment of the new pointers, and trusts
@@ -256,7 +269,7 @@ def launch_decode(q, k_cache, v_cache, page_table, seq_lens, out, scratch, semap
                None if q_cu_seq_lens is None else (q_cu_seq_lens.shape, q_cu_seq_lens.stride(),
                                                    q_cu_seq_lens.dtype),
                q_scale, kv_scale, rcp_out_scale, sliding_window, kv_layout, num_splits, sm_count, enable_pdl,
-               q_seq_len, tile, path, cache_dir)
+               q_seq_len, fp8_mma, tile, path, cache_dir)
         launches = _launches
         last_key, entry = launches.last
         if key != last_key:
@@ -303,7 +316,7 @@ def launch_decode(q, k_cache, v_cache, page_table, seq_lens, out, scratch, semap
     # A new geometry, or a misaligned view for the checks to report.
     bound = _bind(q, k_cache, v_cache, page_table, seq_lens, out, scratch, semaphores, sinks, mask, q_scale_tensor,
                   kv_scale_tensor, q_scale, kv_scale, rcp_out_scale, sliding_window, kv_layout, num_splits, sm_count,
-                  enable_pdl, q_cu_seq_lens, q_seq_len, tile, path, cache_dir)
+                  enable_pdl, q_cu_seq_lens, q_seq_len, fp8_mma, tile, path, cache_dir)
     entry = (bound, None if semaphores is None else fault_word_offset(semaphores))
     with _launches_lock:
         _launches.add(key, entry)
@@ -317,7 +330,7 @@ _native_bound: dict[int, BoundLaunch] = {}
 
 def bind_for_native(q, k_cache, v_cache, page_table, seq_lens, out, scratch, semaphores, sinks, mask,
                     q_scale_tensor, kv_scale_tensor, q_scale, kv_scale, rcp_out_scale, sliding_window, kv_layout,
-                    num_splits, sm_count, enable_pdl, q_cu_seq_lens, q_seq_len, release) -> list[int]:
+                    num_splits, sm_count, enable_pdl, q_cu_seq_lens, q_seq_len, fp8_mma, release) -> list[int]:
     """``xqagen::decode_bind``, the C++ kernel's call for a geometry it has not bound: check, plan,
     bind and launch as :func:`launch_decode` does for a new geometry, and describe the bound launch
     (:meth:`BoundLaunch.native_description`, the fault word's offset in ``semaphores`` or -1, then
@@ -327,7 +340,7 @@ def bind_for_native(q, k_cache, v_cache, page_table, seq_lens, out, scratch, sem
         _native_bound.pop(address, None)
     bound = _bind(q, k_cache, v_cache, page_table, seq_lens, out, scratch, semaphores, sinks, mask, q_scale_tensor,
                   kv_scale_tensor, q_scale, kv_scale, rcp_out_scale, sliding_window, kv_layout, num_splits, sm_count,
-                  enable_pdl, q_cu_seq_lens, q_seq_len, None, None, None)
+                  enable_pdl, q_cu_seq_lens, q_seq_len, fp8_mma, None, None, None)
     bound()
     description = bound.native_description()
     _native_bound[description[0]] = bound
@@ -337,7 +350,7 @@ def bind_for_native(q, k_cache, v_cache, page_table, seq_lens, out, scratch, sem
 
 def _bind(q, k_cache, v_cache, page_table, seq_lens, out, scratch, semaphores, sinks, mask, q_scale_tensor,
           kv_scale_tensor, q_scale, kv_scale, rcp_out_scale, sliding_window, kv_layout, num_splits, sm_count,
-          enable_pdl, q_cu_seq_lens, q_seq_len, tile, path, cache_dir) -> BoundLaunch:
+          enable_pdl, q_cu_seq_lens, q_seq_len, fp8_mma, tile, path, cache_dir) -> BoundLaunch:
     """The checked, planned and bound launch of :func:`launch_decode`'s arguments."""
     if (scratch is None) != (semaphores is None):
         given = "workspace" if semaphores is None else "semaphores"
@@ -355,5 +368,6 @@ def _bind(q, k_cache, v_cache, page_table, seq_lens, out, scratch, semaphores, s
                           rcp_out_scale=rcp_out_scale, sinks=sinks, sliding_window=sliding_window, mask=mask,
                           q_cu_seq_lens=q_cu_seq_lens, q_seq_len=q_seq_len or None,
                           num_splits=num_splits or None, workspace=workspace, tile=tile, path=path,
-                          enable_pdl=enable_pdl, validate=False, cache_dir=cache_dir, sm_count=sm_count or None)
+                          enable_pdl=enable_pdl, fp8_mma=fp8_mma, validate=False, cache_dir=cache_dir,
+                          sm_count=sm_count or None)
     return call.bound

@@ -77,6 +77,7 @@ class BenchCase:
     sinks: bool = False
     window: int = 0
     flashinfer_paths: tuple[str, ...] = ("generic",)  # FlashInfer paths to compare with
+    fp8_mma: bool = False  # xqagen's opt-in fp8 MMA mode (Q and P in e4m3, as FlashInfer's sm90 kernel)
     shuffled_pages: bool = True  # each request's pages a random permutation of the pool, else consecutive
 
     @property
@@ -118,6 +119,11 @@ DESIGN_CASES: tuple[BenchCase, ...] = (
     BenchCase("llama8b_fp8_p16_b128_s4k", 128, 4096, num_q_heads=32, page_size=16, kv_dtype="e4m3",
               flashinfer_paths=("generic", "sm90")),
     BenchCase("llama70b_fp8_b256_s2k", 256, 2048, kv_dtype="e4m3", flashinfer_paths=("generic", "sm90")),
+    # the opt-in fp8 MMA mode beside FlashInfer's sm90 kernel, which also multiplies e4m3 Q and P
+    BenchCase("specdec4_fp8mma_b64_s8k", 64, 8192, kv_dtype="e4m3", q_seq_len=4, flashinfer_paths=("sm90",),
+              fp8_mma=True),
+    BenchCase("specdec8_fp8mma_b32_s8k", 32, 8192, kv_dtype="e4m3", q_seq_len=8, flashinfer_paths=("sm90",),
+              fp8_mma=True),
 )
 
 
@@ -304,7 +310,7 @@ def _run_xqagen(case: BenchCase, inputs: _Inputs, num_splits: int | None, pdl: b
     out = torch.empty_like(inputs.q)
     calls = [prepare_decode(inputs.q, k, v, pt, inputs.seq_lens, out=out, kv_scale=inputs.kv_scale,
                             sinks=inputs.sinks, sliding_window=case.window, mask=inputs.mask,
-                            num_splits=num_splits, enable_pdl=pdl, path=path, tile=tile)
+                            num_splits=num_splits, enable_pdl=pdl, path=path, tile=tile, fp8_mma=case.fp8_mma)
              for k, v, pt in inputs.sets]
     return (lambda i: calls[i].launch()), out, calls[0].num_splits
 

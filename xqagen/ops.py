@@ -7,13 +7,14 @@ Schema (the mutated buffers declared with ``(a!)``; optional tensors as ``Tensor
                    Tensor? mask, Tensor? q_scale_tensor, Tensor? kv_scale_tensor, float q_scale,
                    float kv_scale, float rcp_out_scale, int sliding_window, str kv_layout,
                    int num_splits, int sm_count, bool enable_pdl, Tensor? q_cu_seq_lens=None,
-                   int q_seq_len=0) -> ()
+                   int q_seq_len=0, bool fp8_mma=False) -> ()
 
 A scale is a float, or a one-element float32 tensor that the kernel reads on the device (no host
 sync; the float is then ignored).  ``workspace``/``semaphores``: the caller's split-KV buffers
 (semaphores zero before first use; every launch leaves them zero; their last int32 is the fault
 word), or None for the device's default workspace.  ``q_cu_seq_lens``/``q_seq_len``: ragged
-speculative decoding (a packed q), or None/0.  ``num_splits`` and ``sm_count``: 0 for the defaults.
+speculative decoding (a packed q), or None/0.  ``fp8_mma``: the opt-in fp8 MMA mode
+(:func:`xqagen.api.xqa_decode`).  ``num_splits`` and ``sm_count``: 0 for the defaults.
 Every argument is checked the first time a geometry is seen, and the op never synchronises.  Its
 CUDA kernel is C++ (:mod:`xqagen.native`: it launches geometries seen before without Python, and
 hands new ones to ``xqagen::decode_bind``), or :func:`xqagen.api.launch_decode` where that cannot
@@ -39,11 +40,13 @@ _SCHEMA_ARGS = (
     "Tensor q, Tensor k_cache, Tensor v_cache, Tensor page_table, Tensor seq_lens, Tensor(a!) out, "
     "Tensor(b!)? workspace, Tensor(c!)? semaphores, Tensor? sinks, Tensor? mask, Tensor? q_scale_tensor, "
     "Tensor? kv_scale_tensor, float q_scale, float kv_scale, float rcp_out_scale, int sliding_window, "
-    "str kv_layout, int num_splits, int sm_count, bool enable_pdl, Tensor? q_cu_seq_lens=None, int q_seq_len=0")
+    "str kv_layout, int num_splits, int sm_count, bool enable_pdl, Tensor? q_cu_seq_lens=None, int q_seq_len=0, "
+    "bool fp8_mma=False")
 _LIB = torch.library.Library("xqagen", "DEF")
 _LIB.define(f"decode({_SCHEMA_ARGS}) -> ()")
 # The C++ kernel's call for a geometry it has not bound (xqagen.api.bind_for_native); internal.
-_LIB.define(f"decode_bind({_SCHEMA_ARGS.replace('=None', '').replace('=0', '')}, int[] release) -> int[]")
+_LIB.define(f"decode_bind({_SCHEMA_ARGS.replace('=None', '').replace('=0', '').replace('=False', '')}, "
+            "int[] release) -> int[]")
 _LIB.impl("decode_bind", bind_for_native, "CUDA")
 NATIVE = native.load()  # registers the C++ kernel for CUDA
 # Python kernels are registered with Library.impl rather than torch.library.custom_op: the latter's
@@ -56,7 +59,7 @@ for _key in ("CPU",) if NATIVE else ("CUDA", "CPU"):
 @torch.library.register_fake("xqagen::decode", lib=_LIB)
 def _decode_fake(q, k_cache, v_cache, page_table, seq_lens, out, workspace, semaphores, sinks, mask,
                  q_scale_tensor, kv_scale_tensor, q_scale, kv_scale, rcp_out_scale, sliding_window, kv_layout,
-                 num_splits, sm_count, enable_pdl, q_cu_seq_lens=None, q_seq_len=0) -> None:
+                 num_splits, sm_count, enable_pdl, q_cu_seq_lens=None, q_seq_len=0, fp8_mma=False) -> None:
     if out.shape != q.shape:  # the one check a graph needs to stay shape-correct; the launch checks the rest
         raise ValueError(f"out: expected q's shape {tuple(q.shape)}, got {tuple(out.shape)}")
 
@@ -79,12 +82,13 @@ def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_t
            q_scale: float | torch.Tensor = 1.0, kv_scale: float | torch.Tensor = 1.0, rcp_out_scale: float = 1.0,
            sinks: torch.Tensor | None = None, sliding_window: int = 0, mask: torch.Tensor | None = None,
            num_splits: int | None = None, sm_count: int | None = None, enable_pdl: bool = False,
-           q_cu_seq_lens: torch.Tensor | None = None, q_seq_len: int | None = None) -> torch.Tensor:
+           q_cu_seq_lens: torch.Tensor | None = None, q_seq_len: int | None = None,
+           fp8_mma: bool = False) -> torch.Tensor:
     """:func:`xqagen.api.xqa_decode` into ``out`` through the op (no value checks, no sync); returns ``out``."""
     q_scale_tensor, q_scale = (q_scale, 1.0) if isinstance(q_scale, torch.Tensor) else (None, q_scale)
     kv_scale_tensor, kv_scale = (kv_scale, 1.0) if isinstance(kv_scale, torch.Tensor) else (None, kv_scale)
     scratch, semaphores = (None, None) if workspace is None else (workspace.scratch, workspace.buffer)
     launch(q, k_cache, v_cache, page_table, seq_lens, out, scratch, semaphores, sinks, mask, q_scale_tensor,
            kv_scale_tensor, q_scale, kv_scale, rcp_out_scale, sliding_window, kv_layout, num_splits or 0, sm_count or 0,
-           enable_pdl, q_cu_seq_lens, q_seq_len or 0)
+           enable_pdl, q_cu_seq_lens, q_seq_len or 0, fp8_mma)
     return out

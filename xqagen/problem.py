@@ -86,6 +86,7 @@ class DecodeProblem:
     q_scale: tuple[float, int]  # (value, device pointer or 0)
     kv_scale: tuple[float, int]
     rcp_out_scale: float
+    fp8_mma: bool = False  # the opt-in fp8 MMA mode: Q and P quantised to e4m3 (the Hopper path)
 
     @property
     def device(self) -> torch.device:
@@ -102,7 +103,8 @@ class DecodeProblem:
         """The kernel variant these arguments need, on ``tile`` (None: the path's default)."""
         features = {name for name, on in (("sinks", self.sinks is not None),
                                           ("sliding_window", self.sliding_window > 0),
-                                          ("ragged_q", self.q_cu_seq_lens is not None)) if on}
+                                          ("ragged_q", self.q_cu_seq_lens is not None),
+                                          ("fp8_mma", self.fp8_mma)) if on}
         return KernelSpec(q_dtype=DTYPE_NAMES[self.q.dtype], kv_dtype=DTYPE_NAMES[self.k_cache.dtype],
                           out_dtype=DTYPE_NAMES[self.out.dtype], head_dim=self.head_dim, group=self.group,
                           page_size=self.page_size, q_seq_len=self.q_seq_len, features=frozenset(features),
@@ -138,7 +140,7 @@ class DecodeProblem:
 
 def describe(q, k_cache, v_cache, page_table, seq_lens, *, out=None, out_dtype=None, kv_layout="NHD",
              q_scale=1.0, kv_scale=1.0, rcp_out_scale=1.0, sinks=None, sliding_window=0, mask=None,
-             q_cu_seq_lens=None, q_seq_len=None, validate=True) -> DecodeProblem:
+             q_cu_seq_lens=None, q_seq_len=None, fp8_mma=False, validate=True) -> DecodeProblem:
     """Check the arguments of :func:`xqagen.api.xqa_decode` and describe the problem; allocates
     ``out`` when it is None."""
     ragged = q_cu_seq_lens is not None
@@ -238,6 +240,11 @@ def describe(q, k_cache, v_cache, page_table, seq_lens, *, out=None, out_dtype=N
     elif mask is not None:
         fail("mask", "None when q_seq_len == 1", f"a tensor of shape {tuple(mask.shape)}")
 
+    if not isinstance(fp8_mma, bool):
+        fail("fp8_mma", "a bool", repr(fp8_mma))
+    if fp8_mma and not kv_fp8:
+        fail("fp8_mma", "False with a 16-bit KV cache (the fp8 MMA mode multiplies an e4m3 cache)", True)
+
     q_scale = _scale("q_scale", q_scale, device)
     kv_scale = _scale("kv_scale", kv_scale, device)
     if not isinstance(rcp_out_scale, (int, float)) or isinstance(rcp_out_scale, bool):
@@ -249,7 +256,7 @@ def describe(q, k_cache, v_cache, page_table, seq_lens, *, out=None, out_dtype=N
     return DecodeProblem(q=q, k_cache=k_cache, v_cache=v_cache, page_table=page_table, seq_lens=seq_lens, out=out,
                          sinks=sinks, mask=mask, q_cu_seq_lens=q_cu_seq_lens, layout=layout, batch=batch, num_kv_heads=num_kv_heads, group=group,
                          head_dim=head_dim, q_seq_len=q_seq_len, page_size=page_size, sliding_window=sliding_window,
-                         q_scale=q_scale, kv_scale=kv_scale, rcp_out_scale=float(rcp_out_scale))
+                         q_scale=q_scale, kv_scale=kv_scale, rcp_out_scale=float(rcp_out_scale), fp8_mma=fp8_mma)
 
 
 def _check_values(seq_lens, page_table, page_size, num_pages) -> None:

@@ -29,7 +29,7 @@ HEAD_DIMS_RULE = "a multiple of 16 in [32, 256]"
 PAGE_SIZES = (16, 32, 64, 128)
 MAX_GROUP = 32
 MAX_Q_SEQ_LEN = 32
-FEATURES = ("sinks", "sliding_window", "ragged_q")
+FEATURES = ("sinks", "sliding_window", "ragged_q", "fp8_mma")
 
 
 class SpecError(ValueError):

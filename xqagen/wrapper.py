@@ -53,7 +53,7 @@ def _contiguous_strides(shape) -> tuple[int, ...]:
 
 def _describe_step(page_table, seq_lens, kv_cache, *, num_q_heads, q_dtype, out_dtype, q_seq_len, kv_layout,
                    q_strides, out_strides, mask, sinks, sliding_window, q_scale, kv_scale,
-                   rcp_out_scale, q_cu_seq_lens=None, num_q_tokens=None) -> DecodeProblem:
+                   rcp_out_scale, q_cu_seq_lens=None, num_q_tokens=None, fp8_mma=False) -> DecodeProblem:
     """:func:`xqagen.problem.describe` of a step, on storage-less stand-ins of its tensors: the checks
     read shapes, strides and dtypes only, and the pointers are written per launch (their 16-byte
     alignment is the caller's, as every layer's)."""
@@ -76,7 +76,7 @@ def _describe_step(page_table, seq_lens, kv_cache, *, num_q_heads, q_dtype, out_
                     q_scale=_meta(q_scale), kv_scale=_meta(kv_scale), rcp_out_scale=rcp_out_scale,
                     sinks=_meta(sinks), sliding_window=sliding_window, mask=_meta(mask),
                     q_cu_seq_lens=_meta(q_cu_seq_lens), q_seq_len=q_seq_len if q_cu_seq_lens is not None else None,
-                    validate=False)
+                    fp8_mma=fp8_mma, validate=False)
 
 
 class DecodeWrapper:
@@ -99,7 +99,7 @@ class DecodeWrapper:
                         q_dtype: torch.dtype, kv_dtype: torch.dtype, max_kv_len: int, sm_count: int,
                         out_dtype: torch.dtype | None = None, q_seq_len: int = 1, sinks: bool = False,
                         sliding_window: bool = False, tile=None, path: str | None = None,
-                        num_splits: int | None = None) -> tuple[int, int]:
+                        num_splits: int | None = None, fp8_mma: bool = False) -> tuple[int, int]:
         """(scratch bytes, int32 semaphore words, the fault word included) that every step up to ``max_batch`` requests of up to
         ``max_kv_len`` tokens (the page table's capacity) needs for the split count its plan chooses.
 
@@ -108,7 +108,10 @@ class DecodeWrapper:
         :func:`xqagen.plan.choose_path` may pick.  A smaller workspace is not an error:
         a launch that would not fit runs in fewer splits.
         """
-        features = frozenset(name for name, on in (("sinks", sinks), ("sliding_window", sliding_window)) if on)
+        features = frozenset(name for name, on in (("sinks", sinks), ("sliding_window", sliding_window),
+                                                   ("fp8_mma", fp8_mma)) if on)
+        if fp8_mma:  # the fp8 MMA mode runs on the Hopper path only
+            path = "hopper"
         spec = KernelSpec(q_dtype=DTYPE_NAMES[q_dtype], kv_dtype=DTYPE_NAMES[kv_dtype],
                           out_dtype=DTYPE_NAMES[out_dtype] if out_dtype is not None else None, head_dim=head_dim,
                           group=num_q_heads // num_kv_heads, page_size=page_size, q_seq_len=q_seq_len,
@@ -136,7 +139,7 @@ class DecodeWrapper:
              q_scale: float | torch.Tensor = 1.0, kv_scale: float | torch.Tensor = 1.0, rcp_out_scale: float = 1.0,
              num_splits: int | None = None, tile=None, path: str | None = None, enable_pdl: bool = False,
              sm_count: int | None = None, q_cu_seq_lens: torch.Tensor | None = None,
-             num_q_tokens: int | None = None) -> None:
+             num_q_tokens: int | None = None, fp8_mma: bool = False) -> None:
         """Check a step's arguments and fix its launch (as :func:`xqagen.api.xqa_decode` defines them).
 
         ``kv_cache``: one layer's K cache; every layer's K and V caches passed to :meth:`run` must
@@ -147,7 +150,7 @@ class DecodeWrapper:
         or plan again.  Values are not checked (no host sync).  Ragged speculative decoding:
         ``q_cu_seq_lens`` (``[batch + 1]`` offsets, read by every launch) and ``num_q_tokens``, q
         and out then packed ``[num_q_tokens, num_q_heads, head_dim]``, ``q_seq_len`` the most
-        tokens of a request.
+        tokens of a request.  ``fp8_mma``: the opt-in fp8 MMA mode (:func:`xqagen.api.xqa_decode`).
         """
         device = page_table.device if isinstance(page_table, torch.Tensor) else None
         if device is None or device.type != "cuda":
@@ -165,7 +168,7 @@ class DecodeWrapper:
                                  out_dtype=out_dtype, q_seq_len=q_seq_len, kv_layout=kv_layout, q_strides=q_strides,
                                  out_strides=out_strides, mask=mask, sinks=sinks, sliding_window=sliding_window,
                                  q_scale=q_scale, kv_scale=kv_scale, rcp_out_scale=rcp_out_scale,
-                                 q_cu_seq_lens=q_cu_seq_lens, num_q_tokens=num_q_tokens)
+                                 q_cu_seq_lens=q_cu_seq_lens, num_q_tokens=num_q_tokens, fp8_mma=fp8_mma)
         batch = problem.batch
         if num_splits is not None and (not isinstance(num_splits, int) or isinstance(num_splits, bool)
                                        or num_splits < 1):

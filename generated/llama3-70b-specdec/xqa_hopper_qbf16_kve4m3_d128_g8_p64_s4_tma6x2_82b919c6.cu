@@ -572,6 +572,11 @@ struct KvProducer {
 // K-major) or as V^T (M = head dim, K = tokens, MN-major) is the same bytes.
 using VtTileLayout = decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<KVElem>{},
                                             Shape<Int<kHeadDimPad>, Int<kKvTile>>{}, Step<_2, _1>{}));
+// fp8 MMA mode ("fp8_mma", opt-in): Q and P quantised to e4m3 and both wgmmas 8-bit (k = 32), twice
+// the 16-bit tensor rate and no e4m3 -> fp16 conversion.  8-bit wgmmas read both operands K-major,
+// so P is stored K-major (tokens contiguous per row) and V^T comes from registers.
+constexpr bool kMmaFp8 = false;
+constexpr int kMmaK = kMmaFp8 ? 32 : 16;  // k of one wgmma
 using PLayout = decltype(tile_to_shape(GMMA::Layout_MN_SW64_Atom<MmaElem>{}, Shape<Int<kRowsCta>, Int<kKvTile>>{}, Step<_2, _1>{}));
 using Pipeline = cutlass::PipelineTmaAsync<kStages>;
 
@@ -602,7 +607,7 @@ static_assert(sizeof(SharedStorage) == 116736, "shared-memory size disagrees wit
 // register fragments (fp8 KV: e4m3 -> fp16 after ldmatrix, the RS form) or as a shared-memory
 // descriptor (16-bit KV, straight from the TMA-written tiles, the SS form); B (Q or P) always as
 // a descriptor; the fp32 accumulator as the atom's kRowsCta / 2 registers per thread.
-using TileMN = Shape<_64, Int<kRowsCta>, _16>;
+using TileMN = Shape<_64, Int<kRowsCta>, Int<kMmaK>>;
 using GmmaS = conditional_t<kKvFp8,  // A = K (tokens x head dim), B = Q (rows x head dim), both K-major
     decltype(GMMA::rs_op_selector<MmaElem, MmaElem, float, TileMN, GMMA::Major::K, GMMA::Major::K>()),
     decltype(GMMA::ss_op_selector<MmaElem, MmaElem, float, TileMN, GMMA::Major::K, GMMA::Major::K>())>;
@@ -679,7 +684,7 @@ constexpr int p_offsets_split() {
   if ((thread_bits & value_bits) != 0) return 0;
   return (thread_swizzled & value_swizzled) == 0 ? 2 : 1;
 }
-static_assert(p_offsets_split() > 0, "P's swizzled offsets do not split into a thread's part and a value's part");
+static_assert(kMmaFp8 || p_offsets_split() > 0, "P's swizzled offsets do not split into a thread's part and a value's part");
 constexpr bool kPOffsetsAdd = p_offsets_split() == 2;
 
 
@@ -700,6 +705,9 @@ __device__ __forceinline__ GMMA::DescriptorIterator q_descriptor(MmaElem const* 
 }
 // P: B of O^T, MN-major; the next 8 tokens are LBO away when P is interleaved (8 rows), else SBO
 __device__ __forceinline__ GMMA::DescriptorIterator p_descriptor(MmaElem const* p) {
+  if constexpr (kMmaFp8) {  // K-major: the next 8 rows are SBO away
+    return gmma_desc<gmma_swizzle<PLayout>(), 16, smem_bytes_at<MmaElem, PLayout>(8, 0)>(p);
+  }
   constexpr auto kSwizzle = gmma_swizzle<PLayout>();
   constexpr int kStep8 = smem_bytes_at<MmaElem, PLayout>(0, 8);
   return gmma_desc<kSwizzle, kSwizzle == GMMA::LayoutType::INTERLEAVE ? kStep8 : 0,
@@ -773,6 +781,29 @@ __device__ __forceinline__ void load_vt_fp8(KVElem const* v_tile, Fp8Fragments c
   }
 }
 
+// fp8 MMA mode: V^T rows 16w.. of M block `mb`, the 32 tokens of k-step kt, as e4m3 A registers.
+// The same transposed ldmatrix gives (tokens 2t, 2t+1) x (dims 2g, 2g+1) per 8 tokens; byte
+// permutes put four tokens of one dim in a register.  So within each 16 tokens, k-slot 2x holds
+// token x and slot 2x + 1 token x + 8 (x < 8): P is stored in the same order (fp8_p_slot).
+__device__ __forceinline__ void load_vt_e4m3(KVElem const* v_tile, Fp8Fragments const& at, int mb, int kt,
+                                             uint32_t (&a)[4]) {
+  uint32_t r[4];  // matrix i: tokens 8i..8i+7 of the 32
+  SM75_U16x8_LDSM_T::copy(*reinterpret_cast<uint128_t const*>(v_tile + at.vt[mb][kt]), r[0], r[1], r[2], r[3]);
+  a[0] = __byte_perm(r[0], r[1], 0x6240);  // row g (dim 2g): tokens 2t, 2t + 8, 2t + 1, 2t + 9
+  a[1] = __byte_perm(r[0], r[1], 0x7351);  // row g + 8 (dim 2g + 1)
+  a[2] = __byte_perm(r[2], r[3], 0x6240);  // the same, 16 tokens on
+  a[3] = __byte_perm(r[2], r[3], 0x7351);
+}
+// Two fp32 values -> two e4m3 (saturated) in 16 bits, the first in the low byte.
+__device__ __forceinline__ uint16_t pack_e4m3_pair(float lo, float hi) {
+  uint16_t out;
+  asm("cvt.rn.satfinite.e4m3x2.f32 %0, %2, %1;" : "=h"(out) : "f"(lo), "f"(hi));
+  return out;
+}
+__device__ __forceinline__ constexpr int fp8_p_slot(int token) {
+  return (token & ~15) + 2 * (token & 7) + ((token >> 3) & 1);
+}
+
 // The wgmmas read register fragments asynchronously: fence them like the accumulators.
 template <int N>
 __device__ __forceinline__ void fence_fragment(uint32_t (&frag)[N][4]) {
@@ -791,7 +822,7 @@ template <bool Fp8>
 __device__ __forceinline__ void mma_scores(KVElem const* k_tile, Fp8Fragments const& at, GMMA::DescriptorIterator q,
                                            Accum& acc) {
   fence_accumulator(acc);
-  if constexpr (Fp8) {
+  if constexpr (Fp8 && !kMmaFp8) {
     uint32_t frag[2][kSBatch][4];
     CUTE_UNROLL
     for (int b = 0; b < kSBatches; ++b) {
@@ -821,9 +852,9 @@ __device__ __forceinline__ void mma_scores(KVElem const* k_tile, Fp8Fragments co
     auto const k = gmma_desc<gmma_swizzle<KTileLayout>(), 16, smem_bytes_at<KVElem, KTileLayout>(8, 0)>(k_tile);
     warpgroup_arrive();
     CUTE_UNROLL
-    for (int ks = 0; ks < kHeadDimPad / 16; ++ks)
+    for (int ks = 0; ks < kHeadDimPad / kMmaK; ++ks)
       gmma<GmmaS>(acc, ks == 0 ? GMMA::ScaleOut::Zero : GMMA::ScaleOut::One,
-                  k[desc_step<KVElem, KTileLayout>(0, 16 * ks)], q[desc_step<MmaElem, QLayout>(0, 16 * ks)]);
+                  k[desc_step<KVElem, KTileLayout>(0, kMmaK * ks)], q[desc_step<MmaElem, QLayout>(0, kMmaK * ks)]);
     warpgroup_commit_batch();
   }
   warpgroup_wait<0>();
@@ -837,7 +868,23 @@ __device__ __forceinline__ void mma_output(KVElem const* v_tile, Fp8Fragments co
                                            GMMA::DescriptorIterator p, Accum (&acc)[kMBlocks]) {
   CUTE_UNROLL
   for (int mb = 0; mb < kMBlocks; ++mb) fence_accumulator(acc[mb]);
-  if constexpr (Fp8) {
+  if constexpr (kMmaFp8) {
+    uint32_t frag[2][kKvTile / 32][4];  // two M blocks' V^T fragments in flight
+    CUTE_UNROLL
+    for (int mb = 0; mb < kMBlocks; ++mb) {
+      if (mb >= 2) warpgroup_wait<1>();  // block mb - 2 has read frag[mb % 2]
+      CUTE_UNROLL
+      for (int kt = 0; kt < kKvTile / 32; ++kt) load_vt_e4m3(v_tile, at, mb, kt, frag[mb % 2][kt]);
+      fence_fragment(frag[mb % 2]);
+      warpgroup_arrive();
+      CUTE_UNROLL
+      for (int kt = 0; kt < kKvTile / 32; ++kt) {
+        uint32_t const (&f)[4] = frag[mb % 2][kt];
+        gmma<GmmaO>(acc[mb], GMMA::ScaleOut::One, f[0], f[1], f[2], f[3], p[desc_step<MmaElem, PLayout>(0, 32 * kt)]);
+      }
+      warpgroup_commit_batch();
+    }
+  } else if constexpr (Fp8) {
     uint32_t frag[2][kKvTile / 16][4];  // two M blocks' V^T fragments in flight
     CUTE_UNROLL
     for (int mb = 0; mb < kMBlocks; ++mb) {
@@ -887,8 +934,9 @@ __device__ __forceinline__ float staged_row_sum(SharedStorage const& smem, int w
   return smem.staging.warp_sum[wg][0][row] + smem.staging.warp_sum[wg][1][row] + smem.staging.warp_sum[wg][2][row] +
          smem.staging.warp_sum[wg][3][row];
 }
-// fp8 K fragments take Q's head dim permuted (load_k_fp8): Q is staged so.
-constexpr bool kQPermuted = kKvFp8;
+// fp8 K fragments take Q's head dim permuted (load_k_fp8): Q is staged so (not in the fp8 MMA mode,
+// whose K comes straight from shared memory).
+constexpr bool kQPermuted = kKvFp8 && !kMmaFp8;
 
 
 // Named barriers (id 0 is __syncthreads): two per consumer warpgroup, one for all consumers.

@@ -150,7 +150,7 @@ void decode_cuda(at::Tensor const& q, at::Tensor const& k_cache, at::Tensor cons
                  std::optional<at::Tensor> const& q_scale_tensor, std::optional<at::Tensor> const& kv_scale_tensor,
                  double q_scale, double kv_scale, double rcp_out_scale, int64_t sliding_window,
                  c10::string_view kv_layout, int64_t num_splits, int64_t sm_count, bool enable_pdl,
-                 std::optional<at::Tensor> const& q_cu_seq_lens, int64_t q_seq_len) {
+                 std::optional<at::Tensor> const& q_cu_seq_lens, int64_t q_seq_len, bool fp8_mma) {
   thread_local std::vector<int64_t> key;
   key.clear();
   for (at::Tensor const* t : {&q, &k_cache, &v_cache, &page_table, &seq_lens, &out}) append_tensor(key, *t);
@@ -159,7 +159,9 @@ void decode_cuda(at::Tensor const& q, at::Tensor const& k_cache, at::Tensor cons
   }
   for (double v : {q_scale, kv_scale, rcp_out_scale}) key.push_back(double_bits(v));
   for (char c : kv_layout) key.push_back(c);
-  for (int64_t v : {sliding_window, num_splits, sm_count, int64_t(enable_pdl), q_seq_len}) key.push_back(v);
+  for (int64_t v : {sliding_window, num_splits, sm_count, int64_t(enable_pdl), q_seq_len, int64_t(fp8_mma)}) {
+    key.push_back(v);
+  }
 
   uint64_t const q_ptr = uint64_t(q.data_ptr()), k_ptr = uint64_t(k_cache.data_ptr());
   uint64_t const v_ptr = uint64_t(v_cache.data_ptr()), out_ptr = uint64_t(out.data_ptr());
@@ -217,7 +219,7 @@ void decode_cuda(at::Tensor const& q, at::Tensor const& k_cache, at::Tensor cons
   torch::jit::Stack stack{q, k_cache, v_cache, page_table, seq_lens, out, scratch, semaphores, sinks, mask,
                           q_scale_tensor, kv_scale_tensor, q_scale, kv_scale, rcp_out_scale, sliding_window,
                           std::string(kv_layout), num_splits, sm_count, enable_pdl, q_cu_seq_lens, q_seq_len,
-                          c10::IValue(release)};
+                          fp8_mma, c10::IValue(release)};
   try {
     bind.callBoxed(stack);
   } catch (...) {  // bad arguments: the entries to release wait for the next bind
