@@ -275,3 +275,31 @@ def test_validate_false_relaunches_with_new_pointers():
         results.append((out, xqa_decode(query, k_layer, v_layer, pt, other_lens, **kwargs)))
     for out, expected in results:
         assert torch.equal(out, expected)
+
+
+def test_fp8_mma_reaches_the_kernel_through_every_entry_point():
+    """fp8_mma=True runs the fp8 MMA variant (other bytes than the default's) alike through
+    xqa_decode, its per-geometry path, the op (C++ kernel or Python) and the wrapper; the default
+    launched in between, same geometry, is not confused with it."""
+    from xqagen.emitters import PATHS
+    from xqagen.runtime import device_arch
+
+    if PATHS["hopper"].target_arch(device_arch(torch.device("cuda"))) is None:
+        pytest.skip("the fp8 MMA mode runs on the Hopper path (sm_90)")
+    q, k, v, pt, lens, kwargs = _case("fp8-specdec-tree", seed=4)
+    fast = xqa_decode(q, k, v, pt, lens, fp8_mma=True, **kwargs)
+    exact = xqa_decode(q, k, v, pt, lens, **kwargs)
+    assert not torch.equal(fast, exact) and relative_l2_error(fast.float(), exact.float()) < 5e-2
+    for _ in range(2):  # the per-geometry path: bound once, then relaunched, each mode its own entry
+        assert torch.equal(xqa_decode(q, k, v, pt, lens, fp8_mma=True, validate=False, **kwargs), fast)
+        assert torch.equal(xqa_decode(q, k, v, pt, lens, validate=False, **kwargs), exact)
+        assert torch.equal(ops.decode(q, k, v, pt, lens, torch.empty_like(q), fp8_mma=True, **kwargs), fast)
+        assert torch.equal(ops.decode(q, k, v, pt, lens, torch.empty_like(q), **kwargs), exact)
+    wrapper = DecodeWrapper()
+    wrapper.plan(pt, lens, k, num_q_heads=q.shape[-2], q_dtype=q.dtype, q_seq_len=q.shape[2], mask=kwargs["mask"],
+                 q_scale=kwargs["q_scale"], kv_scale=kwargs["kv_scale"], fp8_mma=True)
+    assert "fp8_mma" in wrapper.plan_info.spec.features
+    out = torch.full_like(q, float("nan"))
+    wrapper.run(q, k, v, out)
+    assert torch.equal(out, xqa_decode(q, k, v, pt, lens, fp8_mma=True, num_splits=wrapper.plan_info.num_splits,
+                                       **kwargs))
