@@ -273,7 +273,11 @@ class HopperPath(KernelPath):
 
     def short_kv_variant(self, spec: KernelSpec) -> KernelSpec | None:
         """``spec`` on the short-KV tile (two stages, one consumer warpgroup: four CTAs per SM)
-        where it is on the six-stage one, else None."""
+        where it is on the six-stage one, else None; never for speculative decoding in the fp8 MMA
+        mode, whose six stages measured faster (q_seq_len 4 x group 8, batch 64 x 8k: ``tma6x2``
+        0.2704 ms, ``tma4x2`` 0.2769, ``tma2x1`` 0.3036; docs/benchmarks.md)."""
+        if "fp8_mma" in spec.features and spec.has_mask:
+            return None
         return self._instead_of_six_stages(spec, "tma2x1")
 
     def wide_rows_variant(self, spec: KernelSpec) -> KernelSpec | None:
@@ -299,8 +303,8 @@ class HopperPath(KernelPath):
         splits; smaller 16-bit grids split the rows into row tiles of 32 instead (H200 sweep in
         docs/benchmarks.md: q_seq_len 8 x group 8, fp8 batch 8 x 8k 66.0 us against 79.1, bf16 batch
         8 x 8k 72.3 against 83.7 split, bf16 batch 16 x 8k 140.8 against 161.1).  Else, for grids of
-        FULL_GRID_CTAS_PER_SM CTAs per SM or more, the short-KV tile up to SHORT_KV_MAX_TOKENS and the
-        four-stage tile beyond; ``spec`` otherwise."""
+        FULL_GRID_CTAS_PER_SM CTAs per SM or more, the short-KV tile up to SHORT_KV_MAX_TOKENS (where
+        ``short_kv_variant`` offers one) and the four-stage tile beyond; ``spec`` otherwise."""
         wide = self.wide_rows_variant(spec)
         if wide is not None and (spec.kv_dtype == "e4m3"
                                  or 2 * shape.batch * shape.num_kv_heads * plan_of(wide).row_tiles >= shape.sm_count):
@@ -308,8 +312,9 @@ class HopperPath(KernelPath):
         ctas = shape.batch * shape.num_kv_heads * plan_of(spec).row_tiles
         if ctas < FULL_GRID_CTAS_PER_SM * shape.sm_count:
             return spec
-        variant = self.short_kv_variant(spec) if shape.kv_len <= SHORT_KV_MAX_TOKENS else self._full_grid_variant(spec)
-        return variant or spec
+        if shape.kv_len <= SHORT_KV_MAX_TOKENS:
+            return self.short_kv_variant(spec) or spec
+        return self._full_grid_variant(spec) or spec
 
     def auto_splits(self, spec: KernelSpec, shape: LaunchShape) -> int:
         """As many splits as give each SM one CTA; 1 when the batch already fills the SMs."""

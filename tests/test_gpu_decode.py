@@ -205,7 +205,8 @@ HOPPER_CASES = [replace(case, path="hopper") for case in SINGLE_AXIS if case.til
 # The opt-in fp8 MMA mode (Q and P in e4m3, 8-bit wgmmas) over the Hopper path's features and tiles.
 FP8_MMA_CASES = [replace(BASE, path="hopper", kv_dtype="e4m3", fp8_mma=True, **change) for change in (
     dict(), dict(q_dtype="fp16", group=1, seq_lens=(1, 2, 3, 65, 129)), dict(seq_lens=(33000, 64)),
-    dict(q_seq_len=4, mask="tree"), dict(q_seq_len=8, mask="tree", tile="tma6x2r"),
+    dict(q_seq_len=4, mask="tree"), dict(q_seq_len=4, mask="tree", sinks=True, tile="tma4x2"),
+    dict(q_seq_len=8, mask="tree", tile="tma6x2r"),
     dict(q_seq_len=8, mask="causal", tile="tma4x2r", seq_lens=(900, 33, 4000)),
     dict(q_seq_len=13, mask="tree", sinks=True, window=300, num_splits=3, seq_lens=(900, 33, 4000)),
     dict(q_seq_len=4, mask="tree", group=16, num_splits=5, seq_lens=(20000, 5), tile="tma2x1"),

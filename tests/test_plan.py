@@ -200,6 +200,14 @@ def test_hopper_tile_by_grid(batch, kv_len, tile):
     assert forced.spec == HOPPER_FP8  # a tile the caller names stays
 
 
+@pytest.mark.parametrize("batch, kv_len, tile", [(64, 8192, "tma6x2"), (64, 8193, "tma4x2"), (8, 8192, "tma6x2")])
+def test_hopper_fp8_mma_speculative_decoding_keeps_six_stages_on_short_kv(batch, kv_len, tile):
+    spec = dataclasses.replace(HOPPER_FP8, q_seq_len=4, features=frozenset({"fp8_mma"}))
+    plan = plan_launch(spec, shape(batch, kv_len), workspace=LARGE)
+    assert plan.spec.tile.name == tile
+    assert plan.spec in path_of(spec).launch_specs(spec)
+
+
 @pytest.mark.parametrize("kv_dtype, batch, kv_len, tile, rows_cta", [
     ("bf16", 32, 8192, "tma4x2r", 64),  # 256 CTAs of 64 rows: the register split
     ("bf16", 16, 8192, "tma4x2r", 64),  # 128
