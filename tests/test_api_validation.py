@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from xqagen.api import prepare_decode
+from xqagen.api import prepare_decode, xqa_decode
 from xqagen.flashinfer_compat import xqa, xqa_batch_decode_with_kv_cache
 from xqagen.masks import as_flashinfer_mask, causal_mask
 from xqagen.reference import make_paged_kv
@@ -188,6 +188,8 @@ def _ragged_args(counts=(3, 0), q_seq_len=4):
 def test_ragged_arguments_only_lack_a_gpu():
     args, kwargs = _ragged_args()
     assert NOT_ON_GPU in _error(args, kwargs)
+    with pytest.raises(ValueError, match=NOT_ON_GPU):  # the per-geometry path passes them on too
+        xqa_decode(*args, validate=False, **kwargs)
 
 
 @pytest.mark.parametrize("change, message", [

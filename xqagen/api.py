@@ -78,8 +78,8 @@ def xqa_decode(
     kernel on the stream finishes, and waits for its writes before reading anything.  Off by
     default: back-to-back decodes measured slower with it on an H100 (docs/benchmarks.md).
     fp8_mma: the fp8 MMA mode (opt-in; an e4m3 cache on the Hopper path): Q and P are quantised to
-    e4m3 and multiplied with 8-bit wgmmas, at about 2-3e-2 relative error against 1-2e-3 for the
-    default, which multiplies the exact fp16 values of the cache with 16-bit Q and P
+    e4m3 and multiplied with 8-bit wgmmas, at 2.9-3.9e-2 relative error (H200) against 1.6-1.7e-3
+    for the default, which multiplies the exact fp16 values of the cache with 16-bit Q and P
     (docs/benchmarks.md).
     validate: also check sequence lengths and page indices against the page table and the pool
     (one host sync per call).  ``False`` checks the arguments once per geometry and then only
@@ -244,8 +244,9 @@ def launch_decode(q, k_cache, v_cache, page_table, seq_lens, out, scratch, semap
     The arguments of :func:`xqa_decode` flattened as the op (:mod:`xqagen.ops`) takes them:
     ``scratch``/``semaphores`` the split-KV workspace's buffers (None: the device's default
     workspace; the semaphore buffer's last int32 is the fault word); ``q_cu_seq_lens``/``q_seq_len``
-    ragged q (None/0 otherwise); ``fp8_mma`` the fp8 MMA mode; a scale is a float, or a one-element float32 tensor read by the kernel (then its
-    float is ignored); ``num_splits``/``sm_count`` 0 for the default.  The first call of a geometry
+    ragged q (None/0 otherwise); ``fp8_mma`` the fp8 MMA mode; a scale is a float, or a one-element
+    float32 tensor read by the kernel (then its float is ignored); ``num_splits``/``sm_count`` 0 for
+    the default.  The first call of a geometry
     checks every argument (:func:`prepare_decode`, ``validate=False``); a repeat, same shapes,
     strides, dtypes and options, checks only the 16-byte alignment of the new pointers, and trusts
     every tensor to be on q's device as the first call's were.  Float scales are part of the
