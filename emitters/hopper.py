@@ -43,6 +43,7 @@ MAX_ROWS_CTA = 64
 MAX_ROWS_CTA_SHARED_REGISTERS = 32  # two consumer warpgroups without a register split, or head_dim above 128
 PRODUCER_REGISTERS = 24
 CONSUMER_REGISTERS = 240
+LOADERS = ("tma", "cp_async")
 # TMA writes K and V to shared memory, past L1: all of the unified memory goes to shared memory, so
 # that as many CTAs are resident as their registers and shared memory allow.  Left to the driver,
 # the two-stage tile (36 KiB, four CTAs per SM) ran fp8 batch 256 x 2k in 0.2788-0.2880 ms after
@@ -72,6 +73,19 @@ FULL_GRID_CTAS_PER_SM = 2
 # 0.2562 both; from 16k tokens four stages lead (batch 256 x 16k 2.0939 against 2.1322, batch 64 x
 # 16k 0.5127 against 0.5376).
 SHORT_KV_MAX_TOKENS = 8192
+# Those full grids load K and V with cp.async rather than TMA up to CP_ASYNC_MAX_ROWS query rows per
+# CTA (by KV element bytes): one box of a page's head per TMA capped the read at 86-92% where 32
+# producer lanes' copies reach 95% (H200, fp8 d128 group 8: batch 256 x 64k 7.85 ms against 8.61,
+# batch 64 x 8k 0.2437-0.2456 against 0.2563, page 16 batch 128 x 4k 0.2459-0.2466 against 0.2578;
+# bf16 d64 q_seq_len 4, 32 rows: 0.2478 against 0.2522-0.2707).  With more rows per KV byte the
+# consumers have no time to spare for the producer's copies on their SM sub-partitions: fp8
+# q_seq_len 4 x group 8 ran 0.3208-0.3225 ms against 0.2843-0.3001 with TMA.
+CP_ASYNC_MAX_ROWS = {1: 8, 2: 32}
+# ... and beyond CP_ASYNC_MIN_TOKENS per CTA: on shorter ranges TMA's first stage arrives sooner, and it
+# was as fast or faster (fp8 batch 256 x 1k 0.1326-0.1333 ms against 0.1347-0.1349, x 2k 0.2572-0.2583
+# against 0.2565-0.2589; gpt-oss q_seq_len 4 under a 128-token window 13.7 us against 14.4; bf16 d128
+# batch 1 x 1k 5.9 us against 6.7-6.8, batch 4 x 4k in four splits 21.5-21.6 against 22.3-22.4).
+CP_ASYNC_MIN_TOKENS = 2048
 
 
 @dataclass(frozen=True)
@@ -83,12 +97,15 @@ class HopperTile:
       merged at the end, so that one CTA has that many tiles in the tensor cores at once.
     register_split: the producer is a warpgroup that gives most of its registers to two consumer
       warpgroups (setmaxnreg), so that each holds 64 query rows; without it, one warp.
+    loader: how the producer warp fills a stage: "tma" (one TMA box per page and head-dim chunk)
+      or "cp_async" (16-byte cp.async copies, an address per unit, into the same swizzled layout).
     """
 
     name: str
     stages: int = 4
     consumers: int = 1
     register_split: bool = False
+    loader: str = "tma"
 
     def __post_init__(self) -> None:
         owner = f"HopperTile({self.name!r})"
@@ -98,6 +115,13 @@ class HopperTile:
         check_int_range(owner, "consumers", self.consumers, 1, 2)
         if not isinstance(self.register_split, bool):
             raise SpecError(f"{owner}.register_split = {self.register_split!r} is invalid; expected true or false")
+        if self.loader not in LOADERS:
+            raise SpecError(f"{owner}.loader = {self.loader!r} is invalid; expected one of {', '.join(LOADERS)}")
+        if self.register_split and self.loader != "tma":
+            # its producer keeps PRODUCER_REGISTERS; a cp.async producer computes an address per copy
+            # (with 56 of them, the consumers' 224 spilled at 64 rows, and fp8 q_seq_len 8 x group 8
+            # ran at 48% of the read against 62% with TMA; docs/benchmarks.md)
+            raise SpecError(f"{owner}.register_split needs loader = 'tma', got {self.loader!r}")
         if self.register_split and self.consumers != 2:
             raise SpecError(f"{owner}.register_split needs consumers = 2 (one consumer warpgroup has 255 registers "
                             f"without it), got {self.consumers}")
@@ -110,12 +134,14 @@ class HopperTile:
         return dataclasses.asdict(self)
 
 
-# The shipped catalogue: stages x consumer warpgroups, "r" for a register split (HopperPath.default_tile
-# chooses).
+# The shipped catalogue: stages x consumer warpgroups, "r" for a register split; "tma" or "cpa" for
+# the loader (HopperPath.default_tile and choose_tile choose).
 TILES: Mapping[str, HopperTile] = {tile.name: tile for tile in (
     *(HopperTile(f"tma{stages}x{consumers}", stages=stages, consumers=consumers)
       for stages, consumers in ((2, 1), (3, 1), (4, 1), (6, 1), (2, 2), (4, 2), (6, 2))),
-    *(HopperTile(f"tma{stages}x2r", stages=stages, consumers=2, register_split=True) for stages in (2, 4, 6)))}
+    *(HopperTile(f"tma{stages}x2r", stages=stages, consumers=2, register_split=True) for stages in (2, 4, 6)),
+    *(HopperTile(f"cpa{stages}x{consumers}", stages=stages, consumers=consumers, loader="cp_async")
+      for stages, consumers in ((2, 1), (4, 2), (6, 2))))}
 
 
 def _round_up(x: int, m: int) -> int:
@@ -158,6 +184,10 @@ class HopperPlan:
                       8: "Layout_MN_INTER_Atom"}[rows_cta]
         q_atom = "Layout_K_SW128_Atom" if head_dim_pad * mma_bytes % 128 == 0 else "Layout_K_SW64_Atom"
         stage_bytes = 2 * KV_TILE * head_dim_pad * kv_bytes
+        if spec.tile.loader == "cp_async" and 32 % (row_bytes // 16):
+            raise SpecError(f"tile {spec.tile.name!r} copies a K/V row as 16-byte units on whole lanes of a warp; "
+                            f"{row_bytes} bytes (head_dim {spec.head_dim} padded to {head_dim_pad}) are "
+                            f"{row_bytes // 16} units, which do not divide 32: use a TMA tile")
         pipe = spec.tile.stages * stage_bytes
         consumers = spec.tile.consumers
         # after the pipeline, in its memory: fp32 output rows (padded) and row sums per consumer warp
@@ -228,7 +258,9 @@ class HopperPath(KernelPath):
 
     def sass_features(self, spec: KernelSpec, arch: str) -> Mapping[str, str]:
         wgmma = ("QGMMA", "no 8-bit wgmma in the fp8 MMA mode") if "fp8_mma" in spec.features else ("HGMMA", "no wgmma")
-        features = {wgmma[0]: wgmma[1], "UTMALDG": "K/V are not loaded with TMA",
+        loads = (("LDGSTS", "K/V are not loaded with cp.async") if spec.tile.loader == "cp_async"
+                 else ("UTMALDG", "K/V are not loaded with TMA"))
+        features = {wgmma[0]: wgmma[1], loads[0]: loads[1],
                     "SYNCS": "no mbarrier synchronisation (the TMA pipeline)"}
         if spec.tile.register_split:
             features["USETMAXREG"] = "no register reallocation (setmaxnreg) in a register-split tile"
@@ -263,22 +295,50 @@ class HopperPath(KernelPath):
         v_map.retarget(struct.v)
 
     @staticmethod
-    def _instead_of_six_stages(spec: KernelSpec, tile: str) -> KernelSpec | None:
-        """``spec`` on ``tile`` where it is on the six-stage default, else None."""
-        return dataclasses.replace(spec, tile=TILES[tile]) if spec.tile == TILES["tma6x2"] else None
+    def _on_tile(spec: KernelSpec, tile: HopperTile) -> KernelSpec | None:
+        """``spec`` on ``tile``, or None where that variant does not exist."""
+        try:
+            return dataclasses.replace(spec, tile=tile)
+        except SpecError:  # e.g. cp.async copies of a row whose 16-byte units do not divide a warp
+            return None
+
+    def _instead_of_six_stages(self, spec: KernelSpec, tile: str) -> KernelSpec | None:
+        """``spec`` on ``tile`` where it is on the six-stage default (and that variant exists), else None."""
+        return self._on_tile(spec, TILES[tile]) if spec.tile == TILES["tma6x2"] else None
+
+    @staticmethod
+    def _loader(spec: KernelSpec, tokens: int) -> str:
+        """The tile prefix of the loader for ``spec``'s CTAs walking ``tokens`` each: "cpa"
+        (cp.async) up to CP_ASYNC_MAX_ROWS and beyond CP_ASYNC_MIN_TOKENS, else "tma"."""
+        copies = spec.rows <= CP_ASYNC_MAX_ROWS[ELEM_BYTES[spec.kv_dtype]] and tokens > CP_ASYNC_MIN_TOKENS
+        return "cpa" if copies else "tma"
 
     def _full_grid_variant(self, spec: KernelSpec) -> KernelSpec | None:
-        """``spec`` on the four-stage tile where it is on the six-stage one, else None."""
-        return self._instead_of_six_stages(spec, "tma4x2")
+        """``spec`` on the four-stage tile where it is on the six-stage one, else None: beyond
+        SHORT_KV_MAX_TOKENS, so by cp.async up to CP_ASYNC_MAX_ROWS."""
+        return self._instead_of_six_stages(spec, f"{self._loader(spec, SHORT_KV_MAX_TOKENS + 1)}4x2")
 
-    def short_kv_variant(self, spec: KernelSpec) -> KernelSpec | None:
-        """``spec`` on the short-KV tile (two stages, one consumer warpgroup: four CTAs per SM)
-        where it is on the six-stage one, else None; never for speculative decoding in the fp8 MMA
-        mode, whose six stages measured faster (q_seq_len 4 x group 8, batch 64 x 8k: ``tma6x2``
-        0.2704 ms, ``tma4x2`` 0.2769, ``tma2x1`` 0.3036; docs/benchmarks.md)."""
+    def copying_variant(self, spec: KernelSpec) -> KernelSpec | None:
+        """``spec`` on its tile's cp.async twin where a TMA box spans less than a K/V row (16-bit
+        d128, fp8 d256) and rows fit CP_ASYNC_MAX_ROWS, else None: with one CTA per SM such rows
+        streamed at 88-92% of the read by TMA and 96-99% by cp.async (bf16 d128, batch 4 x 64k:
+        0.2605 ms against 0.2462-0.2481; batch 16 x 64k 0.9789-0.9799 against the generic path's
+        0.9973-1.0034), where one box per row streams at the read's pace by TMA (fp8 d128 batch
+        16 x 64k: 0.5057-0.5066 against 0.5204-0.5786)."""
+        plan = plan_of(spec)
+        twin = TILES.get("cpa" + spec.tile.name.removeprefix("tma"))
+        wide_rows = plan.head_dim_pad * ELEM_BYTES[spec.kv_dtype] > plan.chunk_bytes
+        fits = spec.rows <= CP_ASYNC_MAX_ROWS[ELEM_BYTES[spec.kv_dtype]]
+        return self._on_tile(spec, twin) if twin and spec.tile.loader == "tma" and wide_rows and fits else None
+
+    def short_kv_variant(self, spec: KernelSpec, loader: str = "tma") -> KernelSpec | None:
+        """``spec`` on the short-KV tile (two stages, one consumer warpgroup: four CTAs per SM) of
+        ``loader`` where it is on the six-stage one, else None; never for speculative decoding in
+        the fp8 MMA mode, whose six stages measured faster (q_seq_len 4 x group 8, batch 64 x 8k:
+        ``tma6x2`` 0.2704 ms, ``tma4x2`` 0.2769, ``tma2x1`` 0.3036; docs/benchmarks.md)."""
         if "fp8_mma" in spec.features and spec.has_mask:
             return None
-        return self._instead_of_six_stages(spec, "tma2x1")
+        return self._instead_of_six_stages(spec, f"{loader}2x1")
 
     def wide_rows_variant(self, spec: KernelSpec) -> KernelSpec | None:
         """``spec`` with a register split, so that each of its two consumer warpgroups holds 64
@@ -294,8 +354,9 @@ class HopperPath(KernelPath):
         wide = self.wide_rows_variant(spec)
         if wide is not None and spec.kv_dtype == "e4m3":  # choose_tile always takes it
             return [spec, wide]
-        variants = (self._full_grid_variant(spec), self.short_kv_variant(spec), wide)
-        return [spec] + [v for v in variants if v is not None]
+        variants = (self.copying_variant(spec), self._full_grid_variant(spec), self.short_kv_variant(spec),
+                    self.short_kv_variant(spec, self._loader(spec, SHORT_KV_MAX_TOKENS)), wide)
+        return list(dict.fromkeys([spec, *(v for v in variants if v is not None)]))
 
     def choose_tile(self, spec: KernelSpec, shape: LaunchShape) -> KernelSpec:
         """For more than 32 query rows, the register split of 64 rows per CTA (``wide_rows_variant``)
@@ -304,16 +365,20 @@ class HopperPath(KernelPath):
         docs/benchmarks.md: q_seq_len 8 x group 8, fp8 batch 8 x 8k 66.0 us against 79.1, bf16 batch
         8 x 8k 72.3 against 83.7 split, bf16 batch 16 x 8k 140.8 against 161.1).  Else, for grids of
         FULL_GRID_CTAS_PER_SM CTAs per SM or more, the short-KV tile up to SHORT_KV_MAX_TOKENS (where
-        ``short_kv_variant`` offers one) and the four-stage tile beyond; ``spec`` otherwise."""
+        ``short_kv_variant`` offers one) and the four-stage tile beyond, each loading by cp.async
+        where ``_loader`` says; ``spec`` otherwise, on its cp.async twin where ``copying_variant``
+        offers one and ``_loader`` says for the tokens of one KV split."""
         wide = self.wide_rows_variant(spec)
         if wide is not None and (spec.kv_dtype == "e4m3"
                                  or 2 * shape.batch * shape.num_kv_heads * plan_of(wide).row_tiles >= shape.sm_count):
             return wide
         ctas = shape.batch * shape.num_kv_heads * plan_of(spec).row_tiles
         if ctas < FULL_GRID_CTAS_PER_SM * shape.sm_count:
-            return spec
+            copying = self.copying_variant(spec)
+            tokens = math.ceil(shape.kv_len / self.auto_splits(spec, shape))
+            return copying if copying and self._loader(spec, tokens) == "cpa" else spec
         if shape.kv_len <= SHORT_KV_MAX_TOKENS:
-            return self.short_kv_variant(spec) or spec
+            return self.short_kv_variant(spec, self._loader(spec, shape.kv_len)) or spec
         return self._full_grid_variant(spec) or spec
 
     def auto_splits(self, spec: KernelSpec, shape: LaunchShape) -> int:

@@ -145,7 +145,7 @@ def test_list_shows_recipes_and_variants(capsys):
     assert main(["list", "llama3-70b-specdec"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("llama3-70b-specdec: meta-llama/Meta-Llama-3-70B, 64 q / 8 kv heads (group 8), "
-                          "head_dim 128; 20 variants\n")
+                          "head_dim 128; 21 variants\n")
     assert re.search(r"^  path +q +kv +out +page +q_len +features +tile +name$", out, re.M)
     assert re.search(r"^  generic +bf16 +e4m3 +bf16 +64 +8 +- +decode_fp8 +xqa_generic_\S+_s8_", out, re.M)
     assert re.search(r"^  generic +bf16 +e4m3 +bf16 +64 +8 +- +split +xqa_generic_\S+_s8_split_", out, re.M)

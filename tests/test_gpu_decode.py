@@ -202,6 +202,21 @@ HOPPER_CASES = [replace(case, path="hopper") for case in SINGLE_AXIS if case.til
     replace(BASE, path="hopper", kv_dtype=kv_dtype, num_kv_heads=8, q_seq_len=q_seq_len, mask="tree",
             seq_lens=tuple(1 + (i * 7919) % longest for i in range(34)))
     for kv_dtype, q_seq_len, longest in (("e4m3", 1, 8000), ("e4m3", 4, 3000), ("bf16", 1, 8000), ("e4m3", 1, 8300))]
+# The cp.async producer (tiles "cpa..."): pages of 16 to 128 tokens, HND, padded head dims, sequence
+# ends inside and outside a page, splits, row tiles, and both wgmma forms that read K or V from
+# shared memory (16-bit KV, the fp8 MMA mode).
+CP_ASYNC_CASES = [replace(BASE, path="hopper", tile=tile, **change) for tile, change in (
+    ("cpa4x2", dict()), ("cpa4x2", dict(kv_dtype="e4m3", seq_lens=(9000, 130, 1, 64))),
+    ("cpa6x2", dict(kv_dtype="e4m3", out_dtype="e4m3", page_size=16, kv_layout="HND")),
+    ("cpa2x1", dict(kv_dtype="e4m3", head_dim=64, group=5, page_size=32, seq_lens=(127, 1, 64))),
+    ("cpa2x1", dict(q_seq_len=8, mask="causal", sinks=True, head_dim=96, kv_layout="HND", page_size=16)),
+    ("cpa2x1", dict(kv_dtype="e4m3", page_size=128, num_splits=3, seq_lens=(3001, 129, 2))),
+    ("cpa4x2", dict(q_seq_len=13, mask="tree", kv_dtype="e4m3", sinks=True, window=300, num_splits=3,
+                    seq_lens=(900, 33, 4000))),
+    ("cpa2x1", dict(q_seq_len=8, mask="tree", seq_lens=(900, 33, 4000))),
+    ("cpa4x2", dict(head_dim=256, kv_dtype="e4m3", seq_lens=(3001, 65))),
+    ("cpa6x2", dict(kv_dtype="e4m3", seq_lens=(33000, 64), num_splits=None)),
+    ("cpa4x2", dict(kv_dtype="e4m3", fp8_mma=True, q_seq_len=4, mask="tree", seq_lens=(900, 33, 4000))))]
 # The opt-in fp8 MMA mode (Q and P in e4m3, 8-bit wgmmas) over the Hopper path's features and tiles.
 FP8_MMA_CASES = [replace(BASE, path="hopper", kv_dtype="e4m3", fp8_mma=True, **change) for change in (
     dict(), dict(q_dtype="fp16", group=1, seq_lens=(1, 2, 3, 65, 129)), dict(seq_lens=(33000, 64)),
@@ -214,7 +229,7 @@ FP8_MMA_CASES = [replace(BASE, path="hopper", kv_dtype="e4m3", fp8_mma=True, **c
     dict(head_dim=96, window=17, tile="tma4x1"), dict(page_size=16, kv_layout="HND", out_dtype="e4m3"),
     dict(group=32, num_splits=7, tile="tma2x2"))]
 CASES = (SINGLE_AXIS + _combinations(24) + _combinations(16, seed=2027, head_dims=NEW_HEAD_DIMS) + HOPPER_CASES
-         + FP8_MMA_CASES)
+         + CP_ASYNC_CASES + FP8_MMA_CASES)
 
 # The accuracy matrix of the Hopper path: every pair of values of any two of these axes in some case
 # (tests/covering.py), each case held to the bounds (TOLERANCE_CONTRACT).

@@ -121,10 +121,10 @@ def test_dispatch_sends_fp8_kv_on_sm90_to_the_hopper_path():
     (1, 1024, "hopper"),    # small launches: the Hopper path's pipeline starts sooner
     (16, 1024, "hopper"),
     (1, 32768, "hopper"),   # 64 MiB: 0.5 MiB per SM
-    (4, 16384, "generic"),  # 256 MiB: 2 MiB per SM in four KV splits, where the generic path streams faster
-    (16, 4096, "hopper"),   # 2 MiB per SM as well, but 128 CTAs need no split
-    (16, 8192, "generic"),  # 4 MiB per SM
-    (64, 8192, "generic"),
+    (4, 16384, "hopper"),   # 4096 tokens per KV split: the cp.async tile streams faster than the generic path
+    (16, 4096, "hopper"),
+    (16, 8192, "hopper"),
+    (64, 8192, "generic"),  # two CTAs per SM and more: the generic path
 ])
 def test_dispatch_sends_small_16bit_decodes_to_the_hopper_path(batch, kv_len, path):
     from xqagen.plan import choose_path
@@ -183,12 +183,13 @@ def test_hopper_splits_give_each_sm_one_cta(batch, kv_len, splits):
 
 
 @pytest.mark.parametrize("batch, kv_len, tile", [
-    (64, 8192, "tma2x1"),   # 512 CTAs: two per SM at least, on short KV ranges two stages, four CTAs per SM
+    (64, 8192, "cpa2x1"),   # 512 CTAs: two per SM at least, on short KV ranges two stages, four CTAs per SM,
+    (256, 4096, "cpa2x1"),  # loaded by cp.async beyond 2048 tokens
     (256, 2048, "tma2x1"),
-    (33, 8192, "tma2x1"),   # 264 CTAs: exactly two per SM
-    (64, 8193, "tma4x2"),   # longer ranges: four stages
-    (256, 65536, "tma4x2"),
-    (32, 8192, "tma6x2"),   # 256 CTAs: some SMs hold one, which keeps six stages
+    (33, 8192, "cpa2x1"),   # 264 CTAs: exactly two per SM
+    (64, 8193, "cpa4x2"),   # longer ranges: four stages
+    (256, 65536, "cpa4x2"),
+    (32, 8192, "tma6x2"),   # 256 CTAs: some SMs hold one, which keeps six stages and TMA
     (8, 32768, "tma6x2"),   # split to one CTA per SM
     (1, 32768, "tma6x2"),
 ])
@@ -198,6 +199,25 @@ def test_hopper_tile_by_grid(batch, kv_len, tile):
     assert plan.spec in path_of(HOPPER_FP8).launch_specs(HOPPER_FP8)  # recipes ship what dispatch picks
     forced = plan_launch(HOPPER_FP8, shape(batch, kv_len), tile_given=True, workspace=LARGE)
     assert forced.spec == HOPPER_FP8  # a tile the caller names stays
+
+
+@pytest.mark.parametrize("spec, batch, kv_len, tile", [
+    # more than 8 fp8 rows keep TMA on full grids: the consumers have no time for the copies
+    ("fp8-q4", 64, 8192, "tma2x1"), ("fp8-q4", 64, 8193, "tma4x2"),
+    # 16-bit d64 (gpt-oss): 32 rows of speculative decoding by cp.async on full grids
+    ("bf16-d64-q4", 64, 8192, "cpa2x1"), ("bf16-d64-q4", 64, 8193, "cpa4x2"), ("bf16-d64-q4", 16, 8192, "tma6x2"),
+    # 16-bit d128 (two TMA boxes per token row) by cp.async on one CTA per SM beyond 2048 tokens per split
+    ("bf16-d128", 4, 16384, "cpa4x2"), ("bf16-d128", 16, 4096, "cpa4x2"), ("bf16-d128", 1, 32768, "tma4x2"),
+    ("bf16-d128", 1, 1024, "tma4x2"),
+])
+def test_hopper_loader_by_rows_and_tokens(spec, batch, kv_len, tile):
+    specs = {"fp8-q4": dataclasses.replace(HOPPER_FP8, q_seq_len=4),
+             "bf16-d64-q4": dataclasses.replace(HOPPER_FP8, kv_dtype="bf16", head_dim=64, q_seq_len=4, tile=None),
+             "bf16-d128": dataclasses.replace(HOPPER_FP8, kv_dtype="bf16", tile=None)}
+    spec = specs[spec]
+    plan = plan_launch(spec, shape(batch, kv_len), workspace=LARGE)
+    assert plan.spec.tile.name == tile
+    assert plan.spec in path_of(spec).launch_specs(spec)  # recipes ship what dispatch picks
 
 
 @pytest.mark.parametrize("batch, kv_len, tile", [(64, 8192, "tma6x2"), (64, 8193, "tma4x2"), (8, 8192, "tma6x2")])

@@ -11,7 +11,7 @@ from xqagen.emitters.generic import TILES
 from xqagen.spec import KernelSpec
 
 # Each recipe variant ships its default tile and the split tile small batches dispatch to.
-SHIPPED = {"llama3-8b": 12, "llama3-70b-fp8": 20, "llama3.2-1b": 10, "llama3-70b-specdec": 20, "gpt-oss": 18}
+SHIPPED = {"llama3-8b": 16, "llama3-70b-fp8": 24, "llama3.2-1b": 12, "llama3-70b-specdec": 21, "gpt-oss": 21}
 
 
 @pytest.mark.parametrize("path", shipped_recipes(), ids=lambda path: path.stem)
@@ -29,24 +29,25 @@ def test_shipped_recipe_loads(path):
 def test_shipped_recipes_and_variant_counts():
     counts = {path.stem: len(load_recipe(path).variants) for path in shipped_recipes()}
     assert counts == SHIPPED
-    assert sum(counts.values()) <= 80, "every shipped variant is compiled in CI"
+    assert sum(counts.values()) <= 100, "every shipped variant is compiled in CI"
 
 
 def test_shipped_recipe_contents():
     fp8 = load_recipe(find_recipe("llama3-70b-fp8"))
     assert {(s.kv_dtype, s.out_dtype) for s in fp8.variants} == {("e4m3", "bf16"), ("e4m3", "e4m3")}
     # what sm_90 dispatches fp8 decode to, beside the generic kernels (six stages for grids that
-    # leave an SM one CTA; for fuller ones four, or two stages of one consumer warpgroup on short KV)
+    # leave an SM one CTA; for fuller ones four, or two stages of one consumer warpgroup on short KV,
+    # by cp.async beyond 2048 tokens)
     assert {(s.path, s.tile.name) for s in fp8.variants if s.path == "hopper"} == {
-        ("hopper", "tma6x2"), ("hopper", "tma4x2"), ("hopper", "tma2x1")}
-    assert sum(s.path == "hopper" for s in fp8.variants) == 12
+        ("hopper", "tma6x2"), ("hopper", "cpa4x2"), ("hopper", "tma2x1"), ("hopper", "cpa2x1")}
+    assert sum(s.path == "hopper" for s in fp8.variants) == 16
     specdec = load_recipe(find_recipe("llama3-70b-specdec"))
     assert {(s.kv_dtype, s.q_seq_len) for s in specdec.variants} == {
         (kv, n) for kv in ("bf16", "e4m3") for n in (4, 8)}
     assert {(s.kv_dtype, s.q_seq_len, s.tile.name) for s in specdec.variants if s.path == "hopper"} == {
         ("e4m3", 4, "tma6x2"), ("e4m3", 4, "tma4x2"), ("e4m3", 4, "tma2x1"),  # what sm_90 dispatches fp8 with 32 rows to
         ("e4m3", 8, "tma6x2"), ("e4m3", 8, "tma6x2r"),  # and 64 rows (always the register split)
-        ("bf16", 4, "tma4x2"), ("bf16", 8, "tma4x2"), ("bf16", 8, "tma4x2r")}
+        ("bf16", 4, "tma4x2"), ("bf16", 4, "cpa4x2"), ("bf16", 8, "tma4x2"), ("bf16", 8, "tma4x2r")}
     # the opt-in fp8 MMA mode where it measured faster, on the tiles dispatch picks for it
     assert {(s.q_seq_len, s.tile.name) for s in specdec.variants if "fp8_mma" in s.features} == {
         (4, "tma6x2"), (4, "tma4x2"), (8, "tma6x2"), (8, "tma6x2r")}

@@ -42,11 +42,11 @@ def choose_path(spec: KernelSpec, device_arch: str, kv_incompatibility: Callable
       64 with the register split up to head_dim 128; more rows where that split tiles them, or
       where its CTAs do not fill the SMs without KV splits;
     - 16-bit KV with more than 32 query rows, up to head_dim 128 (the register split);
-    - 16-bit speculative decoding with at most 32 rows whose CTAs fit on the SMs at once, without
-      a sliding window;
+    - 16-bit speculative decoding with at most 32 rows, without a sliding window, whose CTAs fit on
+      the SMs at once or whose tile loads K and V by cp.async (``HopperPath.choose_tile``);
     - 16-bit decode (one query token) whose CTAs fit on the SMs at once, of at most
       HOPPER_16BIT_MAX_KV_BYTES_PER_SM, or HOPPER_16BIT_UNSPLIT_MAX_KV_BYTES_PER_SM where the
-      Hopper path needs no KV split;
+      Hopper path needs no KV split, or whose tile loads by cp.async;
     - 16-bit KV, up to 32 rows, under a sliding window of at most HOPPER_16BIT_MAX_WINDOW tokens
       whose CTAs fill the SMs FULL_GRID_CTAS_PER_SM times (the Hopper path's short-KV tile);
 
@@ -59,7 +59,9 @@ def choose_path(spec: KernelSpec, device_arch: str, kv_incompatibility: Callable
     decoding (gpt-oss, d64 with sinks, q_seq_len 4) is faster on the Hopper path up to one wave of
     CTAs (batch 16 x 8k: 68.7 against 73.9 us) and slower beyond (batch 64: 267.0 against 252.4);
     16-bit decode streams at 95-99% of read bandwidth on the generic path against 90-93% on the
-    Hopper path, whose shorter start wins small launches (batch 1 x 1k: 5.7 against 7.6 us; batch
+    Hopper path's TMA tiles and 96-99% on its cp.async ones (bf16 batch 16 x 64k: 0.980 against
+    0.997-1.003 ms; gpt-oss q_seq_len 4, batch 64 x 8k: 0.254-0.259 against 0.264-0.268), whose
+    shorter start wins small launches (batch 1 x 1k: 5.7 against 7.6 us; batch
     16 x 1k: 18.9 against 24.4 us) and, with four of its two-stage CTAs per SM, full grids under a
     short window (128 tokens, batch 64: 7.9 against 8.9 us; q_seq_len 4: 14.2 against 15.1 us).
     """
@@ -76,6 +78,7 @@ def choose_path(spec: KernelSpec, device_arch: str, kv_incompatibility: Callable
     short_window = ("sliding_window" in spec.features and shape.kv_len <= HOPPER_16BIT_MAX_WINDOW
                     and ctas >= FULL_GRID_CTAS_PER_SM * shape.sm_count and hopper.short_kv_variant(candidate) is not None)
     split_rows = row_tiles > 1 and hopper.wide_rows_variant(candidate) is not None  # 64 rows per CTA
+    copies = hopper.choose_tile(candidate, shape).tile.loader == "cp_async"  # its tile streams K and V by cp.async
     if spec.kv_dtype == "e4m3":
         takes = row_tiles == 1 or split_rows or one_wave
     elif row_tiles > 1:
@@ -83,13 +86,13 @@ def choose_path(spec: KernelSpec, device_arch: str, kv_incompatibility: Callable
     elif short_window:
         takes = True
     elif spec.q_seq_len > 1:
-        takes = one_wave and "sliding_window" not in spec.features
+        takes = (one_wave or copies) and "sliding_window" not in spec.features
     else:
         # K and V, 2 bytes each
         kv_bytes_per_sm = 2 * shape.batch * shape.kv_len * shape.num_kv_heads * spec.head_dim * 2 / shape.sm_count
         unsplit = hopper.auto_splits(candidate, shape) == 1
-        takes = one_wave and kv_bytes_per_sm <= (HOPPER_16BIT_UNSPLIT_MAX_KV_BYTES_PER_SM if unsplit
-                                                 else HOPPER_16BIT_MAX_KV_BYTES_PER_SM)
+        takes = one_wave and (copies or kv_bytes_per_sm <= (HOPPER_16BIT_UNSPLIT_MAX_KV_BYTES_PER_SM if unsplit
+                                                            else HOPPER_16BIT_MAX_KV_BYTES_PER_SM))
     return candidate if takes and kv_incompatibility() is None else spec
 
 
