@@ -546,7 +546,7 @@ struct KvProducer {
   // Every lane copies 16-byte units of the tile's K and V rows, kRowsPerCopy rows per warp copy (a
   // row's units on consecutive lanes), to where TMA would write them; units past the sequence or
   // head_dim, or on a page outside the pool, are zero-filled without a read.  The stage's barrier
-  // completes once every lane's copies have landed (the pipeline's commit).
+  // completes once every lane's copies have landed (cp.async.mbarrier.arrive.noinc, after the load).
   static constexpr int kUnitElems = 16 / int(sizeof(KVElem));
   static constexpr int kRowUnits = kHeadDimPad / kUnitElems;
   static constexpr int kRowsPerCopy = 32 / kRowUnits;
@@ -1010,7 +1010,8 @@ xqa_hopper_qbf16_kvbf16_d64_g8_p64_s1_sinks_cpa2x1_1a521f73(Params const p, __gr
     for (int tile = range.tile_begin; tile < range.tile_end; ++tile) {
       pipeline.producer_acquire(state);  // every lane waits for the free stage
       producer.load(tile, state.index(), smem.pipe.k, smem.pipe.v, pipeline.producer_get_barrier(state));
-      pipeline.producer_commit(state, cutlass::arch::cpasync_barrier_arrive);
+      // each lane's arrival, once its copies have landed, is one of the stage's 32 (no other arrive)
+      cutlass::arch::cpasync_barrier_arrive_noinc(pipeline.producer_get_barrier(state));
       ++state;
     }
 
