@@ -171,6 +171,19 @@ def test_dispatch_sends_16bit_full_grids_under_short_windows_to_the_hopper_path(
     assert choose_path(llama, "sm_90", lambda: None, shape(64, 128)) == llama
 
 
+def test_dispatch_sends_16bit_full_grids_that_load_by_cp_async_to_the_hopper_path():
+    from xqagen.plan import choose_path
+
+    gpt_oss = KernelSpec(q_dtype="bf16", kv_dtype="bf16", head_dim=64, group=8, page_size=64, q_seq_len=4,
+                         features=frozenset({"sinks"}))
+    on_hopper = choose_path(gpt_oss, "sm_90", lambda: None, shape(64, 8192))  # 512 CTAs of 32 rows, 8k tokens
+    assert on_hopper.path == "hopper"
+    assert plan_launch(on_hopper, shape(64, 8192), workspace=LARGE).spec.tile.name == "cpa2x1"
+    assert choose_path(gpt_oss, "sm_90", lambda: None, shape(64, 2048)) == gpt_oss  # short ranges keep TMA: generic
+    assert choose_path(gpt_oss, "sm_90", lambda: None, shape(32, 8192)) == gpt_oss  # one CTA on some SMs: TMA
+    assert choose_path(gpt_oss, "sm_90", lambda: None, shape(16, 8192)).path == "hopper"  # one wave, as before
+
+
 @pytest.mark.parametrize("batch, kv_len, splits", [
     (1, 32768, 16),   # one CTA per SM: 8 heads x 16 splits on 132 SMs
     (8, 32768, 2),
