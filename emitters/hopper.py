@@ -319,16 +319,17 @@ class HopperPath(KernelPath):
         return self._instead_of_six_stages(spec, f"{self._loader(spec, SHORT_KV_MAX_TOKENS + 1)}4x2")
 
     def copying_variant(self, spec: KernelSpec) -> KernelSpec | None:
-        """``spec`` on its tile's cp.async twin where a TMA box spans less than a K/V row (16-bit
-        d128, fp8 d256) and rows fit CP_ASYNC_MAX_ROWS, else None: with one CTA per SM such rows
-        streamed at 88-92% of the read by TMA and 96-99% by cp.async (bf16 d128, batch 4 x 64k:
-        0.2605 ms against 0.2462-0.2481; batch 16 x 64k 0.9789-0.9799 against the generic path's
+        """``spec`` on its tile's cp.async twin where a 16-bit K/V row spans more than one TMA box
+        (d128) and rows fit CP_ASYNC_MAX_ROWS, else None: with one CTA per SM such rows streamed at
+        88-92% of the read by TMA and 96-99% by cp.async (bf16 d128, batch 4 x 64k: 0.2605 ms
+        against 0.2462-0.2481; batch 16 x 64k 0.9789-0.9799 against the generic path's
         0.9973-1.0034), where one box per row streams at the read's pace by TMA (fp8 d128 batch
-        16 x 64k: 0.5057-0.5066 against 0.5204-0.5786)."""
+        16 x 64k: 0.5057-0.5066 against 0.5204-0.5786).  fp8 rows of two boxes (d256) are not
+        measured, so they keep TMA."""
         plan = plan_of(spec)
         twin = TILES.get("cpa" + spec.tile.name.removeprefix("tma"))
         wide_rows = plan.head_dim_pad * ELEM_BYTES[spec.kv_dtype] > plan.chunk_bytes
-        fits = spec.rows <= CP_ASYNC_MAX_ROWS[ELEM_BYTES[spec.kv_dtype]]
+        fits = ELEM_BYTES[spec.kv_dtype] == 2 and spec.rows <= CP_ASYNC_MAX_ROWS[2]
         return self._on_tile(spec, twin) if twin and spec.tile.loader == "tma" and wide_rows and fits else None
 
     def short_kv_variant(self, spec: KernelSpec, loader: str = "tma") -> KernelSpec | None:

@@ -222,11 +222,13 @@ def test_hopper_tile_by_grid(batch, kv_len, tile):
     # 16-bit d128 (two TMA boxes per token row) by cp.async on one CTA per SM beyond 2048 tokens per split
     ("bf16-d128", 4, 16384, "cpa4x2"), ("bf16-d128", 16, 4096, "cpa4x2"), ("bf16-d128", 1, 32768, "tma4x2"),
     ("bf16-d128", 1, 1024, "tma4x2"),
+    ("fp8-d256", 4, 16384, "tma4x2"),  # fp8 rows of two boxes: not measured, TMA
 ])
 def test_hopper_loader_by_rows_and_tokens(spec, batch, kv_len, tile):
     specs = {"fp8-q4": dataclasses.replace(HOPPER_FP8, q_seq_len=4),
              "bf16-d64-q4": dataclasses.replace(HOPPER_FP8, kv_dtype="bf16", head_dim=64, q_seq_len=4, tile=None),
-             "bf16-d128": dataclasses.replace(HOPPER_FP8, kv_dtype="bf16", tile=None)}
+             "bf16-d128": dataclasses.replace(HOPPER_FP8, kv_dtype="bf16", tile=None),
+             "fp8-d256": dataclasses.replace(HOPPER_FP8, head_dim=256, tile=None)}
     spec = specs[spec]
     plan = plan_launch(spec, shape(batch, kv_len), workspace=LARGE)
     assert plan.spec.tile.name == tile
