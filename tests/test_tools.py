@@ -68,6 +68,13 @@ def test_tile_sweep_runs_cases_at_other_batches_windows_and_page_orders():
     assert [c.name for c in design] == [c.name for c in _tool("tile_sweep").bench.DESIGN_CASES]
 
 
+def test_tile_sweep_refuses_fewer_than_one_round_before_any_gpu_work():
+    result = subprocess.run([sys.executable, str(TOOLS / "tile_sweep.py"), "--rounds", "0"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "--rounds 0: expected at least 1" in result.stderr
+
+
 def test_tools_name_an_unknown_case_before_any_gpu_work():
     result = subprocess.run([sys.executable, str(TOOLS / "tile_sweep.py"), "--case", "llama70b_fp8_b64_s8k",
                              "--case", "no_such_case"], capture_output=True, text=True, timeout=120)
@@ -81,6 +88,7 @@ HOPPER_KINDS = [
     dict(kv_dtype="e4m3", tile="tma6x2"),                               # two, and the split merge
     dict(kv_dtype="e4m3", q_seq_len=8, tile="tma4x2r"),                 # the register split's producer warpgroup
     dict(kv_dtype="bf16", head_dim=64, features=frozenset({"sinks", "sliding_window"})),
+    dict(kv_dtype="e4m3", tile="cpa4x2"),                               # the cp.async producer
 ]
 
 

@@ -5,9 +5,11 @@ default tiles and split rule from data.  The variants are compiled first in para
     python tools/tile_sweep.py --path hopper --tile tma3x1 --tile tma4x2 --splits 1,2,4 \
         --case llama70b_fp8_b64_s8k --json sweep.jsonl
 
---batch reruns each case at other batch sizes (a full grid's CTAs against whole waves of the SMs),
---window under other sliding windows, --pages in-order gives every request consecutive pages (the
-bench shuffles them), and --flashinfer times FlashInfer's paths of each case beside it.
+--rounds N times the whole list N times over, so that tiles alternate (the GPU's clocks and power
+drift within a process); --batch reruns each case at other batch sizes (a full grid's CTAs against
+whole waves of the SMs), --window under other sliding windows, --pages in-order gives every request
+consecutive pages (the bench shuffles them), and --flashinfer times FlashInfer's paths of each case
+beside it.
 """
 
 from __future__ import annotations
@@ -66,8 +68,12 @@ def main() -> None:
     parser.add_argument("--pages", choices=("shuffled", "in-order"), default="shuffled",
                         help="page tables: a random permutation of the pool (as the bench) or consecutive pages")
     parser.add_argument("--flashinfer", action="store_true", help="also time the case's FlashInfer paths")
+    parser.add_argument("--rounds", type=int, default=1, help="time every (case, tile, splits) this many times, "
+                                                                 "round after round")
     parser.add_argument("--json", help="write one JSON object per measurement to this file")
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error(f"--rounds {args.rounds}: expected at least 1")
     try:
         cases = select_cases(args.case, args.batch, args.pages, args.window)
     except ValueError as err:
@@ -93,13 +99,13 @@ def main() -> None:
     with open(args.json, "w") if args.json else contextlib.nullcontext() as record:
         if record:
             record.write(json.dumps({"device": torch.cuda.get_device_name(0), "read_TBps": read_tbps}) + "\n")
-        for case, tile, _ in runs:
+        for round_index, (case, tile, _) in ((r, run) for r in range(args.rounds) for run in runs):
             for num_splits in splits:
                 r = bench.run_case(case, copy_tbps, read_tbps, flashinfer=args.flashinfer,
                                    num_splits=num_splits or None, l2_bytes=l2_bytes, path=args.path, tile=tile)
                 if record:
                     record.write(json.dumps(dict(case=case.name, batch=case.batch, pages=args.pages, path=args.path,
-                                                 tile=tile, splits=r.num_splits, ms=r.ms,
+                                                 tile=tile, round=round_index, splits=r.num_splits, ms=r.ms,
                                                  read_fraction=r.read_fraction, flashinfer_ms=r.flashinfer_ms)) + "\n")
                     record.flush()
                 theirs = "".join(f"  FI {name} {ms:.4f} ms ({case.kv_bytes / ms / 1e9 / read_tbps:.1%})"
