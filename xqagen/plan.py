@@ -78,7 +78,10 @@ def choose_path(spec: KernelSpec, device_arch: str, kv_incompatibility: Callable
     short_window = ("sliding_window" in spec.features and shape.kv_len <= HOPPER_16BIT_MAX_WINDOW
                     and ctas >= FULL_GRID_CTAS_PER_SM * shape.sm_count and hopper.short_kv_variant(candidate) is not None)
     split_rows = row_tiles > 1 and hopper.wide_rows_variant(candidate) is not None  # 64 rows per CTA
-    copies = hopper.choose_tile(candidate, shape).tile.loader == "cp_async"  # its tile streams K and V by cp.async
+
+    def copies() -> bool:  # the Hopper tile of this shape streams K and V by cp.async (16-bit rules only)
+        return hopper.choose_tile(candidate, shape).tile.loader == "cp_async"
+
     if spec.kv_dtype == "e4m3":
         takes = row_tiles == 1 or split_rows or one_wave
     elif row_tiles > 1:
@@ -86,12 +89,12 @@ def choose_path(spec: KernelSpec, device_arch: str, kv_incompatibility: Callable
     elif short_window:
         takes = True
     elif spec.q_seq_len > 1:
-        takes = (one_wave or copies) and "sliding_window" not in spec.features
+        takes = (one_wave or copies()) and "sliding_window" not in spec.features
     else:
         # K and V, 2 bytes each
         kv_bytes_per_sm = 2 * shape.batch * shape.kv_len * shape.num_kv_heads * spec.head_dim * 2 / shape.sm_count
         unsplit = hopper.auto_splits(candidate, shape) == 1
-        takes = one_wave and (copies or kv_bytes_per_sm <= (HOPPER_16BIT_UNSPLIT_MAX_KV_BYTES_PER_SM if unsplit
+        takes = one_wave and (copies() or kv_bytes_per_sm <= (HOPPER_16BIT_UNSPLIT_MAX_KV_BYTES_PER_SM if unsplit
                                                             else HOPPER_16BIT_MAX_KV_BYTES_PER_SM))
     return candidate if takes and kv_incompatibility() is None else spec
 
