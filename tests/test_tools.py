@@ -148,6 +148,7 @@ def test_cta_timeline_summarises_phases_over_the_grid():
     assert row["phases_us"]["split arrival"] == [1.0] * 5  # the merging CTA only
     assert row["phases_us"]["split merge"] == [1.0] * 5
     assert row["span_us"] == 15.3
+    assert row["tail_us"] == 3.0  # from the last loop's end (CTA 3's, 12.3 us) to the merge's store
     assert row["sm_clock_mhz"] == 1800
 
 

@@ -7,7 +7,7 @@ are summarised over the grid.
 Marks, in a CTA's order: start; the producer issues its first TMA; the first stage reaches the
 consumers ("first data"); the main loop ends; the outputs (or the split's partials) are stored; the
 split merge begins (the last CTA of an output tile, once every split has arrived); the merge is
-stored.  Clock64 cycles over global-timer time is the SM clock the CTA ran at.  The timings come
+stored.  ``tail_us``: from the last main loop's end to the launch's last store.  Clock64 cycles over global-timer time is the SM clock the CTA ran at.  The timings come
 from the last launch of a CUDA-graph replay of 20 launches, the bench's timing.  The source is
 instrumented as emitted (``instrument``): the shipped kernels carry no marks.
 """
@@ -136,6 +136,7 @@ def summarize(marks, *, ms: float) -> dict:
     return dict(ms=ms, ctas=len(marks), sms=int(len(np.unique(marks[:, SMID_SLOT]))),
                 span_us=round(float(end.max() - t0) / 1e3, 3), starts_us=percentiles(timer[:, 0] - t0),
                 ends_us=percentiles(end - t0), phases_us=phases,
+                tail_us=round(float(end.max() - timer[:, 3].max()) / 1e3, 3),
                 sm_clock_mhz=round(float(np.median((cycles[:, 4] - cycles[:, 0]) / life_ns)) * 1e3, 0))
 
 
@@ -193,7 +194,7 @@ def main() -> None:
                 record.flush()
             phases = "  ".join(f"{name} {p[2]:.2f}" for name, p in row["phases_us"].items() if p)
             print(f"{row['case']:30} {row['tile']:8} {row['splits']:>3} splits {row['ms'] * 1e3:9.2f} us, span "
-                  f"{row['span_us']:9.2f} us, SM {row['sm_clock_mhz']:.0f} MHz; medians (us): {phases}", flush=True)
+                  f"{row['span_us']:9.2f} us, tail {row['tail_us']:.2f} us, SM {row['sm_clock_mhz']:.0f} MHz; medians (us): {phases}", flush=True)
 
 
 if __name__ == "__main__":
