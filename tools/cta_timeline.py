@@ -7,9 +7,10 @@ are summarised over the grid.
 Marks, in a CTA's order: start; the producer issues its first TMA; the first stage reaches the
 consumers ("first data"); the main loop ends; the outputs (or the split's partials) are stored; the
 split merge begins (the last CTA of an output tile, once every split has arrived); the merge is
-stored.  ``tail_us``: from the last main loop's end to the launch's last store.  Clock64 cycles over global-timer time is the SM clock the CTA ran at.  The timings come
-from the last launch of a CUDA-graph replay of 20 launches, the bench's timing.  The source is
-instrumented as emitted (``instrument``): the shipped kernels carry no marks.
+stored.  ``tail_us``: from the last main loop's end to the launch's last store.  Clock64 cycles over
+global-timer time is the SM clock the CTA ran at.  The timings come from the last launch of a
+CUDA-graph replay of 20 launches, the bench's timing.  The source is instrumented as emitted
+(``instrument``): the shipped kernels carry no marks.
 """
 
 from __future__ import annotations
