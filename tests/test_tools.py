@@ -176,3 +176,25 @@ def test_loop_phases_gives_cycles_per_tile():
     assert row["total"] == 1625.0 and row["warp_tiles"] == 4
     with pytest.raises(ValueError, match="no consumer warp"):
         phases.per_tile([0] * 8)
+
+
+def test_template_ab_emits_from_the_base_tree_then_from_its_own(tmp_path):
+    import shutil
+
+    from xqagen import runtime
+
+    ab = _tool("template_ab")
+    base = tmp_path / "templates"
+    shutil.copytree(Path(__file__).resolve().parent.parent / "emitters" / "templates", base)
+    template = base / "hopper_decode.cu.j2"
+    template.write_text("// base tree\n" + template.read_text())
+    runtime._handles[("stale", None)] = object()
+    try:
+        ab.use_templates(str(base))
+        assert not runtime._handles  # launches after the switch load the base tree's kernels
+        assert _hopper_kernel(kv_dtype="e4m3").source.startswith("// base tree\n")
+    finally:
+        ab.use_templates(None)
+    assert "// base tree" not in _hopper_kernel(kv_dtype="e4m3").source
+    assert ab.parse_case("llama70b_fp8_b1_s32k:generic")[1] == "generic"
+    assert ab.parse_case("llama70b_fp8_b1_s32k") == (ab.parse_case("llama70b_fp8_b1_s32k:")[0], None)
