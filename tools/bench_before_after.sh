@@ -2,6 +2,7 @@
 # Side-by-side benchmark of two builds in one run on one GPU, for changes that should not slow
 # anything down: `xqagen bench` of a base tree and of this tree, alternated twice (base, head, base,
 # head) so that drift of the GPU shows as a difference between the two rounds.
+# A change to the templates alone is timed in one process with tools/template_ab.py.
 #   [ROUNDS=2] bash tools/bench_before_after.sh BASE_TREE RESULTS_DIR [xqagen bench options]
 # BASE_TREE: an unpacked source tree of the base revision (e.g. `git archive REV | tar -x -C DIR`);
 # Each tree is imported from its folder, its emitters/ mapped to xqagen.emitters by a link (what

@@ -10,7 +10,8 @@ are measured this way before they are kept (docs/benchmarks.md).
 A case is a bench case name (design or sweep), with ``:PATH`` to force a kernel path; each side runs
 the variant the runtime dispatches.  Both sides' variants are compiled first, in parallel processes.
 Rounds alternate which side goes first, so that the GPU's drift within the run shows as a
-difference between rounds rather than between the sides.
+difference between rounds rather than between the sides.  A change beyond the templates (Python
+included) is compared with ``tools/bench_before_after.sh`` instead: whole trees, one process each.
 """
 
 from __future__ import annotations
@@ -56,14 +57,13 @@ def parse_case(text: str) -> tuple[bench.BenchCase, str | None]:
     return case, path or None
 
 
-def _compile(job: tuple[str | None, str, str | None]) -> None:
+def _compile(job: tuple[str | None, bench.BenchCase, str | None]) -> None:
     """In a worker: launch the case once on one side's templates, which compiles its variant into
     the cubin cache that the timing process then reads."""
     import torch
 
-    directory, name, path = job
+    directory, case, path = job
     use_templates(directory)
-    case, _ = parse_case(name)
     launch, _, _ = bench._run_xqagen(case, bench._Inputs(case, 1), None, False, path)
     launch(0)
     torch.cuda.synchronize()
@@ -88,8 +88,7 @@ def main() -> None:
     import torch
 
     directories = {"base": str(Path(args.base).resolve()), "head": None}
-    jobs = [(directories[side], text.partition(":")[0], path) for side in SIDES
-            for text, (_, path) in zip(args.case, runs)]
+    jobs = [(directories[side], case, path) for side in SIDES for case, path in runs]
     with ProcessPoolExecutor(max_workers=min(len(jobs), os.cpu_count() or 1),
                              mp_context=multiprocessing.get_context("spawn")) as pool:
         list(pool.map(_compile, jobs))
